@@ -1,0 +1,116 @@
+"""Reward shaping: turn one score per response into per-token rewards with a KL penalty."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from alignkit.algos.kl import kl_penalty
+
+
+def compute_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_kind: str = "kl",
+    logits: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards: ``-kl_coef * KL`` on every response token, score on the last one.
+
+    scores (B,); logprobs, ref_logprobs, mask (B, T) with right padding, rows of any length
+    >= 1; ``logits``/``ref_logits``/``temperature`` only for ``kl_kind="full"`` (see
+    ``kl_penalty``). Returns ``(rewards, non_score_reward, kl)``, each (B, T), zero on padding.
+    The score goes on the last real token, not on position T - 1, which is padding for every
+    row shorter than the longest (Huang et al. 2024, "The N+ Implementation Details of RLHF
+    with PPO": the score belongs to the EOS token).
+    """
+    mask = mask.to(logprobs.dtype)
+    kl = kl_penalty(logprobs, ref_logprobs, kl_kind, logits, ref_logits, temperature) * mask
+    rewards, non_score_reward = shape_rewards(scores, kl, mask, kl_coef)
+    return rewards, non_score_reward, kl
+
+
+def shape_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compute_rewards`` from a per-token KL already computed, (B, T): ``(rewards, non_score_reward)``.
+
+    The PPO loop computes KL chunk by chunk during rollout (so ``full`` KL never holds the
+    whole batch's logits) and shapes here once the scores arrive.
+    """
+    mask = mask.to(kl.dtype)
+    lengths = mask.sum(1).long()  # (B,)
+    if bool((lengths == 0).any()):
+        raise ValueError("compute_rewards: every response needs at least one real token in mask")
+    non_score_reward = -kl_coef * kl * mask
+    rewards = non_score_reward.clone()
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, lengths - 1] += scores.to(rewards.dtype)
+    return rewards, non_score_reward
+
+
+class RunningMoments:
+    """Running mean and (unbiased) std of every score seen so far, for score normalisation.
+
+    Batches are merged with Chan et al.'s parallel variant of Welford's algorithm, in float64
+    Python scalars so the statistics survive a checkpoint exactly.
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+        self.count = 0
+
+    @property
+    def std(self) -> float:
+        """Unbiased std; 0 until two values have been seen."""
+        return math.sqrt(self.m2 / max(self.count - 1, 1))
+
+    def update(self, xs: torch.Tensor) -> None:
+        xs = xs.detach().double().flatten()
+        n = xs.numel()
+        if n == 0:
+            return
+        batch_mean = xs.mean().item()
+        batch_m2 = ((xs - batch_mean) ** 2).sum().item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "m2": self.m2, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean, self.m2, self.count = float(state["mean"]), float(state["m2"]), int(state["count"])
+
+
+def postprocess_scores(
+    scores: torch.Tensor,
+    no_eos_mask: torch.Tensor,
+    missing_eos_penalty: float | None = None,
+    score_clip: float | None = None,
+    moments: RunningMoments | None = None,
+) -> torch.Tensor:
+    """Adjust raw scores (B,) before shaping; returns a new (B,) tensor.
+
+    In order: subtract ``missing_eos_penalty`` where ``no_eos_mask`` (B,) is true (a truncated
+    response must not score like a finished one; TRL ``missing_eos_penalty``); normalise by
+    ``moments`` after adding this batch to them (TRL ``use_score_scaling`` + ``use_score_norm``);
+    clip to ±``score_clip``.
+    """
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * no_eos_mask.to(scores.dtype)
+    if moments is not None:
+        moments.update(scores)
+        scores = (scores - moments.mean) / (moments.std + torch.finfo(scores.dtype).eps)
+    if score_clip is not None:
+        scores = scores.clamp(-score_clip, score_clip)
+    return scores

@@ -1,0 +1,95 @@
+"""``alignkit <command> ...`` — parse arguments and dispatch; the work lives in the stages."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from alignkit import __version__
+
+TRAIN_HELP = """\
+Train one stage from a YAML config. The config's `stage:` key picks it:
+  sft  supervised fine-tuning (LoRA or full)
+  rm   pairwise reward model
+  ppo  PPO with a value head (reward: rule, trained RM, or HTTP judge)
+Keys follow LLaMA-Factory's names. Overrides are typed like YAML:
+  alignkit train sft.yaml learning_rate=1e-4 lora_target=q_proj,v_proj
+"""
+
+# stage name -> module with ``run(cfg)``; a stage is listed once its module exists.
+STAGE_MODULES = {"sft": "alignkit.train.sft", "rm": "alignkit.train.rm", "ppo": "alignkit.train.ppo"}
+
+
+def available_stages() -> list[str]:
+    return [s for s, mod in STAGE_MODULES.items() if importlib.util.find_spec(mod) is not None]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from alignkit.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    module = importlib.import_module(STAGE_MODULES[cfg.stage])
+    out = module.run(cfg)
+    print(f"done: outputs in {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignkit", description="RLHF for practitioners: SFT, reward models and PPO against your own judge."
+    )
+    parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train", help=f"train a stage ({', '.join(available_stages())}) from a YAML config",
+        description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    train.set_defaults(func=cmd_train)
+
+    for name in EXTRA_COMMANDS:
+        mod = importlib.util.find_spec(EXTRA_COMMANDS[name])
+        if mod is not None:
+            importlib.import_module(EXTRA_COMMANDS[name]).add_parser(sub)
+    return parser
+
+
+# command -> module exposing ``add_parser(subparsers)`` that sets ``func``.
+EXTRA_COMMANDS = {
+    "judge": "alignkit.judge.cli",
+    "score": "alignkit.rewards.score_cli",
+    "export": "alignkit.export",
+    "chat": "alignkit.infer_cli",
+    "demo": "alignkit.demo",
+    "report": "alignkit.report",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from alignkit.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        if args.verbose:
+            raise
+        print(f"alignkit: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""One typed config per stage, read from YAML plus ``key=value`` overrides.
+
+Keys follow LLaMA-Factory's names for shared concepts so existing YAML files carry over.
+Unknown keys are errors with a "did you mean" suggestion; LLaMA-Factory keys that mean
+nothing here are accepted with a warning; keys whose behaviour alignkit does not provide are
+errors that say so. Nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: which file, which key, what was expected."""
+
+
+# LLaMA-Factory keys with no meaning in alignkit: accepted, one warning each.
+IGNORED_KEYS = {
+    "overwrite_cache": "alignkit tokenizes in memory; there is no dataset cache",
+    "preprocessing_num_workers": "tokenization runs in-process",
+    "dataloader_num_workers": "data is tokenized up front; no loader workers are used",
+    "ddp_timeout": "set the timeout through accelerate/torchrun instead",
+    "flash_attn": "the attention implementation is chosen by transformers",
+    "plot_loss_keys": "all logged metrics are plotted",
+    "packing": "sequences are not packed",
+    "ddp_find_unused_parameters": "handled by accelerate",
+    "report_to_wandb": "use report_to",
+    "trust_remote_code_tokenizer": "trust_remote_code covers both",
+    "tokenized_path": "alignkit tokenizes in memory",
+    "streaming": "datasets are loaded in memory",
+    "buffer_size": "datasets are loaded in memory",
+    "mix_strategy": "datasets are concatenated",
+    "new_special_tokens": "the tokenizer is used as saved",
+}
+
+# LLaMA-Factory keys whose behaviour alignkit does not provide: an error, never ignored.
+UNSUPPORTED_KEYS = {
+    "quantization_bit": "quantized (QLoRA) training is not supported yet",
+    "quantization_method": "quantized (QLoRA) training is not supported yet",
+    "use_unsloth": "unsloth kernels are not supported",
+    "use_galore": "GaLore is not supported",
+    "use_badam": "BAdam is not supported",
+    "use_apollo": "APOLLO is not supported",
+    "pissa_init": "PiSSA initialisation is not supported",
+    "use_dora": "DoRA is not supported",
+    "use_rslora": "rsLoRA is not supported",
+    "additional_target": "extra trainable modules are not supported",
+    "freeze_trainable_layers": "finetuning_type: freeze is not supported; use lora or full",
+    "rope_scaling": "RoPE scaling overrides are not supported",
+    "neftune_noise_alpha": "NEFTune is not supported",
+    "deepspeed": "DeepSpeed is configured through `accelerate launch --config_file` (see README)",
+    "mask_history": "every assistant turn is supervised",
+    "train_on_prompt": "prompt tokens are never supervised",
+    "pref_loss": "the RM stage trains a pairwise (Bradley-Terry) reward model; DPO-style losses are not provided",
+    "reward_model_adapters": "use reward_model with reward_model_type: lora",
+    "eval_dataset": "use val_size to hold out a split",
+}
+
+ALIASES = {"evaluation_strategy": "eval_strategy", "system_prompt": "default_system"}
+
+SECRET_KEY = re.compile(r"(key|token|secret|password|authorization|cookie)", re.IGNORECASE)
+REDACTED = "***REDACTED***"
+
+
+class StageConfig(BaseModel):
+    """Keys every stage shares (model, adapters, data, optimisation, logging, checkpoints)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Model
+    stage: Literal["sft", "rm", "ppo"] = Field(description="Training stage: sft | rm | ppo.")
+    model_name_or_path: str = Field(description="Local Hugging Face model directory (base model).")
+    adapter_name_or_path: list[str] | None = Field(
+        None, description="LoRA adapter directory (or comma list) to continue from; the first is merged-on-load base."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the model directory.")
+    do_train: bool = Field(True, description="Must be true: alignkit train always trains.")
+    finetuning_type: Literal["lora", "full"] = Field("lora", description="lora (peft adapter) or full fine-tuning.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
+    lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (default 2 x lora_rank).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout probability.")
+    lora_target: list[str] = Field(
+        ["all"], description="Module names to adapt (list or comma string); 'all' = every linear layer but the LM head."
+    )
+    # Data
+    dataset: list[str] = Field(description="Dataset names from dataset_info.json, or .json/.jsonl paths (comma list).")
+    dataset_dir: str = Field("data", description="Directory holding dataset_info.json and the data files.")
+    template: str = Field("auto", description="Chat template: auto (tokenizer's own), qwen, qwen3, llama3, chatml, empty.")
+    default_system: str | None = Field(None, description="Replaces the template's default system prompt.")
+    enable_thinking: bool | None = Field(None, description="Qwen3-style templates: false renders with thinking off.")
+    cutoff_len: int = Field(1024, ge=8, description="Maximum tokens per example (prompt + response).")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many rows per dataset.")
+    val_size: float = Field(0.0, ge=0.0, description="Held-out split: fraction in (0,1) or a row count >= 1.")
+    skip_bad_rows: bool = Field(False, description="Skip malformed rows (reporting how many) instead of stopping.")
+    # Output
+    output_dir: str = Field(description="Where adapters, checkpoints, logs and the resolved config go.")
+    overwrite_output_dir: bool = Field(False, description="Allow writing into a non-empty output_dir.")
+    # Optimisation
+    per_device_train_batch_size: int = Field(1, ge=1, description="Examples per device per micro-batch.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Examples per device per eval batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored if max_steps>0).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 derives it from num_train_epochs.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (overrides warmup_ratio when > 0).")
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Warm-up as a fraction of total steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
+    optim: Literal["adamw_torch", "adamw", "adamw_torch_fused", "sgd"] = Field(
+        "adamw_torch", description="Optimizer: adamw_torch (alias adamw), adamw_torch_fused (GPU), sgd."
+    )
+    bf16: bool = Field(False, description="Load and train in bfloat16.")
+    fp16: bool = Field(False, description="Load in float16 (LoRA weights stay float32).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the backward pass.")
+    seed: int = Field(42, description="Random seed (each rank adds its rank index).")
+    # Logging and checkpoints
+    logging_steps: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
+    report_to: list[str] = Field(
+        ["tensorboard"], description="Loggers: tensorboard, jsonl (always on), none."
+    )
+    plot_loss: bool = Field(False, description="Write PNG plots of the logged curves at the end of the run.")
+    eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to evaluate on the val split.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (eval_strategy: steps).")
+    save_steps: int = Field(500, ge=1, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | bool | None = Field(
+        None, description="Checkpoint directory to resume from, or true for the latest in output_dir."
+    )
+
+    @field_validator("adapter_name_or_path", "dataset", "lora_target", "report_to", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> StageConfig:
+        if not self.do_train:
+            raise ValueError("do_train: false is not supported by `alignkit train`; use predict/compare to evaluate")
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both true; choose one")
+        if self.eval_strategy != "no" and self.val_size <= 0:
+            raise ValueError(f"eval_strategy: {self.eval_strategy} needs val_size > 0")
+        return self
+
+    @property
+    def alpha(self) -> int:
+        return self.lora_alpha or 2 * self.lora_rank
+
+
+class SFTConfig(StageConfig):
+    stage: Literal["sft"] = Field("sft", description="Training stage.")
+
+
+class RMConfig(StageConfig):
+    stage: Literal["rm"] = Field("rm", description="Training stage.")
+
+
+STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig}
+# Stages whose config lives next to their trainer; imported on first use.
+LAZY_STAGES = {"ppo": "alignkit.train.ppo_config"}
+
+
+def register_stage(name: str, cls: type[StageConfig]) -> None:
+    STAGES[name] = cls
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` with the value typed as YAML would type it (``lr=1e-4`` -> float)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    # YAML 1.1 reads "1e-4" as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def _normalise_keys(raw: dict, cls: type[BaseModel], where: str) -> dict:
+    out: dict[str, Any] = {}
+    known = set(cls.model_fields)
+    for key, value in raw.items():
+        key = ALIASES.get(key, key)
+        if key in known:
+            out[key] = value
+        elif key in IGNORED_KEYS:
+            logger.warning("%s: key %r has no effect in alignkit (%s); ignoring it", where, key, IGNORED_KEYS[key])
+        elif key in UNSUPPORTED_KEYS:
+            raise ConfigError(f"{where}: key {key!r} is not supported: {UNSUPPORTED_KEYS[key]}. Remove it.")
+        else:
+            close = difflib.get_close_matches(key, sorted(known | set(ALIASES)), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+    return out
+
+
+def _explain(err: ValidationError, where: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(config)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {loc!r}")
+        elif e["type"] == "missing":
+            lines.append(f"key {loc!r} is required")
+        else:
+            got = e.get("input")
+            shown = REDACTED if SECRET_KEY.search(loc) else repr(got)
+            lines.append(f"key {loc!r}: {e['msg']} (got {shown})" if e["loc"] else e["msg"])
+    return ConfigError(f"{where}: " + "; ".join(lines))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, **extra: Any) -> StageConfig:
+    """Read YAML, apply overrides, validate against the config class of its ``stage``."""
+    raw: dict[str, Any] = {}
+    where = str(path) if path else "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text())
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
+        raw.update(loaded)
+    raw.update(extra)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, ALIASES.get(key, key), value)
+    stage = raw.get("stage")
+    if stage in LAZY_STAGES and stage not in STAGES:
+        importlib.import_module(LAZY_STAGES[stage])
+    if stage not in STAGES:
+        raise ConfigError(f"{where}: key 'stage' must be one of {sorted(STAGES)}, got {stage!r}")
+    cls = STAGES[stage]
+    try:
+        return cls(**_normalise_keys(raw, cls, where))
+    except ValidationError as err:
+        raise _explain(err, where) from None
+
+
+def redact(obj: Any, _key: str = "") -> Any:
+    """A copy with values under secret-looking keys (and header values) replaced."""
+    if isinstance(obj, dict):
+        return {
+            k: (REDACTED if (SECRET_KEY.search(str(k)) or _key == "headers") and v is not None and not isinstance(v, dict)
+                else redact(v, str(k)))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [redact(v, _key) for v in obj]
+    return obj
+
+
+def save_config(cfg: BaseModel, out_dir: str | Path, name: str = "alignkit_config.yaml") -> Path:
+    """Write the resolved config (secrets redacted) next to the run's outputs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = redact(json.loads(cfg.model_dump_json()))
+    path = out / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,227 @@
+"""Chat templates: how a conversation becomes text, and which spans of it are trained on.
+
+A built-in template is a row of data (``TEMPLATES``), not a code branch: format strings for
+each role, the end-of-turn marker, and a default system prompt. ``auto`` defers to the
+tokenizer's own jinja ``chat_template`` and recovers the assistant spans by rendering
+prefixes of the conversation and diffing them.
+
+Both kinds expose ``segments``: the rendered text cut into ``(text, supervised)`` pieces,
+which the encoder tokenises piece by piece to build label masks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+Segments = list[tuple[str, bool]]
+
+# Qwen3 emits this after the generation prompt when thinking is switched off, so the model
+# answers directly (Qwen3 chat_template, `enable_thinking` branch).
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chat format as data. ``{content}`` in a slot is replaced by the message text.
+
+    An assistant turn renders as ``assistant_start + content + eot + turn_sep``; the content
+    and ``eot`` are supervised, ``turn_sep`` (a newline in ChatML) is not, as in the model's
+    own generation where decoding stops at ``eot``.
+    """
+
+    name: str
+    system: str  # slot for the system prompt
+    user: str
+    tool: str  # slot for tool / observation results
+    assistant_start: str  # the generation prompt
+    eot: str | None  # end-of-turn marker; None: the encoder appends tokenizer.eos_token
+    turn_sep: str = ""
+    prefix: str = ""  # emitted once before everything (e.g. <|begin_of_text|>)
+    default_system: str | None = None
+    thinking: bool = False  # Qwen3-style <think> handling
+
+    def segments(
+        self,
+        messages: list[dict],
+        system: str | None = None,
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+        tokenizer: Any = None,
+    ) -> Segments:
+        """Render to ``(text, supervised)`` pieces.
+
+        ``system=None`` uses the template's default; ``""`` renders no system block. With
+        ``tokenizer`` given and ``eot is None``, each response is followed by its eos token.
+        """
+        messages, system = _split_system(messages, system)
+        system = self.default_system if system is None else system
+        eot = self.eot if self.eot is not None else (tokenizer.eos_token if tokenizer is not None else "")
+        last_user = max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1)
+        out: Segments = []
+        prompt = self.prefix
+        if system:
+            prompt += self.system.replace("{content}", system)
+        for i, m in enumerate(messages):
+            role, content = m["role"], m["content"]
+            if role == "user":
+                prompt += self.user.replace("{content}", content)
+            elif role == "tool":
+                prompt += self.tool.replace("{content}", content)
+            elif role == "assistant":
+                prompt += self.assistant_start
+                if self.thinking and i < last_user:
+                    # Qwen3 drops the reasoning of turns before the latest user query.
+                    content = _THINK_BLOCK.sub("", content).lstrip("\n")
+                elif self.thinking and enable_thinking is False and "<think>" not in content:
+                    prompt += EMPTY_THINK
+                out.append((prompt, False))
+                out.append((content + eot, True))
+                prompt = self.turn_sep
+            else:
+                raise ValueError(f"template {self.name!r}: unsupported role {role!r} at message {i}")
+        if add_generation_prompt:
+            prompt += self.assistant_start
+            if self.thinking and enable_thinking is False:
+                prompt += EMPTY_THINK
+        out.append((prompt, False))
+        return [(text, sup) for text, sup in out if text]
+
+    def render(
+        self,
+        messages: list[dict],
+        system: str | None = None,
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+    ) -> str:
+        """The conversation as one string (for ``empty``, without eos tokens)."""
+        return "".join(text for text, _ in self.segments(messages, system, add_generation_prompt, enable_thinking))
+
+
+CHATML = dict(
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    tool="<|im_start|>tool\n{content}<|im_end|>\n",
+    assistant_start="<|im_start|>assistant\n",
+    eot="<|im_end|>",
+    turn_sep="\n",
+)
+QWEN_TOOL = "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n"
+
+TEMPLATES: dict[str, Template] = {
+    "chatml": Template(name="chatml", **CHATML),
+    "qwen": Template(
+        name="qwen",
+        **{**CHATML, "tool": QWEN_TOOL},
+        default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    ),
+    "qwen3": Template(name="qwen3", **{**CHATML, "tool": QWEN_TOOL}, thinking=True),
+    "llama3": Template(
+        name="llama3",
+        prefix="<|begin_of_text|>",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+        tool="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
+        assistant_start="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        eot="<|eot_id|>",
+    ),
+    "empty": Template(
+        name="empty", system="{content}", user="{content}", tool="{content}", assistant_start="", eot=None
+    ),
+}
+
+
+class AutoTemplate:
+    """The tokenizer's own ``chat_template``, rendered with ``tokenizer.apply_chat_template``."""
+
+    name = "auto"
+
+    def __init__(self, tokenizer: Any):
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "template 'auto' needs a tokenizer with a chat_template; "
+                f"set template to one of {sorted(TEMPLATES)} instead"
+            )
+        self.tokenizer = tokenizer
+
+    def _apply(self, messages: list[dict], add_generation_prompt: bool, enable_thinking: bool | None) -> str:
+        kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+
+    def render(
+        self,
+        messages: list[dict],
+        system: str | None = None,
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+    ) -> str:
+        messages, system = _split_system(messages, system)
+        # system=None leaves the tokenizer template's own default in place.
+        msgs = ([{"role": "system", "content": system}] if system else []) + messages
+        return self._apply(msgs, add_generation_prompt, enable_thinking)
+
+    def segments(
+        self,
+        messages: list[dict],
+        system: str | None = None,
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+        tokenizer: Any = None,
+    ) -> Segments:
+        """Assistant spans found by diffing: ``render(msgs[:i], gen)`` is the prompt of turn i.
+
+        The response ends where ``render(msgs[:i+1])`` ends; its trailing whitespace after the
+        end-of-turn marker is not supervised. Templates that rewrite earlier turns (Qwen3
+        strips old reasoning) fall back to the tokenizer's eos token as the end of the turn.
+        """
+        messages, system = _split_system(messages, system)
+        head = [{"role": "system", "content": system}] if system else []
+        full = self.render(head + messages, None, add_generation_prompt, enable_thinking)
+        out: Segments = []
+        pos = 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self._apply(head + messages[:i], True, enable_thinking)
+            if not full.startswith(prompt) or len(prompt) < pos:
+                raise ValueError(
+                    f"template 'auto': the chat_template does not render turn {i}'s prompt as a "
+                    "prefix of the conversation; use a built-in template instead"
+                )
+            end = self._turn_end(head + messages[: i + 1], full, len(prompt), enable_thinking)
+            response = full[len(prompt) : end].rstrip()
+            out.append((full[pos : len(prompt)], False))
+            out.append((response, True))
+            pos = len(prompt) + len(response)
+        out.append((full[pos:], False))
+        return [(text, sup) for text, sup in out if text]
+
+    def _turn_end(self, upto: list[dict], full: str, start: int, enable_thinking: bool | None) -> int:
+        text = self._apply(upto, False, enable_thinking)
+        if full.startswith(text) and len(text) > start:
+            return len(text)
+        eos = self.tokenizer.eos_token
+        found = full.find(eos, start) if eos else -1
+        if found < 0:
+            raise ValueError("template 'auto': cannot find the end of an assistant turn; use a built-in template")
+        return found + len(eos)
+
+
+def _split_system(messages: list[dict], system: str | None) -> tuple[list[dict], str | None]:
+    """A leading system message counts as the system prompt unless one is passed explicitly."""
+    if messages and messages[0]["role"] == "system":
+        return messages[1:], system if system is not None else messages[0]["content"]
+    return messages, system
+
+
+def get_template(name: str, tokenizer: Any = None) -> Template | AutoTemplate:
+    """A built-in template by name, or ``'auto'`` for the tokenizer's own chat_template."""
+    if name == "auto":
+        return AutoTemplate(tokenizer)
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; known templates: {', '.join(['auto', *sorted(TEMPLATES)])}")
+    return TEMPLATES[name]

@@ -1,0 +1,157 @@
+"""Policy, critic and reference on one base model.
+
+LoRA (the default): the policy is a peft adapter; the critic is a value head on the policy's
+last hidden state (or on its own adapter, ``critic_adapter``); the reference is the same
+weights with the adapter disabled. An SFT adapter given as ``adapter_name_or_path`` is merged
+into the base first, so "adapter disabled" *is* the frozen SFT model and the policy starts from
+it. Full fine-tuning keeps a separate frozen reference copy.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from alignkit.models.loading import attach_lora, lora_config
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+CRITIC = "critic"
+
+
+class ValueHead(nn.Module):
+    """A linear map from the last hidden state to a scalar value per token."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        # Zero init: the critic starts predicting 0 and cannot disturb early advantages
+        # (Huang et al. 2023, "N implementation details", detail on value head init).
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+    def save(self, out: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(out / VALUE_HEAD_FILE))
+
+    def load(self, path: Path) -> None:
+        self.load_state_dict(load_file(str(path / VALUE_HEAD_FILE)))
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token of a left-padded row."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ActorCritic(nn.Module):
+    """``forward`` returns policy logits and values; ``reference_logits`` the frozen reference's."""
+
+    def __init__(self, lm: nn.Module, ref_lm: nn.Module | None = None, critic_adapter: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.ref_lm = ref_lm
+        self.critic_adapter = critic_adapter
+        self.v_head = ValueHead(lm.config.hidden_size)
+        self.v_head.to(next(lm.parameters()).device)
+        if ref_lm is not None:
+            ref_lm.requires_grad_(False).eval()
+
+    @property
+    def is_lora(self) -> bool:
+        return isinstance(self.lm, PeftModel)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("ref_lm.")]
+
+    def _lm_forward(self, input_ids, attention_mask, hidden: bool):
+        return self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=hidden,
+            use_cache=False,
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) tokens -> logits (B, T, V), values (B, T)."""
+        out = self._lm_forward(input_ids, attention_mask, hidden=not self.critic_adapter)
+        if not self.critic_adapter:
+            return out.logits, self.v_head(out.hidden_states[-1])
+        with self._adapter(CRITIC):
+            hidden = self.lm.base_model.model.model(
+                input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+            ).last_hidden_state
+        return out.logits, self.v_head(hidden)
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.ref_lm is not None:
+            model, ctx = self.ref_lm, nullcontext()
+        else:
+            model, ctx = self.lm, self.lm.disable_adapter()
+        with ctx:
+            return model(
+                input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+            ).logits
+
+    @contextmanager
+    def _adapter(self, name: str):
+        """Run with another adapter active, keeping every adapter trainable.
+
+        peft's ``set_adapter`` also flips ``requires_grad`` to the active adapter only, which
+        would silently stop the policy adapter's gradients; we restore the flags.
+        """
+        flags = [(p, p.requires_grad) for p in self.lm.parameters()]
+        self.lm.base_model.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.lm.base_model.set_adapter("default")
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def save_policy(self, out: Path) -> None:
+        """Policy weights (adapter or full model) + value head; no critic adapter in the policy dir."""
+        out.mkdir(parents=True, exist_ok=True)
+        if self.is_lora:
+            self.lm.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
+            if self.critic_adapter:
+                self.lm.save_pretrained(out / "critic_adapter", selected_adapters=[CRITIC], safe_serialization=True)
+        else:
+            self.lm.save_pretrained(out, safe_serialization=True)
+        self.v_head.save(out)
+
+    def load_trainable(self, ckpt: Path) -> None:
+        """Restore what ``save_policy`` wrote (policy/critic adapters or full weights, value head)."""
+        from alignkit.train.common import restore_model
+
+        restore_model(self.lm, ckpt)
+        if self.critic_adapter:
+            from peft import set_peft_model_state_dict
+
+            state = load_file(str(ckpt / "critic_adapter" / CRITIC / "adapter_model.safetensors"))
+            set_peft_model_state_dict(self.lm, state, adapter_name=CRITIC)
+        self.v_head.load(ckpt)
+
+
+def build_actor_critic(lm: nn.Module, cfg, ref_lm: nn.Module | None = None, adapter_path: str | None = None) -> ActorCritic:
+    """Attach the policy LoRA (and the optional critic LoRA) to ``lm`` and wrap with a value head."""
+    if cfg.finetuning_type == "lora":
+        lm = attach_lora(lm, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.lora_target, adapter_path)
+        if cfg.critic_adapter:
+            lm.add_adapter(CRITIC, lora_config(lm.base_model.model, cfg.lora_rank, cfg.alpha, 0.0, cfg.lora_target))
+            for n, p in lm.named_parameters():
+                if f".{CRITIC}." in n:
+                    p.requires_grad_(True)
+        for p in lm.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return ActorCritic(lm, ref_lm, critic_adapter=cfg.critic_adapter and cfg.finetuning_type == "lora")

@@ -1,0 +1,138 @@
+"""Load a base model and tokenizer from a local directory; attach LoRA through peft."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+
+def model_dtype(bf16: bool, fp16: bool) -> torch.dtype:
+    """bf16/fp16 when asked; float32 otherwise (the only sensible choice on CPU)."""
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def check_model_dir(path: str, what: str = "model_name_or_path") -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"{what}: {path!r} is not a local directory. alignkit loads models from disk; "
+            "download the model first (e.g. `hf download ORG/NAME --local-dir DIR`)."
+        )
+    return p
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Tokenizer with left padding (for batched generation) and a pad token.
+
+    A pad token equal to EOS is tolerated: alignkit derives masks from attention masks and
+    the first EOS position, never from ``token == pad_id``.
+    """
+    check_model_dir(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(
+    path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device: str | None = None
+) -> PreTrainedModel:
+    check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device) if device else model
+
+
+def lora_target_modules(model: torch.nn.Module, lora_target: list[str]) -> list[str]:
+    """Expand ``all`` to every linear layer's name except the LM head (and score/value heads)."""
+    if lora_target != ["all"]:
+        return lora_target
+    output = model.get_output_embeddings()
+    names = {
+        name.split(".")[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output
+    }
+    names -= {"lm_head", "score", "v_head", "summary"}
+    return sorted(names)
+
+
+def lora_config(model: torch.nn.Module, rank: int, alpha: int, dropout: float, target: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_target_modules(model, target),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(
+    model: PreTrainedModel,
+    rank: int,
+    alpha: int,
+    dropout: float,
+    target: list[str],
+    adapter_path: str | None = None,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """A trainable LoRA adapter: a new one, or continued from ``adapter_path``."""
+    if adapter_path is not None:
+        check_model_dir(adapter_path, "adapter_name_or_path")
+        return PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name, is_trainable=True)
+    cfg = lora_config(model, rank, alpha, dropout, target)
+    return get_peft_model(model, cfg, adapter_name=adapter_name)
+
+
+def merge_adapters(model: PreTrainedModel, adapter_paths: list[str]) -> PreTrainedModel:
+    """Apply adapters in order, merging each into the weights (SFT adapter, then PPO adapter)."""
+    for path in adapter_paths:
+        check_model_dir(path, "adapter_name_or_path")
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # With a frozen base, inputs to the first checkpointed block need grads for LoRA to get any.
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+def load_for_training(cfg) -> tuple[PreTrainedModel, object]:
+    """Base model (+ LoRA or full) and tokenizer for SFT/RM-style stages.
+
+    With LoRA, all adapters but the last in ``adapter_name_or_path`` are merged into the base and
+    training continues the last one. With full fine-tuning, every adapter is merged.
+    """
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model_name_or_path, model_dtype(cfg.bf16, cfg.fp16), cfg.trust_remote_code)
+    adapters = list(cfg.adapter_name_or_path or [])
+    if cfg.finetuning_type == "full":
+        model = merge_adapters(model, adapters)
+    else:
+        model = merge_adapters(model, adapters[:-1])
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.finetuning_type == "lora":
+        model = attach_lora(
+            model, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.lora_target, adapters[-1] if adapters else None
+        )
+        # LoRA weights train in float32 even on a bf16/fp16 base, for stable Adam updates.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return model, tokenizer
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,52 @@
+"""The one interface the trainer sees: a reward source scores (prompt, response) pairs.
+
+A score is a float or a failure with a reason. A failure is never turned into 0 here; what
+happens to it (skip the sample, zero it, stop the run) is the caller's documented choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Score:
+    """A reward value, or a failure (``value is None``) with the reason it failed."""
+
+    value: float | None
+    reason: str | None = None
+    cached: bool = False
+    latency_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.value is not None
+
+    @classmethod
+    def failure(cls, reason: str, latency_s: float | None = None) -> Score:
+        return cls(None, reason, latency_s=latency_s)
+
+
+@dataclass
+class ScoreMeta:
+    """Per-sample side information: the dataset label (reference answer) and free extras."""
+
+    labels: Sequence[str | None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    """API, trained-model, rule and Python-function rewards all implement this."""
+
+    async def score(
+        self, prompts: Sequence[str], responses: Sequence[str], meta: ScoreMeta | None = None
+    ) -> list[Score]: ...
+
+    async def aclose(self) -> None: ...
+
+    def metrics(self) -> dict[str, float]:
+        """Counters since the last call (e.g. ``reward/cache_hits``), reset on read."""
+        ...

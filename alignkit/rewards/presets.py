@@ -1,0 +1,292 @@
+"""Request shapes of the HTTP judges alignkit speaks (``reward_api.preset``).
+
+A preset turns a batch of ``(prompt, response, label)`` items into a JSON body and a JSON
+reply into one raw value per item. It never validates values (the client does that the same
+way for every preset) and raises ``ReplyError`` when the reply as a whole is unusable.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+Item = tuple[str, str, "str | None"]  # (prompt, response, label)
+
+_PLACEHOLDER = re.compile(r"\{(prompt|response|label)\}")
+_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\*|\d+)\]")
+_CONDITION = re.compile(r"^\s*([\w.\[\]*-]+)\s*(==|!=)\s*(.+?)\s*$")
+
+DEFAULT_RUBRIC = """You are a strict judge. Rate how well the response answers the prompt, from 0 to 10.
+
+[Prompt]
+{prompt}
+
+[Response]
+{response}
+
+[Reference answer]
+{label}
+
+Give a one-sentence justification, then the score as the last number of your reply."""
+
+
+class ReplyError(Exception):
+    """The reply as a whole is unusable; every item of the request fails with this reason."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+def fill(template: str, item: Item) -> str:
+    """Replace ``{prompt}``, ``{response}``, ``{label}`` in one pass (user text is never re-scanned)."""
+    prompt, response, label = item
+    values = {"prompt": prompt, "response": response, "label": "" if label is None else label}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def render(template: Any, item: Item) -> Any:
+    """Fill placeholders throughout a JSON template; a string that is only ``"{label}"`` keeps ``null``."""
+    if isinstance(template, dict):
+        return {k: render(v, item) for k, v in template.items()}
+    if isinstance(template, list):
+        return [render(v, item) for v in template]
+    if isinstance(template, str):
+        if template == "{label}":
+            return item[2]
+        return fill(template, item)
+    return template
+
+
+def parse_path(path: str) -> list[str | int]:
+    """``"results[*].score"`` -> ``["results", "*", "score"]``; ``"a[0]"`` -> ``["a", 0]``."""
+    tokens: list[str | int] = []
+    for part in path.split("."):
+        pos_in = 0
+        for m in _PATH_TOKEN.finditer(part):
+            if m.start() != pos_in:
+                break
+            name, index = m.groups()
+            tokens.append(name if name is not None else ("*" if index == "*" else int(index)))
+            pos_in = m.end()
+        if not part or pos_in != len(part):
+            raise ValueError(
+                f"bad path {path!r} near {part!r}: use names, [N] and [*], e.g. results[*].score"
+            )
+    return tokens
+
+
+def resolve(data: Any, tokens: list[str | int], path: str) -> Any:
+    for i, token in enumerate(tokens):
+        if token == "*":
+            if not isinstance(data, list):
+                raise ReplyError("wrong shape", f"{path}: expected a list before [*], got {_kind(data)}")
+            return [resolve(x, tokens[i + 1 :], path) for x in data]
+        if isinstance(token, int):
+            if not isinstance(data, list) or token >= len(data):
+                raise ReplyError("wrong shape", f"{path}: no element [{token}] in {_kind(data)}")
+        elif not isinstance(data, dict) or token not in data:
+            raise ReplyError("wrong shape", f"reply has no {path!r} (no key {token!r} in {_kind(data)})")
+        data = data[token]
+    return data
+
+
+def _kind(x: Any) -> str:
+    if isinstance(x, dict):
+        return "an object with keys " + ", ".join(map(repr, list(x)[:8]))
+    return f"a {type(x).__name__}"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """``success == true``: a path in the reply compared with a JSON literal."""
+
+    text: str
+    tokens: list[str | int]
+    op: str
+    expected: Any
+
+    @classmethod
+    def parse(cls, text: str) -> Condition:
+        m = _CONDITION.match(text)
+        if not m:
+            raise ValueError(f"bad success condition {text!r}: use 'PATH == VALUE', e.g. 'success == true'")
+        path, op, literal = m.groups()
+        try:
+            expected = json.loads(literal)
+        except ValueError:
+            expected = literal.strip("'\"")
+        return cls(text, parse_path(path), op, expected)
+
+    def check(self, data: Any) -> None:
+        try:
+            got = resolve(data, self.tokens, self.text)
+        except ReplyError:
+            got = None
+        if (got == self.expected) != (self.op == "=="):
+            raise ReplyError("unsuccessful reply", f"success condition {self.text!r} not met (got {got!r})")
+
+
+class Preset:
+    """Build a body for a batch and read the raw values (and OpenRLHF ``extra_logs``) back."""
+
+    def __init__(self, name: str, max_batch: int | None = None):
+        self.name = name
+        self.max_batch = max_batch  # items per request the shape allows (None: any)
+
+    def build(self, items: list[Item]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
+        raise NotImplementedError
+
+
+def _list_field(data: Any, key: str, n: int) -> list[Any]:
+    if not isinstance(data, dict) or key not in data:
+        raise ReplyError("wrong shape", f"expected an object with {key!r}, got {_kind(data)}")
+    values = data[key]
+    if not isinstance(values, list):
+        raise ReplyError("wrong shape", f"{key!r} should be a list, got {_kind(values)}")
+    if len(values) != n:
+        raise ReplyError("wrong count", f"sent {n} items, {key!r} has {len(values)} values")
+    return values
+
+
+class AlignkitPreset(Preset):
+    def __init__(self) -> None:
+        super().__init__("alignkit")
+
+    def build(self, items: list[Item]) -> dict[str, Any]:
+        return {"items": [{"prompt": p, "response": r, "label": lb} for p, r, lb in items]}
+
+    def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
+        return _list_field(data, "scores", n), {}
+
+
+class LlamaFactoryPreset(Preset):
+    """LLaMA-Factory's API reward: the decoded prompt+response text of each sample."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__("llamafactory")
+        self.model = model
+
+    def build(self, items: list[Item]) -> dict[str, Any]:
+        return {"model": self.model, "messages": [p + r for p, r, _ in items]}
+
+    def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
+        return _list_field(data, "scores", n), {}
+
+
+class OpenRLHFPreset(Preset):
+    """OpenRLHF's remote reward model (``--remote_rm_url``)."""
+
+    def __init__(self) -> None:
+        super().__init__("openrlhf")
+
+    def build(self, items: list[Item]) -> dict[str, Any]:
+        return {
+            "query": [p + r for p, r, _ in items],
+            "prompts": [p for p, _, _ in items],
+            "labels": [lb for _, _, lb in items],
+        }
+
+    def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
+        values = _list_field(data, "rewards", n)
+        extra = data.get("extra_logs") or {}
+        logs = {k: v for k, v in extra.items() if isinstance(v, list)} if isinstance(extra, dict) else {}
+        return values, logs
+
+
+class OpenAIJudgePreset(Preset):
+    """An OpenAI-compatible chat completion; the score is read from the reply text."""
+
+    def __init__(self, model: str, rubric: str, score_regex: str) -> None:
+        super().__init__("openai_judge", max_batch=1)
+        self.model = model
+        self.rubric = rubric
+        self.pattern = re.compile(score_regex)
+
+    def build(self, items: list[Item]) -> dict[str, Any]:
+        (item,) = items
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": fill(self.rubric, item)}],
+            "temperature": 0,
+        }
+
+    def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
+        try:
+            text = data["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise ReplyError(
+                "wrong shape", f"expected choices[0].message.content, got {_kind(data)}"
+            ) from None
+        if not isinstance(text, str):
+            raise ReplyError("wrong shape", f"choices[0].message.content is {_kind(text)}")
+        matches = list(self.pattern.finditer(text))
+        if not matches:
+            raise ReplyError("no score", f"no match for {self.pattern.pattern!r} in reply {text[-200:]!r}")
+        last = matches[-1]
+        number = last.group(1) if last.re.groups else last.group(0)
+        try:
+            return [float(number)], {}
+        except ValueError:
+            raise ReplyError("non-numeric score", f"matched {number!r} in reply {text[-200:]!r}") from None
+
+
+class CustomPreset(Preset):
+    """A JSON template with placeholders; one sample per request, or a batch list at ``batch_field``."""
+
+    def __init__(
+        self,
+        payload: dict[str, Any],
+        batch_field: str | None,
+        response_path: str,
+        success_condition: str | None,
+    ) -> None:
+        super().__init__("custom", max_batch=None if batch_field else 1)
+        self.payload = payload
+        self.batch_field = batch_field
+        self.response_path = response_path
+        self.tokens = parse_path(response_path)
+        self.condition = Condition.parse(success_condition) if success_condition else None
+        if self.batch_field:
+            self.batch_tokens = parse_path(self.batch_field)
+            try:
+                self.item_template = resolve(self.payload, self.batch_tokens, self.batch_field)
+            except ReplyError:
+                raise ValueError(
+                    f"reward_api.batch_field {self.batch_field!r} is not a key of reward_api.payload; "
+                    "put the per-sample template there"
+                ) from None
+
+    def build(self, items: list[Item]) -> dict[str, Any]:
+        if not self.batch_field:
+            (item,) = items
+            return render(self.payload, item)
+        body = copy.deepcopy(self.payload)
+        parent = resolve(body, self.batch_tokens[:-1], self.batch_field)
+        parent[self.batch_tokens[-1]] = [render(self.item_template, it) for it in items]
+        return body
+
+    def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
+        if self.condition is not None:
+            self.condition.check(data)
+        values = resolve(data, self.tokens, self.response_path)
+        if not self.batch_field:
+            if isinstance(values, list):
+                raise ReplyError(
+                    "wrong count", f"sent 1 item, {self.response_path!r} is a list of {len(values)}"
+                )
+            return [values], {}
+        if not isinstance(values, list):
+            raise ReplyError("wrong shape", f"{self.response_path!r} should be a list, got {_kind(values)}")
+        if len(values) != n:
+            raise ReplyError(
+                "wrong count", f"sent {n} items, {self.response_path!r} has {len(values)} values"
+            )
+        return values, {}

@@ -1,0 +1,158 @@
+"""Rule rewards: built-in rules and user Python functions, as a ``RewardSource``.
+
+A rule is ``fn(prompt: str, response: str, label: str | None) -> float``. Name it in a
+config as a built-in (``count_good``), an importable ``module:NAME``, or a file
+``path/to/file.py:function``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from alignkit.rewards.base import Score, ScoreMeta
+from alignkit.rewards.text import ThinkFilter
+
+Rule = Callable[[str, str, "str | None"], float]
+# The batch form the judge server (and a trained reward model) scores with.
+Scorer = Callable[[list[str], list[str], list["str | None"]], list[float]]
+
+_GOOD = re.compile(r"\bgood\b", re.IGNORECASE)
+DEFAULT_MARKER = "ANSWER:"
+
+
+def count_good(prompt: str, response: str, label: str | None) -> float:
+    """Number of times the whole word "good" appears in the response (any case)."""
+    return float(len(_GOOD.findall(response)))
+
+
+def contains_marker(prompt: str, response: str, label: str | None) -> float:
+    """1.0 if the response contains the label (or ``ANSWER:`` when there is none), else 0.0."""
+    marker = label if label else DEFAULT_MARKER
+    return 1.0 if marker in response else 0.0
+
+
+def exact_match(prompt: str, response: str, label: str | None) -> float:
+    """1.0 if the stripped response equals the stripped label, else 0.0 (0.0 without a label)."""
+    if label is None:
+        return 0.0
+    return 1.0 if response.strip() == label.strip() else 0.0
+
+
+def length_penalty(prompt: str, response: str, label: str | None) -> float:
+    """0.0 up to 100 words, then -0.01 per extra word: discourages rambling."""
+    return -max(0, len(response.split()) - 100) / 100
+
+
+BUILTIN_RULES: dict[str, Rule] = {
+    "count_good": count_good,
+    "contains_marker": contains_marker,
+    "exact_match": exact_match,
+    "length_penalty": length_penalty,
+}
+
+
+def load_rule(spec: str) -> Rule:
+    """Resolve a built-in name, ``module:NAME`` or ``path/to/file.py:function`` to a callable."""
+    if spec in BUILTIN_RULES:
+        return BUILTIN_RULES[spec]
+    if ":" not in spec:
+        raise ValueError(
+            f"unknown rule {spec!r}: use a built-in ({', '.join(BUILTIN_RULES)}), "
+            "'module:NAME' or 'path/to/file.py:function'"
+        )
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        module = _load_file(Path(where))
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"rule {spec!r}: cannot import module {where!r} ({e})") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"rule {spec!r}: {where!r} has no function named {name!r}")
+    return fn
+
+
+def _load_file(path: Path):
+    if not path.is_file():
+        raise ValueError(f"rule file {str(path)!r} does not exist")
+    module_name = f"alignkit_user_rule_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"rule file {str(path)!r} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def rule_scorer(rule: Rule) -> Scorer:
+    """The batch form of a rule, as the judge server's ``scorer`` hook expects."""
+
+    def scorer(prompts: list[str], responses: list[str], labels: list[str | None]) -> list[float]:
+        return [float(rule(p, r, lb)) for p, r, lb in zip(prompts, responses, labels, strict=True)]
+
+    return scorer
+
+
+class RuleReward:
+    """A rule (built-in or user function) as a ``RewardSource``.
+
+    An exception or a non-finite / non-numeric return is a failure with its reason, never 0.
+    """
+
+    def __init__(self, rule: Rule | str, think: ThinkFilter | None = None):
+        self.name = rule if isinstance(rule, str) else getattr(rule, "__name__", "rule")
+        self.rule = load_rule(rule) if isinstance(rule, str) else rule
+        self.think = think
+        self._failures = 0
+        self._summary: Counter[str] = Counter()
+
+    async def score(
+        self, prompts: Sequence[str], responses: Sequence[str], meta: ScoreMeta | None = None
+    ) -> list[Score]:
+        labels = list(meta.labels) if meta and meta.labels is not None else [None] * len(prompts)
+        if self.think is not None:
+            texts, settled = self.think.apply(responses)
+        else:
+            texts, settled = list(responses), [None] * len(responses)
+        scores = [
+            done if done is not None else self._score_one(p, r, lb)
+            for p, r, lb, done in zip(prompts, texts, labels, settled, strict=True)
+        ]
+        for s in scores:
+            if not s.ok:
+                self._failures += 1
+                self._summary[s.reason.split(":", 1)[0]] += 1
+        return scores
+
+    def _score_one(self, prompt: str, response: str, label: str | None) -> Score:
+        try:
+            value = self.rule(prompt, response, label)
+        except Exception as e:  # a user function may raise anything; it is one failed sample
+            return Score.failure(f"rule error: {self.name} raised {type(e).__name__}: {e}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return Score.failure(f"non-numeric score: {self.name} returned {value!r}")
+        if not math.isfinite(value):
+            return Score.failure(f"non-finite score: {self.name} returned {value!r}")
+        return Score(float(value))
+
+    async def aclose(self) -> None:
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        out = {"reward/failures": float(self._failures)}
+        self._failures = 0
+        return out
+
+    def failure_summary(self) -> dict[str, int]:
+        """Failures since the start, counted per kind of reason."""
+        return dict(self._summary)

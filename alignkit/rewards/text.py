@@ -1,0 +1,80 @@
+"""Response text clean-up before scoring: strip the thought of a reasoning model.
+
+Reasoning models write ``<think>…</think>`` before the answer. A judge should see the answer
+only; a response cut off *inside* the thought has no answer at all, and scoring the partial
+thought as if it were one is what makes reward collapse on thinking models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from alignkit.rewards.base import Score
+
+DEFAULT_THINK_TAGS = ("<think>", "</think>")
+
+
+def strip_think(text: str, tags: Sequence[str] = DEFAULT_THINK_TAGS) -> tuple[str, bool]:
+    """Remove thoughts from ``text``; return ``(answer, truncated)``.
+
+    ``truncated`` is true when an opening tag has no closing tag after it (generation stopped
+    inside the thought). A closing tag without an opening one is also handled: chat templates
+    such as Qwen3's put ``<think>`` in the prompt, so the response starts inside the thought.
+    """
+    open_tag, close_tag = tags
+    last_open = text.rfind(open_tag)
+    last_close = text.rfind(close_tag)
+    if last_open > last_close:
+        return text[:last_open].strip(), True
+    if last_close == -1:
+        return text.strip(), False
+    # Everything up to the last closing tag is thought (possibly several blocks).
+    head, answer = text[:last_close], text[last_close + len(close_tag) :]
+    first_open = head.find(open_tag)
+    prefix = head[:first_open] if first_open != -1 else ""
+    return (prefix + answer).strip(), False
+
+
+def is_think_truncated(text: str, tags: Sequence[str] = DEFAULT_THINK_TAGS) -> bool:
+    """True when the response was cut off inside a thought (opening tag, no closing tag)."""
+    return text.rfind(tags[0]) > text.rfind(tags[1])
+
+
+def think_truncated_frac(responses: Sequence[str], tags: Sequence[str] = DEFAULT_THINK_TAGS) -> float:
+    """Fraction of ``responses`` cut off inside a thought (metric ``rollout/think_truncated_frac``)."""
+    if not responses:
+        return 0.0
+    return sum(is_think_truncated(r, tags) for r in responses) / len(responses)
+
+
+@dataclass(frozen=True)
+class ThinkFilter:
+    """Strip thoughts and decide what a truncated thought scores.
+
+    ``on_truncated="score"`` gives such a response ``truncated_score`` without asking the
+    judge; ``"fail"`` turns it into a failure (handled by the ``on_failure`` policy).
+    """
+
+    tags: tuple[str, str] = DEFAULT_THINK_TAGS
+    on_truncated: str = "score"
+    truncated_score: float = 0.0
+
+    def apply(self, responses: Sequence[str]) -> tuple[list[str], list[Score | None]]:
+        """Return the answers to score and, per response, a settled score (or ``None``).
+
+        A settled score is the truncated-thought score or failure; those responses are not
+        sent to the reward source.
+        """
+        texts: list[str] = []
+        settled: list[Score | None] = []
+        for response in responses:
+            answer, truncated = strip_think(response, self.tags)
+            texts.append(answer)
+            if not truncated:
+                settled.append(None)
+            elif self.on_truncated == "fail":
+                settled.append(Score.failure("think truncated: the response ends inside a thought"))
+            else:
+                settled.append(Score(self.truncated_score))
+        return texts, settled

@@ -1,0 +1,1 @@
+"""One module per training stage, plus the shared loop pieces (checkpoints, tracking)."""

@@ -1,0 +1,109 @@
+"""Pieces every stage's loop shares: output dir, seeds, optimizer/scheduler, model save/restore."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import get_scheduler
+
+from alignkit.config import StageConfig, save_config
+from alignkit.train.checkpoint import list_checkpoints
+
+logger = logging.getLogger(__name__)
+
+
+def setup_run(cfg: StageConfig) -> tuple[Accelerator, Path]:
+    """Accelerator, seeds (a different one per rank) and a checked output_dir with the resolved config."""
+    accelerator = Accelerator()
+    out = Path(cfg.output_dir)
+    resuming = cfg.resume_from_checkpoint not in (None, False)
+    if (
+        accelerator.is_main_process
+        and out.is_dir()
+        and any(out.iterdir())
+        and not (resuming or cfg.overwrite_output_dir)
+    ):
+        ckpts = list_checkpoints(out)
+        hint = " or resume_from_checkpoint=true" if ckpts else ""
+        raise FileExistsError(f"output_dir {out} is not empty; set overwrite_output_dir=true{hint}")
+    seed = cfg.seed + accelerator.process_index
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if accelerator.is_main_process:
+        save_config(cfg, out)
+    return accelerator, out
+
+
+def total_steps(cfg: StageConfig, steps_per_epoch: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+
+
+def build_optimizer(cfg: StageConfig, params: list[torch.nn.Parameter], num_steps: int):
+    """AdamW (or SGD) with weight decay off for biases/norms, and the configured LR schedule."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optim == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(
+            groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon, fused=cfg.optim == "adamw_torch_fused"
+        )
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * num_steps)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=num_steps)
+    return optimizer, scheduler
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """The data order of one epoch: a permutation that depends only on (seed, epoch), so a
+    resumed run and every rank see the same order without saving it."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def global_batch_indices(n: int, step: int, global_bs: int, seed: int) -> list[int]:
+    """Indices of the examples in optimizer step ``step`` (drop-last batching over epochs)."""
+    per_epoch = max(1, n // global_bs)
+    epoch, pos = divmod(step, per_epoch)
+    order = epoch_order(n, epoch, seed)
+    return order[pos * global_bs : (pos + 1) * global_bs]
+
+
+def save_model(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
+    """LoRA: the adapter (peft format). Full: a plain HF model directory (safetensors)."""
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def restore_model(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load the weights ``save_model`` wrote back into an already-built model, strictly."""
+    if isinstance(model, PeftModel):
+        result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        bad = [k for k in result.unexpected_keys]
+        if bad:
+            raise RuntimeError(f"checkpoint {ckpt} has adapter keys this model lacks: {bad[:5]}")
+        return
+    index = ckpt / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(ckpt / f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")

@@ -1,0 +1,74 @@
+"""The PPO stage's config: the shared keys plus rollout, reward and PPO hyper-parameters."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from alignkit.config import StageConfig, register_stage
+
+
+class PPOConfig(StageConfig):
+    stage: Literal["ppo"] = Field("ppo", description="Training stage.")
+    # Reward
+    reward_model: str | None = Field(
+        None, description="rule: built-in name, module:NAME or file.py:fn; api: URL; lora/full: RM directory."
+    )
+    reward_model_type: Literal["rule", "api", "lora", "full"] = Field(
+        "rule", description="Where scores come from: rule, api (HTTP judge), lora (RM adapter on this base), full."
+    )
+    reward_model_device: str | None = Field(None, description="Device for a full reward model (e.g. cuda:1).")
+    reward_api: dict[str, Any] | None = Field(None, description="HTTP judge settings (docs/reward_api.md).")
+    on_failure: Literal["skip", "zero", "fail"] = Field(
+        "skip", description="A failed score: skip (mask the sample out), zero, or fail (stop the run)."
+    )
+    max_failure_rate: float = Field(0.5, ge=0.0, le=1.0, description="Stop when a step's failure share exceeds this.")
+    # Rollout
+    max_new_tokens: int = Field(128, ge=1, description="Response length limit in tokens.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; log-probs use the same one.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1.0 = off).")
+    rollout_chunk_size: int | None = Field(
+        None, ge=1, description="Generate in chunks of this many prompts so scoring starts early (default: mini-batch)."
+    )
+    # PPO
+    ppo_buffer_size: int = Field(1, ge=1, description="Mini-batches per rollout batch (rollout = per_device x accum x buffer).")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    init_kl_coef: float = Field(0.2, ge=0.0, description="Initial KL penalty coefficient.")
+    adap_kl_ctrl: bool = Field(True, description="Adaptive KL controller (Ziegler et al. 2019) instead of fixed.")
+    ppo_target: float = Field(6.0, gt=0.0, description="Adaptive controller's target KL (nats per sequence).")
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive controller's horizon (samples).")
+    kl_penalty: Literal["kl", "abs", "mse", "full"] = Field("kl", description="Per-token KL estimator.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    cliprange: float = Field(0.2, gt=0.0, description="Policy ratio clip range.")
+    cliprange_value: float = Field(0.2, gt=0.0, description="Value clip range.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Value loss coefficient.")
+    ent_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
+    whiten_advantages: bool = Field(True, description="Whiten advantages per rollout batch.")
+    ppo_whiten_rewards: bool = Field(False, description="Whiten shaped rewards before GAE.")
+    ppo_score_norm: bool = Field(False, description="Normalise scores by their running mean/std.")
+    score_clip: float | None = Field(None, gt=0.0, description="Clip (normalised) scores to +-score_clip.")
+    missing_eos_penalty: float | None = Field(None, description="Subtracted from the score of responses without EOS.")
+    critic_adapter: bool = Field(False, description="Give the critic its own LoRA adapter instead of sharing the policy's.")
+    # Defaults that suit PPO better than SFT's.
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N PPO steps.")
+    logging_steps: int = Field(1, ge=1, description="Log metrics every N PPO steps.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the prompt set (ignored if max_steps>0).")
+
+    @model_validator(mode="after")
+    def _check_reward(self) -> PPOConfig:
+        if self.reward_model is None and not (self.reward_model_type == "api" and self.reward_api
+                                              and self.reward_api.get("url")):
+            raise ValueError("key 'reward_model' is required (rule name, judge URL, or reward model directory)")
+        return self
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Prompts per rank per PPO step."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.ppo_buffer_size
+
+
+register_stage("ppo", PPOConfig)

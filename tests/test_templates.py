@@ -1,0 +1,135 @@
+"""Chat templates against literal expected strings."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignkit.data import Example, encode_supervised, get_template
+from alignkit.models.tiny import build_tokenizer
+
+CONV = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "See you"},
+]
+QWEN_DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+EXPECTED = {
+    "chatml": (
+        "<|im_start|>system\nBe kind.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nSee you<|im_end|>\n"
+    ),
+    "qwen": (
+        "<|im_start|>system\nBe kind.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nSee you<|im_end|>\n"
+    ),
+    "qwen3": (
+        "<|im_start|>system\nBe kind.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nSee you<|im_end|>\n"
+    ),
+    "llama3": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe kind.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nSee you<|eot_id|>"
+    ),
+    "empty": "Be kind.HiHelloByeSee you",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_multi_turn_render(name):
+    assert get_template(name).render(CONV, system="Be kind.") == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen", "qwen3", "llama3"])
+def test_leading_system_message_is_the_system_prompt(name):
+    messages = [{"role": "system", "content": "Be kind."}, *CONV]
+    assert get_template(name).render(messages) == EXPECTED[name]
+
+
+def test_generation_prompts():
+    prompt = [{"role": "user", "content": "Hi"}]
+    assert get_template("chatml").render(prompt, add_generation_prompt=True) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert get_template("llama3").render(prompt, add_generation_prompt=True) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+def test_qwen_default_system_and_override():
+    qwen = get_template("qwen")
+    assert qwen.render(CONV[:2]) == (
+        f"<|im_start|>system\n{QWEN_DEFAULT}<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    )
+    overridden = qwen.render(CONV[:2], system="Answer in one word.")
+    assert overridden.startswith("<|im_start|>system\nAnswer in one word.<|im_end|>\n")
+    assert QWEN_DEFAULT not in overridden
+    assert qwen.render(CONV[:2], system="").startswith("<|im_start|>user\nHi")
+
+
+def test_qwen3_thinking_off_and_history_think_stripped():
+    qwen3 = get_template("qwen3")
+    prompt = [{"role": "user", "content": "Hi"}]
+    assert qwen3.render(prompt, add_generation_prompt=True, enable_thinking=False) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    assert qwen3.render(prompt, add_generation_prompt=True, enable_thinking=True) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    conv = [dict(m) for m in CONV]
+    conv[1]["content"] = "<think>\nsay hello\n</think>\n\nHello"
+    conv[3]["content"] = "<think>\nsay bye\n</think>\n\nSee you"
+    assert qwen3.render(conv) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nsay bye\n</think>\n\nSee you<|im_end|>\n"
+    )
+    # Thinking off: the final answer follows the same empty think block the model generates after.
+    assert qwen3.render(CONV[:2], enable_thinking=False) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nHello<|im_end|>\n"
+    )
+
+
+def test_empty_template_supervised_appends_eos(tokenizer):
+    ex = Example(messages=CONV)
+    ids, labels = encode_supervised(tokenizer, get_template("empty"), ex, 512, None, None)
+    assert tokenizer.decode(ids) == "Hi" + "Hello<|im_end|>" + "Bye" + "See you<|im_end|>"
+    assert tokenizer.decode([t for t in labels if t != -100]) == "Hello<|im_end|>See you<|im_end|>"
+
+
+def test_auto_matches_chatml_for_tiny_tokenizer(tokenizer):
+    auto, chatml = get_template("auto", tokenizer), get_template("chatml")
+    for system in (None, "Be kind."):
+        assert auto.render(CONV, system=system) == chatml.render(CONV, system=system)
+        assert auto.render(CONV[:3], system, add_generation_prompt=True) == chatml.render(
+            CONV[:3], system, add_generation_prompt=True
+        )
+        ex = Example(messages=CONV, system=system)
+        assert encode_supervised(tokenizer, auto, ex, 512, None, None) == encode_supervised(
+            tokenizer, chatml, ex, 512, None, None
+        )
+
+
+def test_unknown_template_lists_known_names():
+    with pytest.raises(ValueError, match="chatml.*llama3"):
+        get_template("vicuna")
+
+
+def test_auto_needs_a_chat_template(tokenizer):
+    with pytest.raises(ValueError, match="chat_template"):
+        get_template("auto", None)
