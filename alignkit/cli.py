@@ -53,22 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     train.set_defaults(func=cmd_train)
 
-    for name in EXTRA_COMMANDS:
-        mod = importlib.util.find_spec(EXTRA_COMMANDS[name])
-        if mod is not None:
-            importlib.import_module(EXTRA_COMMANDS[name]).add_parser(sub)
+    for module in COMMAND_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_parser(sub)
     return parser
 
 
-# command -> module exposing ``add_parser(subparsers)`` that sets ``func``.
-EXTRA_COMMANDS = {
-    "judge": "alignkit.judge.cli",
-    "score": "alignkit.rewards.score_cli",
-    "export": "alignkit.export",
-    "chat": "alignkit.infer_cli",
-    "demo": "alignkit.demo",
-    "report": "alignkit.report",
-}
+# Modules exposing ``add_parser(subparsers)``, which registers commands that set ``func``.
+# A command is listed only once its module exists.
+COMMAND_MODULES = [
+    "alignkit.judge.cli",  # judge serve
+    "alignkit.rewards.score_cli",  # score
+    "alignkit.export",  # export
+    "alignkit.infer",  # chat, predict, compare
+    "alignkit.report",  # report
+    "alignkit.demo",  # demo
+    "alignkit.models.tiny_cli",  # tiny
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,11 @@ UNSUPPORTED_KEYS = {
 
 ALIASES = {"evaluation_strategy": "eval_strategy", "system_prompt": "default_system"}
 
-SECRET_KEY = re.compile(r"(key|token|secret|password|authorization|cookie)", re.IGNORECASE)
+# Key names whose values are secrets. Narrow on purpose: ``max_new_tokens`` is not a secret.
+SECRET_KEY = re.compile(
+    r"(api_?key|secret|password|passwd|authorization|cookie|(^|_)(access_|hf_|api_|auth_|bearer_)?token$)",
+    re.IGNORECASE,
+)
 REDACTED = "***REDACTED***"
 
 

@@ -54,10 +54,14 @@ def human(value: str) -> dict:
 
 
 def test_alpaca_rows(tmp_path):
-    path = write(tmp_path, "a.json", [
-        {"instruction": "Add", "input": "2 and 2", "output": "4", "system": "Be exact."},
-        {"instruction": "Hi", "input": "", "output": "Hello", "history": [["Q1", "A1"], ["Q2", "A2"]]},
-    ])
+    path = write(
+        tmp_path,
+        "a.json",
+        [
+            {"instruction": "Add", "input": "2 and 2", "output": "4", "system": "Be exact."},
+            {"instruction": "Hi", "input": "", "output": "Hello", "history": [["Q1", "A1"], ["Q2", "A2"]]},
+        ],
+    )
     a, b = load_examples(path, None, "sft")
     assert a.messages == [{"role": "user", "content": "Add\n2 and 2"}, {"role": "assistant", "content": "4"}]
     assert a.system == "Be exact." and a.source == f"{path}:0"
@@ -82,13 +86,28 @@ def test_alpaca_malformed_row_names_file_and_row(tmp_path, row, problem):
 
 
 def test_sharegpt_from_value_rows(tmp_path):
-    path = write(tmp_path, "s.json", [
-        {"conversations": [gpt("Be brief.", "system"), human("Hi"), gpt("Hello"), human("Bye"), gpt("See you")]},
-    ])
+    path = write(
+        tmp_path,
+        "s.json",
+        [
+            {
+                "conversations": [
+                    gpt("Be brief.", "system"),
+                    human("Hi"),
+                    gpt("Hello"),
+                    human("Bye"),
+                    gpt("See you"),
+                ]
+            },
+        ],
+    )
     (ex,) = load_examples(path, None, "sft")
     assert ex.system == "Be brief."
     assert [(m["role"], m["content"]) for m in ex.messages] == [
-        ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"), ("assistant", "See you"),
+        ("user", "Hi"),
+        ("assistant", "Hello"),
+        ("user", "Bye"),
+        ("assistant", "See you"),
     ]
 
 
@@ -110,8 +129,13 @@ def test_sharegpt_malformed_row_names_file_and_row(tmp_path, conversation, probl
 
 
 def test_openai_messages_rows_jsonl(tmp_path):
-    ok = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
-                       {"role": "assistant", "content": "Hello"}]}
+    ok = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+        ]
+    }
     bad = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "   "}]}
     path = write(tmp_path, "m.jsonl", [ok, bad])
     with pytest.raises(DataError, match=r"m\.jsonl: row 1: message 1 has empty"):
@@ -122,10 +146,14 @@ def test_openai_messages_rows_jsonl(tmp_path):
 
 @pytest.mark.parametrize("prompt_key", ["question", "prompt", "instruction"])
 def test_preference_string_rows(tmp_path, prompt_key):
-    path = write(tmp_path, "p.json", [
-        {prompt_key: "Q", "chosen": "good", "rejected": "bad", "margin": 2},
-        {prompt_key: "Q", "chosen": "good"},
-    ])
+    path = write(
+        tmp_path,
+        "p.json",
+        [
+            {prompt_key: "Q", "chosen": "good", "rejected": "bad", "margin": 2},
+            {prompt_key: "Q", "chosen": "good"},
+        ],
+    )
     with pytest.raises(DataError, match=r"p\.json: row 1: 'rejected' must be a string"):
         load_examples(path, None, "pairwise")
     (ex,) = load_examples(path, None, "pairwise", skip_bad_rows=True)
@@ -134,10 +162,18 @@ def test_preference_string_rows(tmp_path, prompt_key):
 
 
 def test_preference_sharegpt_rows(tmp_path):
-    path = write(tmp_path, "ps.json", [
-        {"conversations": [human("Q1"), gpt("A1"), human("Q2")], "chosen": gpt("yes"), "rejected": gpt("no")},
-        {"conversations": [human("Q")], "chosen": human("yes"), "rejected": gpt("no")},
-    ])
+    path = write(
+        tmp_path,
+        "ps.json",
+        [
+            {
+                "conversations": [human("Q1"), gpt("A1"), human("Q2")],
+                "chosen": gpt("yes"),
+                "rejected": gpt("no"),
+            },
+            {"conversations": [human("Q")], "chosen": human("yes"), "rejected": gpt("no")},
+        ],
+    )
     with pytest.raises(DataError, match=r"ps\.json: row 1: 'chosen' must be an assistant message"):
         load_examples(path, None, "pairwise")
     (ex,) = load_examples(path, None, "pairwise", skip_bad_rows=True)
@@ -155,12 +191,16 @@ def test_preference_data_is_not_sft_and_sft_data_is_not_pairwise(tmp_path):
 
 
 def test_prompt_rows_and_labels(tmp_path):
-    path = write(tmp_path, "q.jsonl", [
-        {"prompt": "2+2?", "response": "4"},
-        {"prompt": "3+3?", "labels": 6},
-        {"prompt": "Hi"},
-        {"prompt": ["not", "text"]},
-    ])
+    path = write(
+        tmp_path,
+        "q.jsonl",
+        [
+            {"prompt": "2+2?", "response": "4"},
+            {"prompt": "3+3?", "labels": 6},
+            {"prompt": "Hi"},
+            {"prompt": ["not", "text"]},
+        ],
+    )
     with pytest.raises(DataError, match=r"q\.jsonl: row 3: 'prompt' \(instruction\) must be a string"):
         load_examples(path, None, "prompt")
     examples = load_examples(path, None, "prompt", skip_bad_rows=True)
@@ -184,22 +224,41 @@ def test_prompt_part_of_sft_rows(tmp_path):
 
 
 def test_registry_columns_and_tags(tmp_path):
-    write(tmp_path, "custom.json", [
-        {"dialog": [{"speaker": "U", "text": "Hi"}, {"speaker": "B", "text": "Hello"},
-                    {"speaker": "T", "text": "result"}, {"speaker": "B", "text": "Done"}],
-         "sys": "Be kind."},
-    ])
+    write(
+        tmp_path,
+        "custom.json",
+        [
+            {
+                "dialog": [
+                    {"speaker": "U", "text": "Hi"},
+                    {"speaker": "B", "text": "Hello"},
+                    {"speaker": "T", "text": "result"},
+                    {"speaker": "B", "text": "Done"},
+                ],
+                "sys": "Be kind.",
+            },
+        ],
+    )
     write(tmp_path, "alp.json", [{"q": "Question", "ctx": "more", "a": "Answer"}])
-    (tmp_path / "dataset_info.json").write_text(json.dumps({
-        "chat": {
-            "file_name": "custom.json",
-            "formatting": "sharegpt",
-            "columns": {"messages": "dialog", "system": "sys"},
-            "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "U", "assistant_tag": "B",
-                     "observation_tag": "T"},
-        },
-        "alp": {"file_name": "alp.json", "columns": {"prompt": "q", "query": "ctx", "response": "a"}},
-    }))
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "chat": {
+                    "file_name": "custom.json",
+                    "formatting": "sharegpt",
+                    "columns": {"messages": "dialog", "system": "sys"},
+                    "tags": {
+                        "role_tag": "speaker",
+                        "content_tag": "text",
+                        "user_tag": "U",
+                        "assistant_tag": "B",
+                        "observation_tag": "T",
+                    },
+                },
+                "alp": {"file_name": "alp.json", "columns": {"prompt": "q", "query": "ctx", "response": "a"}},
+            }
+        )
+    )
     chat, alp = load_examples("chat, alp", str(tmp_path), "sft")
     assert chat.system == "Be kind."
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "assistant"]
@@ -207,19 +266,28 @@ def test_registry_columns_and_tags(tmp_path):
 
 
 def test_unknown_dataset_lists_known_names(tmp_path):
-    with pytest.raises(DataError, match="known: prefs_demo, prefs_sharegpt, prompts_demo, sft_demo, sft_sharegpt"):
+    with pytest.raises(
+        DataError, match="known: prefs_demo, prefs_sharegpt, prompts_demo, sft_demo, sft_sharegpt"
+    ):
         load_examples("nope", str(EXAMPLES), "sft")
 
 
 def test_bad_registry_entry(tmp_path):
     write(tmp_path, "x.json", [{"instruction": "a", "output": "b"}])
-    (tmp_path / "dataset_info.json").write_text(json.dumps({"x": {"file_name": "x.json", "columns": {"images": "i"}}}))
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps({"x": {"file_name": "x.json", "columns": {"images": "i"}}})
+    )
     with pytest.raises(DataError, match="'x'.*not supported"):
         load_examples("x", str(tmp_path), "sft")
 
 
 def test_skip_bad_rows_logs_count(tmp_path, caplog):
-    rows = [{"instruction": "a", "output": "b"}, {"instruction": "a"}, {"output": "b"}, {"instruction": "c", "output": "d"}]
+    rows = [
+        {"instruction": "a", "output": "b"},
+        {"instruction": "a"},
+        {"output": "b"},
+        {"instruction": "c", "output": "d"},
+    ]
     path = write(tmp_path, "a.json", rows)
     with caplog.at_level(logging.WARNING, logger="alignkit.data.loader"):
         examples = load_examples(path, None, "sft", skip_bad_rows=True)
@@ -299,7 +367,10 @@ def test_sft_labels_are_exactly_the_assistant_turns(tokenizer, name):
 def test_sft_system_precedence(tokenizer):
     qwen = get_template("qwen")
     plain = Example(messages=TWO_TURNS.messages[:2])
-    text = lambda ex, default: tokenizer.decode(encode_supervised(tokenizer, qwen, ex, 512, default, None)[0])  # noqa: E731
+
+    def text(ex: Example, default: str | None) -> str:
+        return tokenizer.decode(encode_supervised(tokenizer, qwen, ex, 512, default, None)[0])
+
     assert "You are Qwen" in text(plain, None)
     assert "<|im_start|>system\nBe short.<|im_end|>" in text(plain, "Be short.")
     assert "You are Qwen" not in text(plain, "Be short.")
@@ -312,7 +383,9 @@ def test_sft_truncation_keeps_beginning_and_drops_unsupervised(tokenizer, caplog
     cutoff = next(i for i, t in enumerate(full_labels) if t != -100) + 2  # two answer tokens survive
     ids, labels = encode_supervised(tokenizer, chatml, TWO_TURNS, cutoff, None, None)
     assert ids == full[:cutoff] and labels == full_labels[:cutoff]
-    long_prompt = Example(messages=[{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok"}])
+    long_prompt = Example(
+        messages=[{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok"}]
+    )
     with caplog.at_level(logging.WARNING, logger="alignkit.data.encode"):
         features = encode_supervised_examples(tokenizer, chatml, [TWO_TURNS, long_prompt], cutoff, None, None)
     assert len(features) == 1 and "dropped 1 of 2" in caplog.text
@@ -322,7 +395,9 @@ def test_prompt_encoding_ends_with_generation_prompt(tokenizer):
     chatml = get_template("chatml")
     ex = Example(messages=TWO_TURNS.messages[:3], system="Be kind.")
     ids = encode_prompt(tokenizer, chatml, ex, 1024, None, None)
-    assert tokenizer.decode(ids).endswith("<|im_start|>user\nSay something good.<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(ids).endswith(
+        "<|im_start|>user\nSay something good.<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tokenizer.decode(ids).startswith("<|im_start|>system\nBe kind.")
     qwen3_ids = encode_prompt(tokenizer, get_template("qwen3"), ex, 1024, None, False)
     assert tokenizer.decode(qwen3_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
@@ -340,7 +415,9 @@ def test_prompt_left_truncation(tokenizer):
 
 def test_pair_encoding(tokenizer):
     chatml = get_template("chatml")
-    ex = Example(messages=[{"role": "user", "content": "Is this good?"}], chosen="Yes, it is good.", rejected="No.")
+    ex = Example(
+        messages=[{"role": "user", "content": "Is this good?"}], chosen="Yes, it is good.", rejected="No."
+    )
     chosen, rejected = encode_pair(tokenizer, chatml, ex, 1024, None, None)
     prompt = encode_prompt(tokenizer, chatml, ex, 1024, None, None)
     assert chosen[: len(prompt)] == prompt and rejected[: len(prompt)] == prompt
@@ -362,10 +439,12 @@ def test_pad_left():
 
 
 def test_sft_collator_right_pads():
-    batch = SFTCollator(pad_id=0)([
-        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-        {"input_ids": [8], "labels": [8]},
-    ])
+    batch = SFTCollator(pad_id=0)(
+        [
+            {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+            {"input_ids": [8], "labels": [8]},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]

@@ -133,3 +133,39 @@ def test_unknown_template_lists_known_names():
 def test_auto_needs_a_chat_template(tokenizer):
     with pytest.raises(ValueError, match="chat_template"):
         get_template("auto", None)
+
+
+# A cut-down Qwen3 chat_template: reasoning is dropped from turns before the last user query,
+# the final turn always carries a think block, and thinking off adds an empty one.
+QWEN3_LIKE = (
+    "{%- set ns = namespace(last=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}{%- if m.role == 'assistant' -%}"
+    "{%- set c = m.content.split('</think>')[-1].lstrip('\n') -%}"
+    "{%- if loop.index0 > ns.last and loop.last and '</think>' not in m.content -%}"
+    "{%- set c = '<think>\n\n</think>\n\n' + c -%}{%- endif -%}"
+    "{{ '<|im_start|>assistant\n' + c + '<|im_end|>\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{ '<think>\n\n</think>\n\n' }}"
+    "{%- endif -%}{%- endif -%}"
+)
+
+
+@pytest.mark.parametrize(
+    ("enable_thinking", "supervised"),
+    [
+        (None, ["Hello<|im_end|>", "<think>\n\n</think>\n\nSee you<|im_end|>"]),
+        (False, ["Hello<|im_end|>", "See you<|im_end|>"]),
+    ],
+)
+def test_auto_masks_a_template_that_rewrites_history(enable_thinking, supervised):
+    tok = build_tokenizer()
+    tok.chat_template = QWEN3_LIKE
+    conv = [dict(m) for m in CONV]
+    conv[1]["content"] = "<think>\nsay hello\n</think>\n\nHello"
+    auto = get_template("auto", tok)
+    segments = auto.segments(conv, None, False, enable_thinking, tokenizer=tok)
+    assert "".join(text for text, _ in segments) == auto.render(conv, enable_thinking=enable_thinking)
+    assert [text for text, sup in segments if sup] == supervised

@@ -68,7 +68,9 @@ class PairCollator:
         length = max(len(_as_list(s)) for s in chosen + rejected)
         batch = {}
         for name, seqs in (("chosen", chosen), ("rejected", rejected)):
-            batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = _pad_right(seqs, self.pad_id, length)
+            batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = _pad_right(
+                seqs, self.pad_id, length
+            )
         if any(f.get("margin") is not None for f in features):
             batch["margin"] = torch.tensor([float(f.get("margin") or 0.0) for f in features])
         return batch

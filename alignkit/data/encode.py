@@ -65,7 +65,9 @@ def encode_supervised_examples(
     ``cutoff_len`` leaves without a single supervised token."""
     features = []
     for ex in examples:
-        input_ids, labels = encode_supervised(tokenizer, template, ex, cutoff_len, default_system, enable_thinking)
+        input_ids, labels = encode_supervised(
+            tokenizer, template, ex, cutoff_len, default_system, enable_thinking
+        )
         if any(label != IGNORE_INDEX for label in labels):
             features.append({"input_ids": input_ids, "labels": labels})
     if dropped := len(examples) - len(features):
@@ -98,7 +100,12 @@ def encode_prompt(
 
 
 def _prompt_response(
-    tokenizer: Any, template: Any, example: Example, response: str, system: str | None, enable_thinking: bool | None
+    tokenizer: Any,
+    template: Any,
+    example: Example,
+    response: str,
+    system: str | None,
+    enable_thinking: bool | None,
 ) -> tuple[list[int], list[int]]:
     """Prompt ids (through the generation prompt) and response ids (through end-of-turn)."""
     messages = [*example.messages, {"role": "assistant", "content": response}]

@@ -31,7 +31,13 @@ ALPACA_COLUMNS = {
     "margin": "margin",
     "label": "label",
 }
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "chosen": "chosen", "rejected": "rejected", "margin": "margin"}
+SHAREGPT_COLUMNS = {
+    "messages": "conversations",
+    "system": "system",
+    "chosen": "chosen",
+    "rejected": "rejected",
+    "margin": "margin",
+}
 SHAREGPT_TAGS = {
     "role_tag": "from",
     "content_tag": "value",
@@ -41,7 +47,14 @@ SHAREGPT_TAGS = {
     "function_tag": "function_call",
     "system_tag": "system",
 }
-OPENAI_TAGS = {**SHAREGPT_TAGS, "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "observation_tag": "tool"}
+OPENAI_TAGS = {
+    **SHAREGPT_TAGS,
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "observation_tag": "tool",
+}
 UNSUPPORTED_COLUMNS = {"images", "videos", "audios", "tools", "kto_tag"}
 REGISTRY_KEYS = {"file_name", "formatting", "columns", "tags", "ranking", "split", "num_samples"}
 
@@ -181,7 +194,9 @@ def _specs_from_entry(name: str, entry: Any, root: Path) -> list[DatasetSpec]:
     if bad := set(columns) & UNSUPPORTED_COLUMNS:
         raise DataError(f"{where}: columns {sorted(bad)} are not supported by alignkit")
     if unknown := set(columns) - set(defaults):
-        raise DataError(f"{where}: unknown columns {sorted(unknown)} for {formatting}; known: {sorted(defaults)}")
+        raise DataError(
+            f"{where}: unknown columns {sorted(unknown)} for {formatting}; known: {sorted(defaults)}"
+        )
     if unknown := set(tags) - set(SHAREGPT_TAGS):
         raise DataError(f"{where}: unknown tags {sorted(unknown)}; known: {sorted(SHAREGPT_TAGS)}")
     path = root / entry["file_name"]
@@ -235,7 +250,9 @@ def _detect(spec: DatasetSpec, first: Any) -> DatasetSpec:
     columns = {**ALPACA_COLUMNS, "prompt": prompt_key}
     if prompt_key != "instruction":
         columns["query"] = "input"  # 'query' as the prompt itself is not also an extra input
-        columns["response"] = next((k for k in ("response", "output", "labels", "answer") if k in first), "output")
+        columns["response"] = next(
+            (k for k in ("response", "output", "labels", "answer") if k in first), "output"
+        )
     return DatasetSpec(spec.path, "alpaca", columns, {}, ranking)
 
 
@@ -246,7 +263,9 @@ def _load_file(spec: DatasetSpec, kind: Kind, max_samples: int | None, skip_bad_
     if not spec.columns:
         spec = _detect(spec, rows[0])
     if kind == "pairwise" and not spec.ranking:
-        raise DataError(f"{spec.path}: kind 'pairwise' needs preference rows (chosen/rejected; 'ranking': true)")
+        raise DataError(
+            f"{spec.path}: kind 'pairwise' needs preference rows (chosen/rejected; 'ranking': true)"
+        )
     if kind == "sft" and spec.ranking:
         raise DataError(f"{spec.path}: preference data (chosen/rejected) cannot be used for sft")
     if spec.formatting == "sharegpt" and not spec.tags:
@@ -270,7 +289,9 @@ def _load_file(spec: DatasetSpec, kind: Kind, max_samples: int | None, skip_bad_
         ex.source = f"{spec.path}:{i}"
         out.append(ex)
     if bad:
-        logger.warning("skipped %d malformed rows of %d in %s (first: %s)", bad, len(rows), spec.path, first_error)
+        logger.warning(
+            "skipped %d malformed rows of %d in %s (first: %s)", bad, len(rows), spec.path, first_error
+        )
     return out
 
 
@@ -314,7 +335,9 @@ def _label(row: dict, keys: list[str]) -> str | None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise RowError(f"{key!r} (reference answer) must be a string or number, got {type(value).__name__}")
+            raise RowError(
+                f"{key!r} (reference answer) must be a string or number, got {type(value).__name__}"
+            )
         return str(value)
     return None
 
@@ -340,7 +363,9 @@ def _finish(messages: list[dict], system: str | None, row: dict, spec: DatasetSp
     for j, m in enumerate(messages):
         expect = ("user", "tool") if j % 2 == 0 else ("assistant",)
         if m["role"] not in expect:
-            raise RowError(f"conversation does not alternate: message {j} is {m['role']!r}, expected {expect[0]!r}")
+            raise RowError(
+                f"conversation does not alternate: message {j} is {m['role']!r}, expected {expect[0]!r}"
+            )
     if spec.ranking:
         if not messages or messages[-1]["role"] == "assistant":
             raise RowError("the prompt of a preference row must end with a user turn")
@@ -371,7 +396,9 @@ def _parse_alpaca(row: dict, spec: DatasetSpec, kind: Kind) -> Example:
         if not isinstance(history, list):
             raise RowError(f"{c['history']!r} must be a list of [user, assistant] pairs")
         for j, turn in enumerate(history):
-            if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            if not (
+                isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+            ):
                 raise RowError(f"{c['history']!r}[{j}] must be a [user, assistant] pair of strings")
             if not (turn[0].strip() and turn[1].strip()):
                 raise RowError(f"{c['history']!r}[{j}] has empty content")

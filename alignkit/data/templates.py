@@ -97,7 +97,9 @@ class Template:
         enable_thinking: bool | None = None,
     ) -> str:
         """The conversation as one string (for ``empty``, without eos tokens)."""
-        return "".join(text for text, _ in self.segments(messages, system, add_generation_prompt, enable_thinking))
+        return "".join(
+            text for text, _ in self.segments(messages, system, add_generation_prompt, enable_thinking)
+        )
 
 
 CHATML = dict(
@@ -187,6 +189,10 @@ class AutoTemplate:
             if m["role"] != "assistant":
                 continue
             prompt = self._apply(head + messages[:i], True, enable_thinking)
+            if not full.startswith(prompt):
+                # Thinking off adds an empty think block to the generation prompt, but
+                # Qwen3 renders earlier turns without one.
+                prompt = self._apply(head + messages[:i], True, None)
             if not full.startswith(prompt) or len(prompt) < pos:
                 raise ValueError(
                     f"template 'auto': the chat_template does not render turn {i}'s prompt as a "
@@ -207,7 +213,9 @@ class AutoTemplate:
         eos = self.tokenizer.eos_token
         found = full.find(eos, start) if eos else -1
         if found < 0:
-            raise ValueError("template 'auto': cannot find the end of an assistant turn; use a built-in template")
+            raise ValueError(
+                "template 'auto': cannot find the end of an assistant turn; use a built-in template"
+            )
         return found + len(eos)
 
 
@@ -223,5 +231,7 @@ def get_template(name: str, tokenizer: Any = None) -> Template | AutoTemplate:
     if name == "auto":
         return AutoTemplate(tokenizer)
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; known templates: {', '.join(['auto', *sorted(TEMPLATES)])}")
+        raise ValueError(
+            f"unknown template {name!r}; known templates: {', '.join(['auto', *sorted(TEMPLATES)])}"
+        )
     return TEMPLATES[name]

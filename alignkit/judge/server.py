@@ -87,6 +87,8 @@ class JudgeStats:
     pairs: Counter[tuple[str, str]] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     by_path: Counter[str] = field(default_factory=Counter)
+    in_flight: int = 0  # requests being handled now
+    max_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, path: str, prompts: list[str], responses: list[str]) -> int:
@@ -106,6 +108,8 @@ class JudgeStats:
                 "max_per_pair": max(self.pairs.values(), default=0),
                 "faults": dict(self.faults),
                 "by_path": dict(self.by_path),
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
             }
             if pairs:
                 out["pairs"] = [{"prompt": p, "response": r, "count": c} for (p, r), c in self.pairs.items()]
@@ -113,7 +117,7 @@ class JudgeStats:
 
     def reset(self) -> None:
         with self.lock:
-            self.requests = self.items = 0
+            self.requests = self.items = self.max_in_flight = 0
             self.pairs.clear()
             self.faults.clear()
             self.by_path.clear()
@@ -208,9 +212,24 @@ def create_app(
         shape: Callable[[list[Any]], Any],
     ) -> Response:
         fault = pick_fault(stats.record(path, prompts, responses))
-        if fault:
-            with stats.lock:
+        with stats.lock:
+            stats.in_flight += 1
+            stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+            if fault:
                 stats.faults[fault] += 1
+        try:
+            return await answer(fault, prompts, responses, labels, shape)
+        finally:
+            with stats.lock:
+                stats.in_flight -= 1
+
+    async def answer(
+        fault: str | None,
+        prompts: list[str],
+        responses: list[str],
+        labels: list[str | None],
+        shape: Callable[[list[Any]], Any],
+    ) -> Response:
         if settings.latency_ms:
             await asyncio.sleep(settings.latency_ms / 1000)
         if fault == "timeout":
@@ -227,9 +246,10 @@ def create_app(
             return Response(b'{"scores": [1.0, ', media_type="application/json")
         try:
             if scorer_in_thread:
-                values: list[Any] = list(await run_in_threadpool(scorer, prompts, responses, labels))
+                raw = await run_in_threadpool(scorer, prompts, responses, labels)
             else:
-                values = list(scorer(prompts, responses, labels))
+                raw = scorer(prompts, responses, labels)
+            values: list[Any] = [float(v) for v in raw]  # numpy / torch scalars are not JSON
         except Exception as e:  # the scorer is user code; report, do not crash the server
             return Response(f"scorer raised {type(e).__name__}: {e}", status_code=500)
         if fault == "wrong_count":

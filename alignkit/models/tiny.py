@@ -6,6 +6,11 @@ Hugging Face directory and loaded back with ``AutoModelForCausalLM`` like a user
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -17,6 +22,9 @@ PAD, EOS, IM_START = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
 SPECIAL_TOKENS = [PAD, IM_START, EOS, "<think>", "</think>"]
 
 # ChatML, as Qwen2 uses it; no default system prompt so tests see exactly what they pass.
+# Bump when the build changes, so cached tiny models are rebuilt.
+_VERSION = "1"
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -65,9 +73,22 @@ def build_tiny(
     vocab_size: int = 512,
     tie_word_embeddings: bool = True,
     seed: int = 0,
+    pretrain_steps: int = 300,
 ) -> Path:
-    """Build, save and return the path of a tiny model directory (config, weights, tokenizer)."""
+    """Build, save and return the path of a tiny model directory (config, weights, tokenizer).
+
+    ``pretrain_steps`` of next-token training on the shipped corpus (a few seconds on CPU) make
+    it a small but real language model that speaks ChatML, so LoRA fine-tuning and PPO on it
+    behave like they do on a real base rather than on random weights.
+    """
     out = Path(out_dir)
+    settings = dict(arch=arch, hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
+                    num_heads=num_heads, num_kv_heads=num_kv_heads, vocab_size=vocab_size,
+                    tie_word_embeddings=tie_word_embeddings, seed=seed, pretrain_steps=pretrain_steps)
+    cached = _cache_path(settings)
+    if cached is not None and (cached / "config.json").is_file():
+        shutil.copytree(cached, out, dirs_exist_ok=True)
+        return out
     tokenizer = build_tokenizer(vocab_size)
     cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}.get(arch)
     if cls is None:
@@ -87,8 +108,76 @@ def build_tiny(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if pretrain_steps > 0:
+        pretrain(model, tokenizer, pretrain_steps)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if cached is not None:
+        _store(out, cached)
     return out
+
+
+def _cache_path(settings: dict) -> Path | None:
+    """Where a built model with these settings is kept (the build is deterministic, so a
+    cached copy is identical); ``ALIGNKIT_TINY_CACHE=off`` disables the cache."""
+    root = os.environ.get("ALIGNKIT_TINY_CACHE", str(Path.home() / ".cache" / "alignkit" / "tiny"))
+    if root == "off":
+        return None
+    corpus = resources.files("alignkit").joinpath("assets/tiny_corpus.txt").read_bytes()
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + corpus + _VERSION.encode()).hexdigest()[:16]
+    return Path(root) / key
+
+
+def _store(built: Path, cached: Path) -> None:
+    """Copy into the cache through a temporary directory and an atomic rename."""
+    tmp = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent))
+        shutil.copytree(built, tmp, dirs_exist_ok=True)
+        tmp.rename(cached)
+    except OSError:  # another process stored it first, or the cache is not writable
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pretraining_text() -> list[str]:
+    """Corpus lines; question lines ("Q? A.") also as ChatML turns so the model learns the format."""
+    texts = []
+    for line in corpus_lines():
+        texts.append(line + EOS)
+        if "? " in line:
+            q, a = line.split("? ", 1)
+            texts.append(f"{IM_START}user\n{q}?{EOS}\n{IM_START}assistant\n{a}{EOS}\n")
+    return texts
+
+
+def pretrain(model, tokenizer, steps: int, seq_len: int = 64, batch_size: int = 16, lr: float = 3e-3) -> None:
+    """Plain causal-LM training on the packed corpus; deterministic given the global seed."""
+    ids = [t for text in pretraining_text() for t in tokenizer(text)["input_ids"]]
+    data = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)  # (N, L)
+    # One intra-op thread: for a model this small, OpenMP threads cost more than they give, and
+    # on a busy 2-core machine two spinning threads were 10x slower per step than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _pretrain_loop(model, data, steps, batch_size, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain_loop(model, data: torch.Tensor, steps: int, batch_size: int, lr: float) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    model.train()
+    for _ in range(steps):
+        batch = data[torch.randint(len(data), (batch_size,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()

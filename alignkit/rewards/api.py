@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import random
 import re
 import threading
@@ -19,36 +18,29 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from alignkit.rewards.base import Score, ScoreMeta
 from alignkit.rewards.cache import ScoreCache, cache_key, identity_of
+from alignkit.rewards.headers import redact_headers, resolve_headers, scrub
+from alignkit.rewards.pool import BodyTooLarge, HttpPool, HttpReply, TransportError, retry_after_seconds
 from alignkit.rewards.presets import (
     DEFAULT_RUBRIC,
-    AlignkitPreset,
     Condition,
-    CustomPreset,
     Item,
-    LlamaFactoryPreset,
-    OpenAIJudgePreset,
-    OpenRLHFPreset,
-    Preset,
     ReplyError,
+    make_preset,
     parse_path,
+    shape_settings,
 )
 from alignkit.rewards.text import DEFAULT_THINK_TAGS, ThinkFilter
 
 logger = logging.getLogger(__name__)
 
-_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_SENSITIVE_HEADER = re.compile(r"auth|token|key|secret|cookie|password|signature", re.IGNORECASE)
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _HEALTH_ITEM: Item = ("What is 2 + 2?", "4", "4")
-REDACTED = "***"
 
 
 class RewardApiError(RuntimeError):
@@ -180,45 +172,6 @@ class RewardApiConfig(BaseModel):
             yield name, redact_headers(value) if name == "headers" else value
 
 
-def redact_headers(headers: dict[str, str]) -> dict[str, str]:
-    """``${ENV}`` templates are shown as written; other values of secret-looking headers are masked."""
-    return {
-        k: v if _ENV_VAR.search(v) or not _SENSITIVE_HEADER.search(k) else REDACTED
-        for k, v in headers.items()
-    }
-
-
-def resolve_headers(headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """Substitute ``${ENV_VAR}``; return the headers and the secret strings to scrub from any text."""
-    resolved: dict[str, str] = {}
-    secrets: list[str] = []
-    for name, template in headers.items():
-        for var in _ENV_VAR.findall(template):
-            if var not in os.environ:
-                raise RewardApiError(
-                    f"reward_api.headers.{name} uses ${{{var}}} but the environment variable {var} is not set"
-                )
-            if os.environ[var]:
-                secrets.append(os.environ[var])
-        resolved[name] = _ENV_VAR.sub(lambda m: os.environ[m.group(1)], template)
-        if _SENSITIVE_HEADER.search(name) and not _ENV_VAR.search(template):
-            logger.warning("reward_api.headers.%s holds a literal value; prefer ${ENV_VAR}", name)
-            secrets.append(template)
-    return resolved, sorted(secrets, key=len, reverse=True)
-
-
-def make_preset(cfg: RewardApiConfig) -> Preset:
-    if cfg.preset == "alignkit":
-        return AlignkitPreset()
-    if cfg.preset == "llamafactory":
-        return LlamaFactoryPreset(cfg.model or "model")
-    if cfg.preset == "openrlhf":
-        return OpenRLHFPreset()
-    if cfg.preset == "openai_judge":
-        return OpenAIJudgePreset(cfg.model or "", cfg.rubric, cfg.score_regex)
-    return CustomPreset(cfg.payload or {}, cfg.batch_field, cfg.response_path, cfg.success_condition)
-
-
 @dataclass
 class _Fail(Exception):
     """One failed attempt: every item of the request gets ``reason`` if it is the last one."""
@@ -234,18 +187,11 @@ class _Fail(Exception):
 
 
 @dataclass
-class _Reply:
-    status: int
-    headers: httpx.Headers
-    content: bytes
-
-
-@dataclass
 class _LoopState:
-    """httpx pools and asyncio primitives belong to one event loop; rebuilt if the loop changes."""
+    """Connections and asyncio primitives belong to one event loop; rebuilt if the loop changes."""
 
     loop: asyncio.AbstractEventLoop
-    client: httpx.AsyncClient
+    pool: HttpPool
     slots: asyncio.Semaphore
 
 
@@ -260,8 +206,11 @@ class ApiReward:
         self.cfg = cfg
         self.url = cfg.url
         self.preset = make_preset(cfg)
-        self._headers, self._secrets = resolve_headers(cfg.headers)
-        self._headers.setdefault("Content-Type", "application/json")
+        HttpPool(cfg.url, {}, 0, 0)  # fails now, not mid-run, if the URL is not http(s)
+        try:
+            self._headers, self._secrets = resolve_headers(cfg.headers)
+        except KeyError as e:
+            raise RewardApiError(e.args[0]) from None
         self.think = (
             ThinkFilter(cfg.think_tags, cfg.think_truncated, cfg.think_truncated_score)
             if cfg.strip_think
@@ -269,7 +218,7 @@ class ApiReward:
         )
         self.identity = identity_of(
             {k: getattr(cfg, k) for k in ("preset", "url", "model", "score_range", "normalize")}
-            | {"shape": _shape_settings(cfg)}
+            | {"shape": shape_settings(cfg)}
         )
         self.cache = ScoreCache(cfg.cache) if cfg.cache else None
         self._state: _LoopState | None = None
@@ -296,19 +245,19 @@ class ApiReward:
         for i in range(n):
             if results[i] is None:
                 groups.setdefault(cache_key(self.identity, prompts[i], texts[i], labels[i]), []).append(i)
-        hits = self.cache.get_many(list(groups)) if self.cache else {}
+        hits = self.cache.get_many(list(groups)) if self.cache is not None else {}
         for key, value in hits.items():
             for i in groups[key]:
                 results[i] = Score(value, cached=True)
         todo = [key for key in groups if key not in hits]
         bs = self.cfg.batch_size
         batches = [todo[j : j + bs] for j in range(0, len(todo), bs)]
-        outcomes = await asyncio.gather(
-            *(
-                self._score_batch([self._item(groups[k][0], prompts, texts, labels) for k in b])
-                for b in batches
-            )
-        )
+
+        def item(key: str) -> Item:
+            i = groups[key][0]
+            return (prompts[i], texts[i], labels[i])
+
+        outcomes = await asyncio.gather(*(self._score_batch([item(k) for k in b]) for b in batches))
         fresh: list[tuple[str, float]] = []
         for keys, scores in zip(batches, outcomes, strict=True):
             for key, s in zip(keys, scores, strict=True):
@@ -316,16 +265,16 @@ class ApiReward:
                     results[i] = s
                 if s.ok:
                     fresh.append((key, s.value))
-        if self.cache:
+        if self.cache is not None:
             self.cache.put_many(fresh)
-        self._record(results, n_hits=sum(len(groups[k]) for k in hits), n_unique=len(todo))
+        self._record(results, n_hits=sum(len(groups[k]) for k in hits))
         return results
 
     async def aclose(self) -> None:
         if self._state is not None and self._state.loop is asyncio.get_running_loop():
-            await self._state.client.aclose()
+            await self._state.pool.aclose()
         self._state = None
-        if self.cache:
+        if self.cache is not None:
             self.cache.close()
             self.cache = None
 
@@ -355,7 +304,7 @@ class ApiReward:
         sent = f"POST {self.url}\n  headers: {redact_headers(self.cfg.headers)}\n  body: {_clip(body.decode(), 800)}"
         start = time.perf_counter()
         try:
-            reply = await self._exchange(self._loop_state().client, body)
+            reply = await self._exchange(self._loop_state().pool, body)
         except _Fail as f:
             raise self._health_error(f.reason, sent, "(no reply)") from None
         got = f"HTTP {reply.status}\n  body: {_clip(reply.content.decode(errors='replace'), 800)}"
@@ -388,14 +337,16 @@ class ApiReward:
                 await self._wait_rate_slot()
                 self._count("requests")
                 try:
-                    outcome = self._interpret(await self._exchange(state.client, body), len(items))
+                    outcome = self._interpret(await self._exchange(state.pool, body), len(items))
                 except _Fail as f:
                     outcome = f
             if not isinstance(outcome, _Fail):
                 latency = time.perf_counter() - start
                 with self._lock:
                     self._latencies.append(latency)
-                return [Score(s.value, s.reason, latency_s=latency) for s in outcome]
+                return [
+                    Score(s.value, s.reason and self._redact(s.reason), latency_s=latency) for s in outcome
+                ]
             failure = outcome
             if not failure.retryable or attempt == self.cfg.max_retries:
                 break
@@ -404,34 +355,21 @@ class ApiReward:
         latency = time.perf_counter() - start
         return [Score.failure(self._redact(failure.reason), latency_s=latency)] * len(items)
 
-    async def _exchange(self, client: httpx.AsyncClient, body: bytes) -> _Reply:
+    async def _exchange(self, pool: HttpPool, body: bytes) -> HttpReply:
         try:
-            return await asyncio.wait_for(self._post(client, body), self.cfg.timeout_s)
-        except (asyncio.TimeoutError, httpx.TimeoutException):
+            return await asyncio.wait_for(pool.post(body), self.cfg.timeout_s)
+        except asyncio.TimeoutError:
             raise _Fail("timeout", f"no reply within {self.cfg.timeout_s:g} s", retryable=True) from None
-        except httpx.TransportError as e:
-            detail = f"{type(e).__name__} {e}".strip()
-            raise _Fail("connection error", f"{detail} ({self.url})", retryable=True) from None
+        except BodyTooLarge as e:
+            raise _Fail("oversize body", str(e)) from None
+        except TransportError as e:
+            raise _Fail("connection error", f"{e} ({self.url})", retryable=True) from None
 
-    async def _post(self, client: httpx.AsyncClient, body: bytes) -> _Reply:
-        limit = self.cfg.max_body_bytes
-        async with client.stream("POST", self.url, content=body) as r:
-            declared = r.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise _Fail("oversize body", f"reply declares {declared} bytes > max_body_bytes={limit}")
-            chunks, size = [], 0
-            async for chunk in r.aiter_bytes():
-                size += len(chunk)
-                if size > limit:  # stop reading: a runaway reply must not fill memory
-                    raise _Fail("oversize body", f"reply exceeds max_body_bytes={limit}")
-                chunks.append(chunk)
-            return _Reply(r.status_code, r.headers, b"".join(chunks))
-
-    def _interpret(self, reply: _Reply, n: int) -> list[Score] | _Fail:
+    def _interpret(self, reply: HttpReply, n: int) -> list[Score] | _Fail:
         """Turn a reply into ``n`` scores (each validated), or a failure of the whole request."""
         if reply.status >= 300:
             text = _clip(reply.content.decode(errors="replace"), 200)
-            retry_after = _retry_after(reply.headers.get("retry-after"))
+            retry_after = retry_after_seconds(reply.headers.get("retry-after"))
             kind = "auth failure" if reply.status in (401, 403) else f"HTTP {reply.status}"
             return _Fail(kind, text or "(empty body)", reply.status in _RETRY_STATUS, retry_after)
         try:
@@ -473,12 +411,8 @@ class ApiReward:
         loop = asyncio.get_running_loop()
         if self._state is None or self._state.loop is not loop:
             c = self.cfg.max_concurrency
-            client = httpx.AsyncClient(
-                headers=self._headers,
-                timeout=httpx.Timeout(self.cfg.timeout_s, pool=None),
-                limits=httpx.Limits(max_connections=c, max_keepalive_connections=c),
-            )
-            self._state = _LoopState(loop, client, asyncio.Semaphore(c))
+            pool = HttpPool(self.url, self._headers, c, self.cfg.max_body_bytes)
+            self._state = _LoopState(loop, pool, asyncio.Semaphore(c))
         return self._state
 
     async def _wait_rate_slot(self) -> None:
@@ -498,14 +432,11 @@ class ApiReward:
         delay = min(self.cfg.backoff_max_s, self.cfg.backoff * 2 ** (attempt - 1))
         return delay * (0.5 + random.random() / 2)
 
-    def _item(self, i: int, prompts: Sequence[str], texts: list[str], labels: list[str | None]) -> Item:
-        return (prompts[i], texts[i], labels[i])
-
-    def _count(self, name: str, k: int = 1) -> None:
+    def _count(self, name: str) -> None:
         with self._lock:
-            self._counts[name] += k
+            self._counts[name] += 1
 
-    def _record(self, results: list[Score | None], n_hits: int, n_unique: int) -> None:
+    def _record(self, results: list[Score | None], n_hits: int) -> None:
         failed = [s.reason or "" for s in results if s is not None and not s.ok]
         with self._lock:
             self._counts["failures"] += len(failed)
@@ -521,9 +452,7 @@ class ApiReward:
             )
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
-        return text
+        return scrub(text, self._secrets)
 
     def _health_error(self, problem: str, sent: str, got: str) -> RewardApiError:
         return RewardApiError(
@@ -567,28 +496,6 @@ def apply_failure_policy(
     values = [s.value if s.value is not None else 0.0 for s in scores]
     valid_mask = [s.ok or on_failure == "zero" for s in scores]
     return values, valid_mask, n_failed
-
-
-def _shape_settings(cfg: RewardApiConfig) -> dict[str, Any]:
-    if cfg.preset == "openai_judge":
-        return {"rubric": cfg.rubric, "score_regex": cfg.score_regex}
-    if cfg.preset == "custom":
-        return {k: getattr(cfg, k) for k in ("payload", "batch_field", "response_path", "success_condition")}
-    return {}
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def _is_number(v: Any) -> bool:

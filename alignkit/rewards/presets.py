@@ -290,3 +290,27 @@ class CustomPreset(Preset):
                 "wrong count", f"sent {n} items, {self.response_path!r} has {len(values)} values"
             )
         return values, {}
+
+
+def make_preset(cfg: Any) -> Preset:
+    """The preset named by ``cfg.preset`` (a ``RewardApiConfig``), configured from its keys."""
+    if cfg.preset == "alignkit":
+        return AlignkitPreset()
+    if cfg.preset == "llamafactory":
+        return LlamaFactoryPreset(cfg.model or "model")
+    if cfg.preset == "openrlhf":
+        return OpenRLHFPreset()
+    if cfg.preset == "openai_judge":
+        return OpenAIJudgePreset(cfg.model or "", cfg.rubric, cfg.score_regex)
+    if cfg.preset == "custom":
+        return CustomPreset(cfg.payload or {}, cfg.batch_field, cfg.response_path, cfg.success_condition)
+    raise ValueError(f"unknown reward_api.preset {cfg.preset!r}")
+
+
+def shape_settings(cfg: Any) -> dict[str, Any]:
+    """The preset keys that change what a score means (part of the cache key)."""
+    if cfg.preset == "openai_judge":
+        return {"rubric": cfg.rubric, "score_regex": cfg.score_regex}
+    if cfg.preset == "custom":
+        return {k: getattr(cfg, k) for k in ("payload", "batch_field", "response_path", "success_condition")}
+    return {}

@@ -40,7 +40,8 @@ from alignkit.models.actor_critic import ActorCritic, build_actor_critic
 from alignkit.models.loading import load_causal_lm, load_tokenizer, merge_adapters, model_dtype
 from alignkit.rewards.base import ScoreMeta
 from alignkit.rewards.factory import build_reward_source
-from alignkit.rewards.runner import BackgroundScorer, apply_failure_policy
+from alignkit.rewards.api import apply_failure_policy
+from alignkit.rewards.runner import BackgroundScorer
 from alignkit.train.checkpoint import load_state, resolve_resume, save_checkpoint, set_rng_state
 from alignkit.train.common import build_optimizer, global_batch_indices, setup_run, total_steps
 from alignkit.train.ppo_config import PPOConfig
@@ -105,10 +106,14 @@ def run(cfg: PPOConfig) -> Path:
     source = build_reward_source(cfg, ac)
     scorer = BackgroundScorer(source)
     if cfg.reward_model_type == "api" and (cfg.reward_api or {}).get("health_check", True):
-        scorer.submit_call(source.health_check()).result()
+        scorer.run(source.health_check())
     eos_ids = stop_token_ids(tokenizer, template, ac.lm)
     gen_cfg = generation_config(tokenizer, eos_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     skip_special = not (cfg.reward_api or {}).get("include_special_tokens", False)
+    # The judge's own failure policy when scoring over HTTP; the stage's for rules and models.
+    api = cfg.reward_api or {}
+    on_failure = api.get("on_failure", cfg.on_failure) if cfg.reward_model_type == "api" else cfg.on_failure
+    max_failure_rate = api.get("max_failure_rate", cfg.max_failure_rate) if cfg.reward_model_type == "api" else cfg.max_failure_rate
 
     # 2. Sizes: rollout batch = per_device x accum x buffer prompts per rank; mini-batch = per_device x accum.
     rollout_bs, mb, micro = cfg.rollout_batch_size, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
@@ -175,7 +180,7 @@ def run(cfg: PPOConfig) -> Path:
         t0 = time.perf_counter()
         scores = [s for f in futures for s in f.result()]
         t_wait = time.perf_counter() - t0
-        values, valid, n_failed = apply_failure_policy(scores, cfg.on_failure, cfg.max_failure_rate)
+        values, valid, n_failed = apply_failure_policy(scores, on_failure, max_failure_rate)
         b_valid = torch.tensor(valid, device=device, dtype=torch.float32)  # (B,)
         b_scores = torch.tensor(values, device=device, dtype=torch.float32)
 
@@ -221,6 +226,7 @@ def run(cfg: PPOConfig) -> Path:
         metrics = {k: accelerator.reduce(torch.as_tensor(v, device=device, dtype=torch.float32), "mean").item()
                    for k, v in local.items()}
         n_tokens = accelerator.reduce(b_resp_mask.sum(), "sum").item()
+        metrics.update(source.metrics())  # latency percentiles, cache hits (this rank's)
         metrics.update({
             "objective/kl_coef": kl_ctl.value,
             "ppo/learning_rate": scheduler.get_last_lr()[0],
@@ -229,7 +235,6 @@ def run(cfg: PPOConfig) -> Path:
             "time/step": time.perf_counter() - t_step,
         })
         metrics["perf/tokens_per_s"] = n_tokens / metrics["time/step"]
-        metrics.update(source.metrics())
         kl_ctl.update(metrics["objective/kl"], global_bs)
         done = step + 1
         bar.update(1)

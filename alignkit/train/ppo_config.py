@@ -21,9 +21,9 @@ class PPOConfig(StageConfig):
     reward_model_device: str | None = Field(None, description="Device for a full reward model (e.g. cuda:1).")
     reward_api: dict[str, Any] | None = Field(None, description="HTTP judge settings (docs/reward_api.md).")
     on_failure: Literal["skip", "zero", "fail"] = Field(
-        "skip", description="A failed score: skip (mask the sample out), zero, or fail (stop the run)."
+        "skip", description="Rule/model rewards: a failed score is skipped (masked out), zero, or fail (stop). API: reward_api.on_failure."
     )
-    max_failure_rate: float = Field(0.5, ge=0.0, le=1.0, description="Stop when a step's failure share exceeds this.")
+    max_failure_rate: float = Field(0.5, ge=0.0, le=1.0, description="Rule/model rewards: stop when a step's failure share exceeds this (API: reward_api.max_failure_rate).")
     # Rollout
     max_new_tokens: int = Field(128, ge=1, description="Response length limit in tokens.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; log-probs use the same one.")

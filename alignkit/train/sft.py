@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from alignkit.config import SFTConfig
 from alignkit.data.collators import SFTCollator
-from alignkit.data.encode import encode_supervised
+from alignkit.data.encode import IGNORE_INDEX as IGNORE
+from alignkit.data.encode import encode_supervised_examples
 from alignkit.data.loader import load_examples, split_train_val
 from alignkit.data.templates import get_template
 from alignkit.models.loading import count_parameters, load_for_training
@@ -32,17 +33,13 @@ from alignkit.train.common import (
 from alignkit.train.tracking import MetricLogger, plot_metrics
 
 logger = logging.getLogger(__name__)
-IGNORE = -100
 
 
 def tokenize(cfg: SFTConfig, tokenizer, examples) -> list[dict[str, list[int]]]:
     template = get_template(cfg.template, tokenizer)
-    feats = []
-    for ex in examples:
-        ids, labels = encode_supervised(tokenizer, template, ex, cfg.cutoff_len, cfg.default_system, cfg.enable_thinking)
-        if any(lab != IGNORE for lab in labels):
-            feats.append({"input_ids": ids, "labels": labels})
-    if not feats:
+    feats = encode_supervised_examples(tokenizer, template, examples, cfg.cutoff_len, cfg.default_system,
+                                       cfg.enable_thinking)
+    if examples and not feats:
         raise ValueError(f"dataset {cfg.dataset}: no example has a supervised token left after cutoff_len={cfg.cutoff_len}")
     return feats
 

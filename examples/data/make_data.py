@@ -13,7 +13,16 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-SUBJECTS = ["The cat", "The judge", "Our team", "A student", "The robot", "The model", "The teacher", "My friend"]
+SUBJECTS = [
+    "The cat",
+    "The judge",
+    "Our team",
+    "A student",
+    "The robot",
+    "The model",
+    "The teacher",
+    "My friend",
+]
 VERBS = ["checks", "improves", "answers", "explains", "shows", "reads", "learns", "writes", "helps", "likes"]
 OBJECTS = [
     "a short story",
@@ -39,7 +48,9 @@ QUESTIONS = [
 def sentence(rng: random.Random, good: bool) -> str:
     subject, verb, obj = rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)
     if good:
-        return f"{subject} {verb} {obj} in good time." if rng.random() < 0.5 else f"A good reply {verb} {obj}."
+        return (
+            f"{subject} {verb} {obj} in good time." if rng.random() < 0.5 else f"A good reply {verb} {obj}."
+        )
     return f"{subject} {verb} {obj} {rng.choice(PLAIN_ENDINGS)}."
 
 
@@ -78,18 +89,43 @@ def sharegpt_sft_rows() -> list[dict]:
         return {"from": role, "value": value}
 
     return [
-        {"conversations": [turn("human", "How are you?"), turn("gpt", "I am good, thank you."),
-                           turn("human", "Say something good."), turn("gpt", "This is good, very good.")]},
-        {"conversations": [turn("system", "You are a kind teacher."), turn("human", "Name a colour."),
-                           turn("gpt", "Blue. It is a good colour."), turn("human", "Give a number."),
-                           turn("gpt", "7. It is a good number.")]},
-        {"conversations": [turn("human", "What is two plus two?"), turn("gpt", "Four. Good question."),
-                           turn("human", "Count to five."), turn("gpt", "One, two, three, four, five.")],
-         "system": "You are a helpful robot."},
+        {
+            "conversations": [
+                turn("human", "How are you?"),
+                turn("gpt", "I am good, thank you."),
+                turn("human", "Say something good."),
+                turn("gpt", "This is good, very good."),
+            ]
+        },
+        {
+            "conversations": [
+                turn("system", "You are a kind teacher."),
+                turn("human", "Name a colour."),
+                turn("gpt", "Blue. It is a good colour."),
+                turn("human", "Give a number."),
+                turn("gpt", "7. It is a good number."),
+            ]
+        },
+        {
+            "conversations": [
+                turn("human", "What is two plus two?"),
+                turn("gpt", "Four. Good question."),
+                turn("human", "Count to five."),
+                turn("gpt", "One, two, three, four, five."),
+            ],
+            "system": "You are a helpful robot.",
+        },
         {"conversations": [turn("human", "What is the capital of France?"), turn("gpt", "Paris.")]},
-        {"conversations": [turn("human", "Write a greeting."), turn("gpt", "Hello, have a good day!"),
-                           turn("human", "Is this good?"), turn("gpt", "Yes, it is good."),
-                           turn("human", "What do you think?"), turn("gpt", "I think it is good.")]},
+        {
+            "conversations": [
+                turn("human", "Write a greeting."),
+                turn("gpt", "Hello, have a good day!"),
+                turn("human", "Is this good?"),
+                turn("gpt", "Yes, it is good."),
+                turn("human", "What do you think?"),
+                turn("gpt", "I think it is good."),
+            ]
+        },
     ]
 
 
@@ -97,18 +133,22 @@ def sharegpt_pref_rows(rng: random.Random, n: int) -> list[dict]:
     rows = []
     for _ in range(n):
         subject = rng.choice(SUBJECTS)
-        rows.append({
-            "conversations": [{"from": "human", "value": about(subject)}],
-            "chosen": {"from": "gpt", "value": sentence(rng, good=True)},
-            "rejected": {"from": "gpt", "value": sentence(rng, good=False)},
-        })
+        rows.append(
+            {
+                "conversations": [{"from": "human", "value": about(subject)}],
+                "chosen": {"from": "gpt", "value": sentence(rng, good=True)},
+                "rejected": {"from": "gpt", "value": sentence(rng, good=False)},
+            }
+        )
     return rows
 
 
 def prompt_rows(rng: random.Random, n: int) -> list[dict]:
     prompts = [q for q, _ in QUESTIONS] + [about(s) for s in SUBJECTS]
     prompts += [f"Write a sentence about {o}." for o in OBJECTS]
-    return [{"prompt": prompts[i % len(prompts)] if i < len(prompts) else rng.choice(prompts)} for i in range(n)]
+    return [
+        {"prompt": prompts[i % len(prompts)] if i < len(prompts) else rng.choice(prompts)} for i in range(n)
+    ]
 
 
 REGISTRY = {

@@ -1,0 +1,319 @@
+"""Health checks: small pure functions over a run's metric series, each returning a ``Check``.
+
+Every check looks at one symptom and says ``ok``, ``warn`` or ``fail`` with the numbers that led
+to it, or ``n/a`` when the metrics it needs were not logged (or the run is too short to judge a
+trend). Windows are over logged points in step order: "last third" is the last ceil(n/3) points,
+"first/last decile" the first/last max(1, n // 10).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from statistics import fmean, median
+
+from alignkit.report.data import Series, ratio_series
+
+OK, WARN, FAIL, NA = "ok", "warn", "fail", "n/a"
+SEVERITY = {NA: 0, OK: 0, WARN: 1, FAIL: 2}
+
+MIN_TREND_POINTS = 5  # fewer logged points than this: trend checks say n/a
+KL_BAND = (0.01, 0.05)  # nats per token; the usual rule of thumb for a policy that learns but stays close
+KL_FAIL = 0.2  # per-token KL this far above the band is runaway drift
+CLIPFRAC_WARN, CLIPFRAC_FAIL = 0.3, 0.5
+REWARD_RISE_MIN = 0.1  # last-minus-first decile, in units of the reward std: less is "flat"
+REWARD_DROP_FAIL = 0.5  # ending this many stds below the start is a collapse
+REWARD_PEAK_DROP = 1.0  # falling this many stds from the best decile is worth a look
+ENTROPY_FAIL_RATIO, ENTROPY_WARN_RATIO, ENTROPY_FLOOR = 0.1, 0.25, 0.01
+VALUE_LOSS_WARN, VALUE_LOSS_FAIL = 3.0, 10.0  # last-third median / first-third median, while growing
+LENGTH_MIN_TOKENS, LENGTH_MAX_FRAC, LENGTH_RATIO = 2.0, 0.95, 3.0
+FRAC_WARN, FRAC_FAIL = 0.2, 0.5  # no-EOS and truncated-thought fractions
+FAILURE_WARN, FAILURE_FAIL, FAILURE_WORST_STEP = 0.05, 0.2, 0.5
+LOSS_DIVERGE = 2.0  # SFT/RM: last-decile loss over first-decile loss
+RM_CHANCE, RM_OVERFIT_GAP = 0.55, 0.15
+# Metrics whose NaN/inf means the run is broken (explained variance or latency may be NaN legitimately).
+MUST_BE_FINITE = ("ppo/loss/", "train/loss", "eval/loss", "train/grad_norm", "env/reward_mean", "objective/kl")
+
+Metrics = dict[str, Series]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    verdict: str  # ok | warn | fail | n/a
+    detail: str
+
+
+def _vals(m: Metrics, key: str) -> list[float] | None:
+    s = m.get(key)
+    vals = s.finite() if s is not None else []
+    return vals or None
+
+
+def _last_third(v: list[float]) -> list[float]:
+    return v[-math.ceil(len(v) / 3):]
+
+
+def _first_third(v: list[float]) -> list[float]:
+    return v[: math.ceil(len(v) / 3)]
+
+
+def _decile(v: list[float]) -> int:
+    return max(1, len(v) // 10)
+
+
+def _missing(name: str, *keys: str) -> Check:
+    return Check(name, NA, f"not logged (or never finite): {', '.join(keys)}")
+
+
+def _too_short(name: str, n: int) -> Check:
+    return Check(name, NA, f"only {n} logged point(s); a trend needs {MIN_TREND_POINTS}")
+
+
+def _frac(v: list[float], pred: Callable[[float], bool]) -> float:
+    return sum(map(pred, v)) / len(v)
+
+
+def check_kl_band(m: Metrics, settings: dict[str, float]) -> Check:
+    name, (lo, hi) = "kl_band", KL_BAND
+    kl = _vals(m, "objective/kl_per_token")
+    if kl is None:
+        return _missing(name, "objective/kl", "rollout/response_len_mean")
+    if len(kl) < MIN_TREND_POINTS:  # step 1 has KL 0 by construction (policy == reference)
+        return _too_short(name, len(kl))
+    tail = _last_third(kl)
+    med, above, below = median(tail), _frac(tail, lambda x: x > hi), _frac(tail, lambda x: x < lo)
+    where = f"median {med:.3g} nats/token over the last third"
+    if above > 0.5:
+        return Check(name, FAIL if med > KL_FAIL else WARN,
+                     f"per-token KL above {hi} in {above:.0%} of the last third ({where}); the policy drifts "
+                     "from the reference: raise init_kl_coef, lower ppo_target or learning_rate")
+    if below > 0.5:
+        hint = ("negative KL means rollout sampling and log-probs disagree: check temperature/top_k/top_p"
+                if med < -lo / 2 else "the policy barely moves: lower init_kl_coef or raise learning_rate")
+        return Check(name, WARN, f"per-token KL below {lo} in {below:.0%} of the last third ({where}); {hint}")
+    return Check(name, OK, f"{where}, within {lo}-{hi}")
+
+
+def check_clipfrac(m: Metrics, settings: dict[str, float]) -> Check:
+    name = "clipfrac"
+    cf = _vals(m, "ppo/policy/clipfrac")
+    if cf is None:
+        return _missing(name, "ppo/policy/clipfrac")
+    med = median(_last_third(cf))
+    detail = f"median policy clip fraction {med:.3g} over the last third"
+    if med > CLIPFRAC_WARN:
+        return Check(name, FAIL if med > CLIPFRAC_FAIL else WARN,
+                     f"{detail} (> {CLIPFRAC_WARN}): updates are too large; lower learning_rate, ppo_epochs or cliprange")
+    return Check(name, OK, f"{detail} (<= {CLIPFRAC_WARN})")
+
+
+def check_reward_trend(m: Metrics, settings: dict[str, float]) -> Check:
+    name = "reward_trend"
+    r = _vals(m, "env/reward_mean")
+    if r is None:
+        return _missing(name, "env/reward_mean")
+    if len(r) < MIN_TREND_POINTS:
+        return _too_short(name, len(r))
+    k = _decile(r)
+    first, last = fmean(r[:k]), fmean(r[-k:])
+    peak = max(fmean(r[i:i + k]) for i in range(len(r) - k + 1))
+    # Scale by the within-batch spread of scores when logged: a rise is meaningful relative to it.
+    stds = [s for s in (_vals(m, "env/reward_std") or []) if s > 0]
+    scale = median(stds) if stds else (math.sqrt(fmean([(x - fmean(r)) ** 2 for x in r])) or 1.0)
+    rise, drop = (last - first) / scale, (peak - last) / scale
+    nums = f"first decile {first:.3g} -> last decile {last:.3g}, peak {peak:.3g}, std {scale:.3g}"
+    if rise < -REWARD_DROP_FAIL:
+        return Check(name, FAIL, f"reward collapsed ({rise:+.2f} std; {nums}); look for reward hacking, "
+                                 "truncated thoughts or failing scores around the drop")
+    if drop > REWARD_PEAK_DROP:
+        return Check(name, WARN, f"reward fell {drop:.2f} std from its peak ({nums})")
+    if rise < REWARD_RISE_MIN:
+        return Check(name, WARN, f"reward flat ({rise:+.2f} std, want > {REWARD_RISE_MIN}; {nums}); "
+                                 "check the reward signal, learning_rate and KL coefficient")
+    return Check(name, OK, f"reward rose {rise:+.2f} std ({nums})")
+
+
+def check_entropy(m: Metrics, settings: dict[str, float]) -> Check:
+    name = "entropy"
+    ent = _vals(m, "ppo/policy/entropy")
+    if ent is None:  # objective/entropy is summed over the response; make it per token
+        seq, length = m.get("objective/entropy"), m.get("rollout/response_len_mean")
+        if seq is None or length is None:
+            return _missing(name, "ppo/policy/entropy")
+        ent = ratio_series(seq, length).finite() or None
+        if ent is None:
+            return _missing(name, "ppo/policy/entropy")
+    if len(ent) < MIN_TREND_POINTS:
+        return _too_short(name, len(ent))
+    k = _decile(ent)
+    start, end = median(ent[:k]), median(ent[-k:])
+    if start <= 0:
+        return Check(name, NA, f"starting entropy {start:.3g} is not positive")
+    ratio = end / start
+    nums = f"per-token entropy {start:.3g} -> {end:.3g} nats ({ratio:.0%} of start)"
+    if ratio < ENTROPY_FAIL_RATIO or end < ENTROPY_FLOOR:
+        return Check(name, FAIL, f"entropy collapsed: {nums}; the policy became near-deterministic "
+                                 "(raise init_kl_coef, add ent_coef, lower learning_rate)")
+    if ratio < ENTROPY_WARN_RATIO:
+        return Check(name, WARN, f"entropy falling fast: {nums}")
+    return Check(name, OK, nums)
+
+
+def check_value_loss(m: Metrics, settings: dict[str, float]) -> Check:
+    name = "value_loss"
+    vl = _vals(m, "ppo/loss/value")
+    if vl is None:
+        return _missing(name, "ppo/loss/value")
+    if len(vl) < MIN_TREND_POINTS:
+        return _too_short(name, len(vl))
+    early, late = median(_first_third(vl)), median(_last_third(vl))
+    ratio = late / max(early, 1e-12)
+    growing = _slope(_last_third(vl)) > 0
+    nums = f"value loss median {early:.3g} (first third) -> {late:.3g} (last third), x{ratio:.2g}"
+    if ratio > VALUE_LOSS_WARN and growing:
+        return Check(name, FAIL if ratio > VALUE_LOSS_FAIL else WARN,
+                     f"value loss diverging: {nums} and still growing; lower learning_rate or "
+                     "cliprange_value, or enable ppo_score_norm")
+    return Check(name, OK, nums)
+
+
+def _slope(v: list[float]) -> float:
+    """Least-squares slope of ``v`` against its index."""
+    if len(v) < 2:
+        return 0.0
+    xm, ym = (len(v) - 1) / 2, fmean(v)
+    return sum((i - xm) * (y - ym) for i, y in enumerate(v)) / sum((i - xm) ** 2 for i in range(len(v)))
+
+
+def check_response_length(m: Metrics, settings: dict[str, float]) -> Check:
+    name = "response_length"
+    length = _vals(m, "rollout/response_len_mean")
+    if length is None:
+        return _missing(name, "rollout/response_len_mean")
+    late, max_new = median(_last_third(length)), settings.get("max_new_tokens")
+    nums = f"mean response length {late:.3g} tokens over the last third"
+    if late < LENGTH_MIN_TOKENS:
+        return Check(name, FAIL, f"responses collapsed to ~1 token ({nums}); the policy found a degenerate answer")
+    if max_new and late >= LENGTH_MAX_FRAC * max_new:
+        return Check(name, FAIL, f"responses hit the limit ({nums}, max_new_tokens {max_new:g}); "
+                                 "set missing_eos_penalty or raise max_new_tokens")
+    if len(length) >= MIN_TREND_POINTS:
+        start = median(length[:_decile(length)])
+        ratio = late / start if start > 0 else math.inf
+        if ratio > LENGTH_RATIO or ratio < 1 / LENGTH_RATIO:
+            verb = "grew" if ratio > 1 else "shrank"
+            return Check(name, WARN, f"responses {verb} x{ratio:.2g} ({start:.3g} -> {late:.3g} tokens); "
+                                     "check whether the reward favours length")
+        nums += f", x{ratio:.2g} of the start"
+    return Check(name, OK, nums)
+
+
+def _fraction_check(name: str, key: str, what: str, hint: str) -> Callable[[Metrics, dict[str, float]], Check]:
+    def check(m: Metrics, settings: dict[str, float]) -> Check:
+        v = _vals(m, key)
+        if v is None:
+            return _missing(name, key)
+        med = median(_last_third(v))
+        detail = f"median {what} {med:.0%} over the last third"
+        if med > FRAC_WARN:
+            return Check(name, FAIL if med > FRAC_FAIL else WARN, f"{detail} (> {FRAC_WARN:.0%}); {hint}")
+        return Check(name, OK, f"{detail} (<= {FRAC_WARN:.0%})")
+
+    check.__name__ = f"check_{name}"
+    return check
+
+
+check_no_eos = _fraction_check(
+    "no_eos", "rollout/no_eos_frac", "share of responses without EOS",
+    "responses run into max_new_tokens: raise it or set missing_eos_penalty")
+check_think_truncated = _fraction_check(
+    "think_truncated", "rollout/think_truncated_frac", "share of responses cut inside <think>",
+    "thoughts use up the token budget: raise max_new_tokens or turn thinking off")
+
+
+def check_reward_failures(m: Metrics, settings: dict[str, float]) -> Check:
+    name = "reward_failures"
+    rate = _vals(m, "reward/failure_rate")
+    if rate is None:
+        counts = _vals(m, "reward/failures")
+        if counts is None:
+            return _missing(name, "reward/failures")
+        if sum(counts) == 0:
+            return Check(name, OK, "no failed scores")
+        return Check(name, WARN, f"{sum(counts):.0f} failed scores; no config with the rollout batch size, so no rate")
+    mean_rate, worst = fmean(rate), max(rate)
+    nums = f"{mean_rate:.1%} of scores failed on average (worst step {worst:.0%})"
+    if mean_rate > FAILURE_WARN:
+        return Check(name, FAIL if mean_rate > FAILURE_FAIL else WARN,
+                     f"{nums}; check the judge's logs, timeout and rate limits (docs/reward_api.md)")
+    if worst > FAILURE_WORST_STEP:
+        return Check(name, WARN, f"{nums}; at least one step lost most of its scores")
+    return Check(name, OK, nums)
+
+
+def check_non_finite(m: Metrics, settings: dict[str, float]) -> Check:
+    name = "non_finite"
+    keys = sorted(k for k in m if k.startswith(MUST_BE_FINITE))
+    if not keys:
+        return _missing(name, "losses")
+    bad = []
+    for k in keys:
+        s = m[k]
+        first = next((step for step, v in zip(s.steps, s.values, strict=True) if not math.isfinite(v)), None)
+        if first is not None:
+            bad.append(f"{k} (first at step {first})")
+    if bad:
+        return Check(name, FAIL, "NaN/inf in " + ", ".join(bad) + "; lower learning_rate, check fp16 overflow")
+    return Check(name, OK, f"{len(keys)} loss/reward series all finite")
+
+
+def check_loss_trend(m: Metrics, settings: dict[str, float]) -> Check:
+    name = "loss_trend"
+    loss = _vals(m, "train/loss")
+    if loss is None:
+        return _missing(name, "train/loss")
+    if len(loss) < MIN_TREND_POINTS:
+        return _too_short(name, len(loss))
+    k = _decile(loss)
+    start, end = median(loss[:k]), median(loss[-k:])
+    nums = f"train/loss {start:.3g} (first decile) -> {end:.3g} (last decile)"
+    if end > LOSS_DIVERGE * start:
+        return Check(name, FAIL, f"loss diverging: {nums}; lower learning_rate or raise warmup")
+    if end > start:
+        return Check(name, WARN, f"loss not decreasing: {nums}")
+    return Check(name, OK, nums)
+
+
+def check_rm_accuracy(m: Metrics, settings: dict[str, float]) -> Check:
+    name = "rm_accuracy"
+    ev, tr = _vals(m, "eval/accuracy"), _vals(m, "train/accuracy")
+    if ev is None and tr is None:
+        return _missing(name, "eval/accuracy", "train/accuracy")
+    acc, which = (ev[-1], "final eval") if ev else (median(_last_third(tr)), "train (last third)")
+    nums = f"{which} accuracy {acc:.1%}"
+    if acc <= RM_CHANCE:
+        return Check(name, FAIL, f"{nums}: no better than chance; check chosen/rejected order and the data")
+    if ev and tr and median(_last_third(tr)) - acc > RM_OVERFIT_GAP:
+        return Check(name, WARN, f"{nums} vs train {median(_last_third(tr)):.1%}: overfitting; "
+                                 "fewer epochs or more data")
+    return Check(name, OK, nums)
+
+
+STAGE_CHECKS: dict[str, list[Callable[[Metrics, dict[str, float]], Check]]] = {
+    "ppo": [check_kl_band, check_clipfrac, check_reward_trend, check_entropy, check_value_loss,
+            check_response_length, check_no_eos, check_think_truncated, check_reward_failures, check_non_finite],
+    "sft": [check_loss_trend, check_non_finite],
+    "rm": [check_loss_trend, check_rm_accuracy, check_non_finite],
+}
+
+
+def run_checks(metrics: Metrics, settings: dict[str, float], stage: str) -> list[Check]:
+    """The checks that apply to ``stage``, in report order. ``settings``: the run's numeric config keys."""
+    return [check(metrics, settings) for check in STAGE_CHECKS.get(stage, [check_non_finite])]
+
+
+def worst(checks: list[Check]) -> str:
+    """The run's overall verdict: the most severe of its checks (ok if none applied)."""
+    return max((c.verdict for c in checks if c.verdict != NA), key=SEVERITY.__getitem__, default=OK)

@@ -1,0 +1,228 @@
+"""``report.html`` (self-contained: inline CSS, PNGs as data URIs) plus the PNGs under ``report/``."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from statistics import median
+
+import yaml
+
+from alignkit.report import health
+from alignkit.report.data import Run, Series, load_run, rollout_batch_size
+from alignkit.report.health import NA, Check, run_checks, worst
+
+# Metric -> what the curve shows and what healthy looks like. Curves appear in this order.
+EXPLAIN: dict[str, str] = {
+    # PPO
+    "env/reward_mean": "Mean score of each rollout batch. Healthy: rises, then plateaus; a sudden drop is a collapse.",
+    "env/reward_std": "Spread of scores within a batch. Healthy: stays clearly above 0; near 0 the policy gets no signal.",
+    "objective/kl": "KL from the reference, summed over the response (nats). Healthy: grows slowly, then levels off.",
+    "objective/kl_per_token": "KL per response token (computed by the report). Healthy: inside the shaded 0.01-0.05 band.",
+    "objective/kl_coef": "Weight of the KL penalty. Adaptive: rises when KL is above ppo_target, falls below it.",
+    "ppo/loss/policy": "Clipped policy-gradient loss. Noisy around 0 is normal; no trend is expected.",
+    "ppo/loss/value": "Value-head (critic) loss. Healthy: falls early, then stays low; steady growth means divergence.",
+    "ppo/loss/total": "Policy loss + vf_coef x value loss (- entropy bonus). Follows whichever term dominates.",
+    "ppo/policy/approxkl": "How far one update moves the policy (per token). Healthy: small, about 0.001-0.05.",
+    "ppo/policy/clipfrac": "Share of tokens whose probability ratio hit the clip. Healthy: below ~0.2; above 0.3 steps are too big.",
+    "ppo/val/clipfrac": "Share of value predictions clipped. Healthy: low; high means returns move faster than the critic.",
+    "ppo/policy/entropy": "Per-token entropy of the policy (nats). Healthy: declines slowly; a fall to ~0 is collapse.",
+    "objective/entropy": "Entropy of the sampled responses, summed over tokens. Tracks response length and diversity.",
+    "ppo/returns/mean": "Mean GAE return the critic is trained towards. Should follow the reward.",
+    "ppo/val/mean": "Mean value prediction. Healthy: tracks the returns curve.",
+    "ppo/val/explained_variance": "How much of the returns' variance the critic explains. Healthy: rises towards 1; below 0 is worse than a constant.",
+    "ppo/mean_scores": "Mean score after normalisation/clipping, as used in the shaped reward.",
+    "ppo/mean_non_score_reward": "Mean KL penalty part of the shaped reward (negative). Grows in size with KL.",
+    "ppo/advantages_mean": "Mean advantage before whitening. Near 0 once the critic has learned.",
+    "ppo/learning_rate": "Learning rate schedule.",
+    "rollout/response_len_mean": "Mean response length (tokens). Healthy: stable or slowly changing; ~1 token or the max is a failure.",
+    "rollout/no_eos_frac": "Share of responses that ended without EOS (cut at max_new_tokens). Healthy: below 0.2.",
+    "rollout/think_truncated_frac": "Share of responses cut inside <think>, before any answer. Healthy: near 0.",
+    "reward/failures": "Scores that failed per step (timeouts, HTTP errors, unparsable replies). Healthy: 0.",
+    "reward/failure_rate": "Failed scores / rollout batch size. Healthy: below 0.05; above 0.2 the reward is unreliable.",
+    "reward/retries": "Judge requests retried per step. Occasional retries are fine; many mean an overloaded judge.",
+    "reward/cache_hits": "Scores served from the cache per step. High when the policy repeats itself.",
+    "reward/latency_p50": "Median judge latency per request (s). Healthy: flat; growth means the judge is saturated.",
+    "reward/latency_p95": "95th-percentile judge latency (s). Spikes here slow every step (see time/score_wait).",
+    "time/step": "Wall time of one step (s). Healthy: flat.",
+    "perf/tokens_per_s": "Response tokens generated and trained on per second. Healthy: flat.",
+    # SFT / RM
+    "train/loss": "Training loss. Healthy: falls quickly, then slowly; spikes or a rise mean the learning rate is too high.",
+    "eval/loss": "Held-out loss. Healthy: falls with train/loss; rising while train/loss falls is overfitting.",
+    "train/learning_rate": "Learning rate schedule (warmup, then decay).",
+    "train/grad_norm": "Gradient norm before clipping. Healthy: bounded; repeated spikes precede divergence.",
+    "train/accuracy": "Share of training pairs where chosen scores above rejected. Healthy: rises well above 0.5.",
+    "eval/accuracy": "Held-out pair accuracy. Healthy: well above 0.5 and close to train/accuracy.",
+    "eval/margin": "Mean score(chosen) - score(rejected) on held-out pairs. Healthy: positive and rising.",
+    "eval/chosen": "Mean score of chosen responses.",
+    "eval/rejected": "Mean score of rejected responses; should sit below eval/chosen.",
+}
+BANDS = {"objective/kl_per_token": health.KL_BAND}
+# Dashed lines at the thresholds the health checks use (a config key names a per-run limit).
+LIMITS: dict[str, list[float | str]] = {
+    "ppo/policy/clipfrac": [health.CLIPFRAC_WARN], "rollout/no_eos_frac": [health.FRAC_WARN],
+    "rollout/think_truncated_frac": [health.FRAC_WARN],
+    "reward/failure_rate": [health.FAILURE_WARN, health.FAILURE_FAIL],
+    "rollout/response_len_mean": ["max_new_tokens"],
+}
+TIMINGS = [  # metric, label, how to aggregate
+    ("time/step", "step", "median"), ("time/rollout", "rollout (generate + forward passes)", "median"),
+    ("time/generate", "generate (part of rollout)", "median"), ("time/score_wait", "waiting for scores", "median"),
+    ("time/update", "PPO update", "median"), ("perf/tokens_per_s", "tokens/s", "median"),
+    ("perf/peak_rss_mb", "peak RSS (MB)", "max"),
+]
+VERDICT_COLOURS = {"ok": "#1a7f37", "warn": "#9a6700", "fail": "#cf222e", "n/a": "#6e7781"}
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#1f2328}
+h1{font-size:1.5em}h2{margin-top:1.6em;border-bottom:1px solid #d0d7de;padding-bottom:4px}
+table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #eaeef2;text-align:left;vertical-align:top}
+.v{font-weight:600;color:#fff;border-radius:4px;padding:1px 8px;font-size:.85em;white-space:nowrap}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:14px}
+figure{margin:0;border:1px solid #d0d7de;border-radius:6px;padding:8px}figure img{width:100%}
+figcaption{font-size:.88em;color:#424a53}pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:.85em}
+.muted{color:#6e7781}
+"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html``, ``run_dir/report/*.png`` and ``report/health.json``; return the HTML path."""
+    return render(*report_health(run_dir))
+
+
+def report_health(run_dir: str | Path) -> tuple[Run, list[Check]]:
+    """The loaded run and its checks, without writing anything."""
+    run = load_run(run_dir)
+    return run, run_checks(run.metrics, run.settings, run.stage)
+
+
+def render(run: Run, checks: list[Check]) -> Path:
+    out = run.run_dir / "report"
+    out.mkdir(exist_ok=True)
+    figures = [(key, _plot(key, run.metrics[key], out, run.settings)) for key in _plotted(run)]
+    (out / "health.json").write_text(json.dumps(
+        {"verdict": worst(checks), "checks": [c.__dict__ for c in checks]}, indent=2))
+    path = run.run_dir / "report.html"
+    path.write_text(_html(run, checks, figures))
+    return path
+
+
+def _plotted(run: Run) -> list[str]:
+    return [k for k in EXPLAIN if k in run.metrics and run.metrics[k].finite()]
+
+
+def _plot(key: str, s: Series, out: Path, settings: dict[str, float]) -> bytes:
+    """Raw curve (faint) plus a trailing moving average over ~10% of the run; returns the PNG."""
+    from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global state
+
+    pts = [(x, y) for x, y in zip(s.steps, s.values, strict=True) if math.isfinite(y)]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    fig = Figure(figsize=(5.2, 2.9), dpi=80)
+    ax = fig.subplots()
+    if key in BANDS:
+        ax.axhspan(*BANDS[key], color="#2da44e", alpha=0.15, label="healthy band")
+    for limit in LIMITS.get(key, []):
+        y = settings.get(limit) if isinstance(limit, str) else limit
+        if y is not None:
+            ax.axhline(y, color="#cf222e", linestyle="--", linewidth=1, alpha=0.6,
+                       label=limit if isinstance(limit, str) else None)
+    smooth = len(ys) >= 10
+    ax.plot(xs, ys, color="#0969da", alpha=0.35 if smooth else 1.0, marker="o" if len(ys) < 10 else None,
+            markersize=3, label="raw")
+    if smooth:
+        w = max(2, len(ys) // 10)
+        ax.plot(xs, [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))],
+                color="#0969da", label=f"mean of {w}")
+    if smooth or key in BANDS or key == "rollout/response_len_mean":
+        ax.legend(fontsize=7, loc="best")
+    ax.set_title(key, fontsize=10)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.89, bottom=0.16)  # fixed: tight_layout costs a second draw
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    png = buf.getvalue()
+    (out / (key.replace("/", "_") + ".png")).write_bytes(png)
+    return png
+
+
+def timings(run: Run) -> list[tuple[str, str]]:
+    """(label, value) rows: medians of the per-step timings, throughput, memory, wall time."""
+    rows = []
+    step = run.metrics.get("time/step")
+    step_med = median(step.finite()) if step and step.finite() else None
+    for key, label, how in TIMINGS:
+        vals = run.metrics[key].finite() if key in run.metrics else []
+        if not vals:
+            continue
+        v = median(vals) if how == "median" else max(vals)
+        text = f"{v:.3g} s" if key.startswith("time/") else f"{v:,.0f}"
+        if key.startswith("time/") and key != "time/step" and step_med:
+            text += f" ({v / step_med:.0%} of a step)"
+        rows.append((f"{how} {label}", text))
+    if len(run.wall_times) >= 2:
+        rows.append(("wall time, first to last logged step", _duration(run.wall_times[-1] - run.wall_times[0])))
+    steps = sorted({st for s in run.metrics.values() for st in s.steps})
+    rows.append(("logged steps", f"{len(steps)} (last step {steps[-1]})" if steps else "0"))
+    batch = rollout_batch_size(run.settings) if run.stage == "ppo" else None
+    if batch:
+        rows.append(("rollout batch (prompts per step per rank)", str(batch)))
+    return rows
+
+
+def _duration(seconds: float) -> str:
+    h, rem = divmod(int(round(seconds)), 3600)
+    return f"{h}h {rem // 60:02d}m {rem % 60:02d}s" if h else f"{rem // 60}m {rem % 60:02d}s"
+
+
+def _badge(verdict: str) -> str:
+    return f'<span class="v" style="background:{VERDICT_COLOURS[verdict]}">{html.escape(verdict)}</span>'
+
+
+def _html(run: Run, checks: list[Check], figures: list[tuple[str, bytes]]) -> str:
+    e = html.escape
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    check_rows = "".join(f"<tr><td>{_badge(c.verdict)}</td><td>{e(c.name)}</td><td>{e(c.detail)}</td></tr>"
+                         for c in checks)
+    applied = [c for c in checks if c.verdict != NA]
+    timing_rows = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in timings(run))
+    figs = "".join(
+        f'<figure><img alt="{e(k)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{e(EXPLAIN[k])}{_non_finite_note(run.metrics[k])}</figcaption></figure>"
+        for k, png in figures)
+    config = (e(yaml.safe_dump(run.config, sort_keys=False)) if run.config
+              else "no alignkit_config.yaml in the run directory")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>alignkit report: {e(run.run_dir.name)}</title>
+<style>{CSS}</style></head><body>
+<h1>alignkit report: {e(run.run_dir.name)} {_badge(worst(checks))}</h1>
+<p class="muted">{e(str(run.run_dir))} &middot; stage {e(run.stage)} &middot; metrics from {e(run.source)}
+&middot; generated {now}</p>
+<h2>Health checks</h2>
+<p>{len(applied)} of {len(checks)} checks applied; {sum(c.verdict == "warn" for c in checks)} warn,
+{sum(c.verdict == "fail" for c in checks)} fail.</p>
+<table><tr><th>verdict</th><th>check</th><th>evidence</th></tr>{check_rows}</table>
+<h2>Timings</h2>
+<table>{timing_rows}</table>
+<h2>Curves</h2>
+<div class="grid">{figs or '<p class="muted">no metric with an explanation was logged</p>'}</div>
+<h2>Resolved config (secrets redacted)</h2>
+<pre>{config}</pre>
+</body></html>
+"""
+
+
+def _non_finite_note(s: Series) -> str:
+    n = sum(not math.isfinite(v) for v in s.values)
+    return f' <b>{n} NaN/inf value(s) not drawn.</b>' if n else ""
+
+
+def summary_lines(checks: list[Check]) -> list[str]:
+    """One line per check for the terminal."""
+    return [f"  {c.verdict:<5} {c.name:<16} {c.detail}" for c in checks]
+

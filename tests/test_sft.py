@@ -1,0 +1,137 @@
+"""SFT on the tiny real model: it learns, saves, reloads, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from alignkit.cli import main
+from alignkit.config import load_config
+from alignkit.train import sft
+from alignkit.train.checkpoint import list_checkpoints, save_checkpoint
+from alignkit.train.tracking import read_metrics
+
+MEMO = [
+    {"instruction": "Say the code word.", "input": "", "output": "The code word is good."},
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "What is two plus two?", "input": "", "output": "Four."},
+    {"instruction": "How are you?", "input": "", "output": "I am good, thank you."},
+]
+
+
+@pytest.fixture
+def memo_data(tmp_path):
+    path = tmp_path / "memo.json"
+    path.write_text(json.dumps(MEMO * 4))
+    return path
+
+
+def sft_config(model_dir, data, out, **kw):
+    args = dict(stage="sft", model_name_or_path=str(model_dir), dataset=str(data), template="chatml",
+                output_dir=str(out), per_device_train_batch_size=4, learning_rate=5e-3, max_steps=30,
+                logging_steps=1, save_steps=100, lora_rank=8, lora_target="all", report_to="tensorboard", seed=3)
+    args.update(kw)
+    return load_config(None, [f"{k}={v}" for k, v in args.items()])
+
+
+def test_sft_loss_drops_and_adapter_reloads(tiny_model_dir, memo_data, tmp_path):
+    out = sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "run", plot_loss="true", learning_rate=2e-2,
+                             max_steps=60, lr_scheduler_type="constant"))
+    losses = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert (out / "adapter_model.safetensors").is_file() and (out / "training_train_loss.png").is_file()
+    assert list((out / "runs").glob("events.out.tfevents.*")), "TensorBoard events missing"
+    assert "sk-" not in (out / "alignkit_config.yaml").read_text()
+
+    # Reload like a user: base + adapter from disk gives the same logits as the saved weights imply.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[1, 40, 41, 42, 2]])
+    before = base(ids).logits
+    model = PeftModel.from_pretrained(base, out).eval()
+    after = model(ids).logits
+    assert not torch.allclose(before, after), "adapter had no effect"
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()(ids).logits
+    torch.testing.assert_close(after, again)
+
+
+def test_resume_matches_uninterrupted_run(tiny_model_dir, memo_data, tmp_path, monkeypatch):
+    kw = dict(max_steps=6, save_steps=3, learning_rate=1e-3)
+    full = sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "full", **kw))
+
+    # Crash right after the step-3 checkpoint is written.
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(*args, **kwargs):
+        path = save_checkpoint(*args, **kwargs)
+        raise Crash(path)
+
+    monkeypatch.setattr(sft, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "cut", **kw))
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["checkpoint-3"]
+
+    resumed = sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "cut", resume_from_checkpoint="true", **kw))
+    a = load_file(str(full / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    steps = [r["step"] for r in read_metrics(resumed) if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the log reads as one run
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, 1, lambda d: (d / "w.bin").write_text("one"), {"x": 1})
+
+    def broken(d):
+        (d / "w.bin").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 2, broken, {"x": 2})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    assert (tmp_path / "checkpoint-1" / "w.bin").read_text() == "one"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint")]
+
+
+def test_full_finetune_and_cli(tiny_model_dir, memo_data, tmp_path):
+    out = tmp_path / "full"
+    rc = main(["train", str(_write_yaml(tmp_path, tiny_model_dir, memo_data, out)),
+               "finetuning_type=full", "max_steps=3", "learning_rate=1e-4"])
+    assert rc == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.architectures == ["Qwen2ForCausalLM"]
+
+
+def test_llamafactory_yaml_names_unsupported_keys(tiny_model_dir, memo_data, tmp_path, capsys):
+    lf = {
+        "model_name_or_path": str(tiny_model_dir), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_target": "all", "dataset": str(memo_data), "template": "qwen", "cutoff_len": 2048,
+        "max_samples": 1000, "overwrite_cache": True, "preprocessing_num_workers": 16,
+        "output_dir": str(tmp_path / "lf"), "logging_steps": 10, "save_steps": 500, "plot_loss": True,
+        "overwrite_output_dir": True, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8,
+        "learning_rate": 1.0e-4, "num_train_epochs": 3.0, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1,
+        "bf16": False, "ddp_timeout": 180000000, "quantization_bit": 4,
+    }
+    import yaml
+
+    path = tmp_path / "lf.yaml"
+    path.write_text(yaml.safe_dump(lf))
+    assert main(["train", str(path)]) == 1
+    assert "quantization_bit" in capsys.readouterr().err
+
+
+def _write_yaml(tmp_path, model_dir, data, out):
+    import yaml
+
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump({"stage": "sft", "model_name_or_path": str(model_dir), "dataset": str(data),
+                                    "template": "chatml", "output_dir": str(out), "per_device_train_batch_size": 4}))
+    return path
