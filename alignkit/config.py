@@ -154,6 +154,11 @@ class StageConfig(BaseModel):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
 
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # `eval_strategy: no` in a YAML file parses as False
+
     @model_validator(mode="after")
     def _check(self) -> StageConfig:
         if not self.do_train:
@@ -191,7 +196,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
+    # YAML 1.1 reads yes/no/on/off as booleans; on a command line they are words ("eval_strategy=no").
+    value = raw if raw.lower() in {"yes", "no", "on", "off", "y", "n"} else yaml.safe_load(raw) if raw != "" else None
     # YAML 1.1 reads "1e-4" as a string; users mean a number.
     if isinstance(value, str):
         try:

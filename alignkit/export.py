@@ -183,7 +183,7 @@ def build_spec(
     """
     if model is None:
         raise ConfigError("key 'model_name_or_path' (or 'run_dir') is required")
-    is_run = (Path(model) / RUN_CONFIG).is_file() and not adapters
+    is_run = not adapters and read_run_config(model) is not None
     spec = resolve_run(model) if is_run else ModelSpec(base=str(check_model_dir(model)), adapters=list(adapters or []))
     if not is_run and spec.adapters:
         _warn_missing_prior(spec.adapters)

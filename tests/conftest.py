@@ -15,3 +15,12 @@ EXAMPLES = ROOT / "examples"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    # Tiny models gain nothing from OpenMP threads, and on a busy 2-core runner two spinning
+    # threads per process made steps up to 10x slower (see alignkit.models.tiny.pretrain).
+    import torch
+
+    torch.set_num_threads(1)

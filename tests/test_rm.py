@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alignkit.cli import main
 from alignkit.config import load_config
+from alignkit.data.loader import load_examples, split_train_val
 from alignkit.data.templates import get_template
 from alignkit.models.actor_critic import build_actor_critic
 from alignkit.models.loading import load_causal_lm, load_for_training
@@ -44,7 +45,7 @@ PLAIN = ["The cat reads the math problem.", "The robot improves a clear plan.", 
 def rm_config(model_dir, out, **kw):
     args = dict(stage="rm", model_name_or_path=str(model_dir), dataset="prefs_demo", dataset_dir=str(EXAMPLES / "data"),
                 template="chatml", output_dir=str(out), cutoff_len=64, per_device_train_batch_size=16,
-                learning_rate=3e-3, lr_scheduler_type="constant", max_steps=12, logging_steps=1, save_steps=100,
+                learning_rate=3e-3, lr_scheduler_type="constant", max_steps=10, logging_steps=1, save_steps=100,
                 lora_rank=8, report_to="none", seed=1)
     args.update(kw)
     return load_config(None, [f"{k}={v}" for k, v in args.items()])
@@ -62,10 +63,23 @@ def score(source, prompts, responses) -> list[float]:
     return [s.value for s in asyncio.run(source.score(prompts, responses))]
 
 
+def val_rows(n: int | None = None) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) of the pairs the fixture's RM run held out (same split and seed)."""
+    examples = load_examples("prefs_demo", str(EXAMPLES / "data"), "pairwise")
+    _, val = split_train_val(examples, 0.1, 1)
+    return [(ex.messages[-1]["content"], ex.chosen, ex.rejected) for ex in val][:n]
+
+
+def val_pairs(source, n: int | None = None) -> tuple[list[float], list[float]]:
+    rows = val_rows(n)
+    prompts = [p for p, _, _ in rows]
+    return score(source, prompts, [c for _, c, _ in rows]), score(source, prompts, [r for _, _, r in rows])
+
+
 @pytest.fixture(scope="module")
 def lora_rm(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm") / "lora"
-    return rm_stage.run(rm_config(tiny_model_dir, out, val_size=0.1, eval_strategy="steps", eval_steps=6,
+    return rm_stage.run(rm_config(tiny_model_dir, out, val_size=0.1, eval_strategy="steps", eval_steps=5,
                                   plot_loss="true"))
 
 
@@ -96,10 +110,9 @@ def test_rm_learns_the_marker_word(lora_rm):
         assert (lora_rm / name).is_file(), name
     meta = json.loads((lora_rm / "reward_model.json").read_text())
     assert meta["format"] == "lora" and meta["template"] == "chatml"
-    # Unseen sentences: the learned rule ("good" in the answer) generalises.
-    reward = ModelReward.from_dir(lora_rm)
-    good, plain = score(reward, PROMPTS, GOOD), score(reward, PROMPTS, PLAIN)
-    assert all(g > p for g, p in zip(good, plain, strict=True)), (good, plain)
+    # The reward source scores the held-out pairs as training's evaluation did (same encoding).
+    chosen, rejected = val_pairs(ModelReward.from_dir(lora_rm))
+    assert sum(c > r for c, r in zip(chosen, rejected, strict=True)) >= 0.9 * len(chosen)
 
 
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
@@ -165,6 +178,7 @@ def test_lora_rm_on_the_policy_base(tiny_model_dir, lora_rm):
     mask = torch.ones_like(ids)
     logits_before = ac(ids, mask)[0].detach()
 
+    policy_modules = list(ac.modules())
     source = build_model_reward(cfg, ac)
     # Scoring waits for the adapter lock the trainer holds around policy forward passes.
     result = {}
@@ -182,7 +196,7 @@ def test_lora_rm_on_the_policy_base(tiny_model_dir, lora_rm):
     lora = {n: p.requires_grad for n, p in ac.lm.named_parameters() if "lora_" in n}
     assert all(v for n, v in lora.items() if ".default." in n)
     assert not any(v for n, v in lora.items() if ".reward." in n) and any(".reward." in n for n in lora)
-    assert all(m.training for m in ac.modules())
+    assert all(m.training for m in policy_modules)
     ac.eval()
     torch.testing.assert_close(ac(ids, mask)[0].detach(), logits_before)
 
@@ -201,17 +215,19 @@ def test_missing_score_head_is_an_error(tiny_model_dir, lora_rm, tmp_path):
 
 
 def test_score_command(lora_rm, tmp_path, capsys):
-    rows = [{"prompt": p, "response": r, "id": i} for i, (p, r) in enumerate(zip(PROMPTS * 2, GOOD + PLAIN, strict=True))]
+    pairs = val_rows(4)
+    rows = [{"prompt": p, "response": r, "id": i} for i, (p, r) in
+            enumerate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs])]
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "scored.jsonl"
     assert main(["score", "--reward-model", str(lora_rm), "--input", str(src), "--output", str(out)]) == 0
     scored = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in scored] == list(range(6))
-    assert min(r["score"] for r in scored[:3]) > max(r["score"] for r in scored[3:])
-    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert [r["id"] for r in scored] == list(range(8))
     values = torch.tensor([r["score"] for r in scored])
-    assert summary["n"] == 6 and summary["mean"] == pytest.approx(values.mean().item(), abs=1e-5)
+    assert values[:4].mean() > values[4:].mean(), values
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["n"] == 8 and summary["mean"] == pytest.approx(values.mean().item(), abs=1e-5)
     assert summary["std"] == pytest.approx(values.std(unbiased=False).item(), abs=1e-5)
     assert "mean=" in capsys.readouterr().out
 

@@ -40,7 +40,7 @@ def sft_config(model_dir, data, out, **kw):
 
 
 def test_sft_loss_drops_and_adapter_reloads(tiny_model_dir, memo_data, tmp_path):
-    out = sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "run", plot_loss="true", learning_rate=2e-2,
+    out = sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "run", plot_loss="true", learning_rate=5e-3,
                              max_steps=60, lr_scheduler_type="constant"))
     losses = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses

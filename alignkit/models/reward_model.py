@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from huggingface_hub import save_torch_state_dict
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -164,7 +165,7 @@ def _save_sequence_classifier(rm: RewardModel, out: Path, pad_token_id: int | No
         config.pad_token_id = pad_token_id
     config.save_pretrained(out)
     # The key layout of *ForSequenceClassification: "<base_model_prefix>.<backbone key>" + "score.weight".
-    prefix = AutoModelForSequenceClassification._model_mapping[type(config)].base_model_prefix
+    prefix = getattr(transformers, arch).base_model_prefix
     state = {f"{prefix}.{k}": v.detach().cpu() for k, v in backbone.state_dict().items()}
     state["score.weight"] = rm.score.weight.detach().cpu()
     save_torch_state_dict(state, out)

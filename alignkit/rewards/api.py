@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import re
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -357,6 +358,9 @@ class ApiReward:
 
     async def _exchange(self, pool: HttpPool, body: bytes) -> HttpReply:
         try:
+            if sys.version_info >= (3, 11):  # no extra task per request, unlike wait_for on 3.11
+                async with asyncio.timeout(self.cfg.timeout_s):
+                    return await pool.post(body)
             return await asyncio.wait_for(pool.post(body), self.cfg.timeout_s)
         except asyncio.TimeoutError:
             raise _Fail("timeout", f"no reply within {self.cfg.timeout_s:g} s", retryable=True) from None

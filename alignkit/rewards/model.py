@@ -161,7 +161,11 @@ def build_model_reward(cfg, policy_model=None) -> ModelReward:
     _check_same_base(cfg, path, meta)
     lm = policy_model.lm
     head = load_score_head(path, lm.config.get_text_config().hidden_size)
+    modes = [(m, m.training) for m in lm.modules()]
     lm.load_adapter(str(path), adapter_name=REWARD_ADAPTER)
+    # peft's load_adapter (inference mode) calls eval() on the whole model, policy included.
+    for m, mode in modes:
+        m.training = mode
     head.to(device=next(lm.parameters()).device)
     lock = getattr(policy_model, "adapter_lock", None)
     if lock is None:

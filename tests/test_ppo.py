@@ -1,0 +1,87 @@
+"""PPO on the tiny real model with a rule reward: it learns, resumes exactly, saves cleanly."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.config import load_config
+from alignkit.train import ppo, sft
+from alignkit.train.checkpoint import save_checkpoint
+from alignkit.train.tracking import read_metrics
+from tests.conftest import EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    cfg = load_config(EXAMPLES / "sft_tiny.yaml", [f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
+                                                  f"dataset_dir={EXAMPLES / 'data'}", "report_to=none",
+                                                  "plot_loss=false", "eval_strategy=no", "val_size=0"])
+    return sft.run(cfg)
+
+
+def ppo_config(model_dir, adapter, out, *overrides):
+    return load_config(EXAMPLES / "ppo_tiny.yaml", [
+        f"model_name_or_path={model_dir}", f"adapter_name_or_path={adapter}", f"output_dir={out}",
+        f"dataset_dir={EXAMPLES / 'data'}", "report_to=none", "plot_loss=false", *overrides])
+
+
+@pytest.mark.slow
+def test_ppo_learns_rule_reward(tiny_model_dir, sft_adapter, tmp_path):
+    out = ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "ppo", "max_steps=30", "seed=0"))
+    rows = read_metrics(out)
+    rewards = [r["env/reward_mean"] for r in rows]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last >= 2 * first, (first, last)
+    assert all(math.isfinite(r["objective/kl"]) for r in rows)
+    # The policy starts as the SFT model, which is also the reference: no KL at the first step.
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "value_head.safetensors").is_file()
+    assert not any("v_head" in k or "summary" in k for k in load_file(str(out / "adapter_model.safetensors")))
+
+
+def test_ppo_resume_reproduces_uninterrupted_run(tiny_model_dir, sft_adapter, tmp_path, monkeypatch):
+    args = ["max_steps=4", "save_steps=2", "max_new_tokens=12", "ppo_buffer_size=2", "ppo_epochs=2",
+            "ppo_score_norm=true", "adap_kl_ctrl=true"]
+    full = ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "full", *args))
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(*a, **kw):
+        save_checkpoint(*a, **kw)
+        raise Crash
+
+    monkeypatch.setattr(ppo, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", *args))
+    monkeypatch.undo()
+    resumed = ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", *args, "resume_from_checkpoint=true"))
+
+    keys = ["env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/total", "ppo/mean_scores"]
+    a = [{k: r[k] for k in keys} for r in read_metrics(full)]
+    b = [{k: r[k] for k in keys} for r in read_metrics(resumed)]
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (k, ra, rb)
+    wa, wb = load_file(str(full / "value_head.safetensors")), load_file(str(resumed / "value_head.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_failed_scores_are_masked_not_zeroed(tiny_model_dir, sft_adapter, tmp_path):
+    rule = tmp_path / "flaky.py"
+    # Fails on every response without the letter 'o'; the rest score 1.
+    rule.write_text("def score(prompt, response, label):\n    if 'o' not in response:\n"
+                    "        raise ValueError('no o')\n    return 1.0\n")
+    out = ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "flaky", "max_steps=2", "max_new_tokens=8",
+                             f"reward_model={rule}:score", "max_failure_rate=1.0"))
+    rows = read_metrics(out)
+    assert all(r["env/reward_mean"] == 1.0 for r in rows)  # failures did not drag the mean toward 0
+    assert sum(r["reward/failures"] for r in rows) > 0
