@@ -48,6 +48,15 @@ def judge(server):
     return server
 
 
+@pytest.fixture
+def fresh_judge():
+    """A server of its own, for tests that count requests in flight (the shared server may
+    still hold replies hung by an earlier test's injected timeouts)."""
+    srv = start_judge_server()
+    yield srv
+    srv.stop()
+
+
 def make(judge, preset: str = "alignkit", **kw) -> ApiReward:
     kw = {"timeout_s": 2.0, "max_retries": 0, "backoff": 0.01, **kw}
     if preset == "openai_judge":
@@ -213,7 +222,8 @@ def test_server_going_away_mid_run_fails_every_sample():
     assert reward.failure_summary() == {"connection error": 4}
 
 
-def test_concurrency_is_bounded_and_used(judge):
+def test_concurrency_is_bounded_and_used(fresh_judge):
+    judge = fresh_judge
     judge.settings.latency_ms = 50
     scores = score(make(judge, max_concurrency=4), PROMPTS * 3, [f"good {i}" for i in range(12)])
     assert all(s.value == 1.0 for s in scores)
@@ -437,7 +447,8 @@ def test_metrics_reset_on_read(judge):
     assert "reward/latency_p50" not in reward.metrics()
 
 
-def test_background_scorer_overlaps_with_main_thread(judge):
+def test_background_scorer_overlaps_with_main_thread(fresh_judge):
+    judge = fresh_judge
     judge.settings.latency_ms = 300
     reward = make(judge, max_concurrency=8)
     with BackgroundScorer(reward) as scorer:

@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alignkit.cli import main
 from alignkit.config import load_config
+from alignkit.data.collators import PairCollator
 from alignkit.data.loader import load_examples, split_train_val
 from alignkit.data.templates import get_template
 from alignkit.models.actor_critic import build_actor_critic
@@ -115,6 +116,21 @@ def test_rm_learns_the_marker_word(lora_rm):
     assert sum(c > r for c, r in zip(chosen, rejected, strict=True)) >= 0.9 * len(chosen)
 
 
+def test_pairs_in_both_shapes_with_margins(tiny_model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    sharegpt = rm_stage.tokenize(rm_config(tiny_model_dir, tmp_path, dataset="prefs_sharegpt"), tokenizer,
+                                 load_examples("prefs_sharegpt", str(EXAMPLES / "data"), "pairwise", 8))
+    assert len(sharegpt) == 8 and all(f["chosen_ids"][-1] == eot == f["rejected_ids"][-1] for f in sharegpt)
+    rows = [{"instruction": "Hi?", "chosen": "A good day.", "rejected": "No.", "margin": 2.0},
+            {"instruction": "Yo?", "chosen": "Good.", "rejected": "Bad."}]
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    cfg = rm_config(tiny_model_dir, tmp_path, dataset=str(tmp_path / "m.json"))
+    feats = rm_stage.tokenize(cfg, tokenizer, load_examples(cfg.dataset, None, "pairwise"))
+    batch = PairCollator(tokenizer.pad_token_id)(feats)
+    assert batch["margin"].tolist() == [2.0, 0.0]
+
+
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
 def test_saved_rm_reloads_with_identical_scores(tiny_model_dir, tmp_path, finetuning_type):
     cfg = rm_config(tiny_model_dir, tmp_path / "unused", finetuning_type=finetuning_type)
@@ -176,7 +192,7 @@ def test_lora_rm_on_the_policy_base(tiny_model_dir, lora_rm):
     ac.train()
     ids = torch.tensor([[5, 40, 41, 42, 2]])
     mask = torch.ones_like(ids)
-    logits_before = ac(ids, mask)[0].detach()
+    logits_before = ac.lm(input_ids=ids, attention_mask=mask).logits.detach()
 
     policy_modules = list(ac.modules())
     source = build_model_reward(cfg, ac)
@@ -198,7 +214,7 @@ def test_lora_rm_on_the_policy_base(tiny_model_dir, lora_rm):
     assert not any(v for n, v in lora.items() if ".reward." in n) and any(".reward." in n for n in lora)
     assert all(m.training for m in policy_modules)
     ac.eval()
-    torch.testing.assert_close(ac(ids, mask)[0].detach(), logits_before)
+    torch.testing.assert_close(ac.lm(input_ids=ids, attention_mask=mask).logits.detach(), logits_before)
 
 
 def test_missing_score_head_is_an_error(tiny_model_dir, lora_rm, tmp_path):

@@ -69,29 +69,40 @@ class ActorCritic(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("ref_lm.")]
 
-    def _lm_forward(self, input_ids, attention_mask, hidden: bool):
+    def _lm_forward(self, input_ids, attention_mask, hidden: bool, keep: int):
         return self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             output_hidden_states=hidden,
             use_cache=False,
+            logits_to_keep=keep,
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) tokens -> logits (B, T, V), values (B, T)."""
-        out = self._lm_forward(input_ids, attention_mask, hidden=not self.critic_adapter)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) tokens -> logits (B, R, V) and values (B, R) at the positions that predict the
+        response tokens ``input_ids[:, response_start:]`` (position t predicts token t+1).
+
+        The LM head runs only on those R positions (``logits_to_keep``), not on the prompt.
+        """
+        R = input_ids.shape[1] - response_start
+        out = self._lm_forward(input_ids, attention_mask, hidden=not self.critic_adapter, keep=R + 1)
+        logits = out.logits[:, :-1]
         if not self.critic_adapter:
-            return out.logits, self.v_head(out.hidden_states[-1])
-        with self._adapter(CRITIC):
-            hidden = self.lm.base_model.model.model(
-                input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-            ).last_hidden_state
-        return out.logits, self.v_head(hidden)
+            hidden = out.hidden_states[-1]
+        else:
+            with self._adapter(CRITIC):
+                hidden = self.lm.base_model.model.model(
+                    input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                ).last_hidden_state
+        return logits, self.v_head(hidden[:, response_start - 1 : -1])
 
     @torch.no_grad()
-    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int) -> torch.Tensor:
+        """The reference model's (B, R, V) logits at the positions that predict the response."""
         if self.ref_lm is not None:
             model, ctx = self.ref_lm, nullcontext()
         else:
@@ -100,7 +111,8 @@ class ActorCritic(nn.Module):
             return model(
                 input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-            ).logits
+                logits_to_keep=input_ids.shape[1] - response_start + 1,
+            ).logits[:, :-1]
 
     @contextmanager
     def _adapter(self, name: str):

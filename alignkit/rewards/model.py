@@ -162,11 +162,12 @@ def build_model_reward(cfg, policy_model=None) -> ModelReward:
     lm = policy_model.lm
     head = load_score_head(path, lm.config.get_text_config().hidden_size)
     modes = [(m, m.training) for m in lm.modules()]
-    lm.load_adapter(str(path), adapter_name=REWARD_ADAPTER)
+    device = next(lm.parameters()).device
+    lm.load_adapter(str(path), adapter_name=REWARD_ADAPTER, torch_device=str(device))
     # peft's load_adapter (inference mode) calls eval() on the whole model, policy included.
     for m, mode in modes:
         m.training = mode
-    head.to(device=next(lm.parameters()).device)
+    head.to(device)
     lock = getattr(policy_model, "adapter_lock", None)
     if lock is None:
         logger.warning("the policy model has no adapter_lock: lora reward scoring must not overlap policy forward passes")

@@ -5,43 +5,84 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import get_scheduler
 
 from alignkit.config import StageConfig, save_config
-from alignkit.train.checkpoint import list_checkpoints
+from alignkit.train.checkpoint import list_checkpoints, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
 
 def setup_run(cfg: StageConfig) -> tuple[Accelerator, Path]:
     """Accelerator, seeds (a different one per rank) and a checked output_dir with the resolved config."""
-    accelerator = Accelerator()
+    # Under torchrun on a machine without GPUs, Accelerator() would start one independent
+    # single-process run per rank (all writing one output_dir); cpu=True makes it use DDP over gloo.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=launched and not torch.accelerator.is_available())
+    if launched and accelerator.num_processes == 1:
+        raise RuntimeError("launched with WORLD_SIZE > 1, but accelerate set up a single process; "
+                           "use `accelerate launch` or `torchrun` with a supported backend")
     out = Path(cfg.output_dir)
-    resuming = cfg.resume_from_checkpoint not in (None, False)
-    if (
-        accelerator.is_main_process
-        and out.is_dir()
-        and any(out.iterdir())
-        and not (resuming or cfg.overwrite_output_dir)
-    ):
-        ckpts = list_checkpoints(out)
-        hint = " or resume_from_checkpoint=true" if ckpts else ""
-        raise FileExistsError(f"output_dir {out} is not empty; set overwrite_output_dir=true{hint}")
+    # Only rank 0 checks and writes output_dir; the others learn its verdict, so a refusal stops
+    # every rank instead of leaving them waiting in the first collective.
+    error = [None]
+    if accelerator.is_main_process:
+        error[0] = output_dir_error(cfg, out)
+        if error[0] is None:
+            save_config(cfg, out)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0] is not None:
+        raise FileExistsError(error[0])
     seed = cfg.seed + accelerator.process_index
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if accelerator.is_main_process:
-        save_config(cfg, out)
     return accelerator, out
+
+
+def output_dir_error(cfg: StageConfig, out: Path) -> str | None:
+    resuming = cfg.resume_from_checkpoint not in (None, False)
+    if out.is_dir() and any(out.iterdir()) and not (resuming or cfg.overwrite_output_dir):
+        hint = " or resume_from_checkpoint=true" if list_checkpoints(out) else ""
+        return f"output_dir {out} is not empty; set overwrite_output_dir=true{hint}"
+    return None
+
+
+def rank_rng_states(accelerator: Accelerator) -> list[dict]:
+    """Every rank's RNG state, in rank order (a collective: call it on all ranks)."""
+    state = rng_state()
+    return gather_object([state]) if accelerator.num_processes > 1 else [state]
+
+
+def restore_rng(accelerator: Accelerator, state: dict) -> None:
+    """Each rank resumes its own RNG stream when the checkpoint has one per rank (same world size)."""
+    per_rank = state.get("rng_per_rank") or []
+    set_rng_state(per_rank[accelerator.process_index] if len(per_rank) == accelerator.num_processes else state["rng"])
+
+
+def reduce_metrics(accelerator: Accelerator, metrics: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Mean over ranks of each metric, ignoring ranks where it is NaN/inf (one collective).
+
+    Every rank must pass the same keys, or the collectives would not line up."""
+    keys = sorted(metrics)
+    v = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).detach().cpu().reshape(()) for k in keys])
+    ok = torch.isfinite(v)
+    both = torch.stack([torch.where(ok, v, torch.zeros_like(v)), ok.float()]).to(accelerator.device)  # (2, K)
+    if accelerator.num_processes > 1:
+        both = accelerator.reduce(both, "sum")
+    mean = (both[0] / both[1]).where(both[1] > 0, torch.full_like(both[0], float("nan")))
+    return dict(zip(keys, mean.tolist(), strict=True))
 
 
 def total_steps(cfg: StageConfig, steps_per_epoch: int) -> int:

@@ -7,8 +7,10 @@ KL controller, checkpoint. The math lives in ``alignkit.algos``; this file only 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -38,19 +40,29 @@ from alignkit.data.loader import load_examples
 from alignkit.data.templates import get_template
 from alignkit.models.actor_critic import ActorCritic, build_actor_critic
 from alignkit.models.loading import load_causal_lm, load_tokenizer, merge_adapters, model_dtype
+from alignkit.rewards.api import apply_failure_policy
 from alignkit.rewards.base import ScoreMeta
 from alignkit.rewards.factory import build_reward_source
-from alignkit.rewards.api import apply_failure_policy
 from alignkit.rewards.runner import BackgroundScorer
-from alignkit.train.checkpoint import load_state, resolve_resume, save_checkpoint, set_rng_state
-from alignkit.train.common import build_optimizer, global_batch_indices, setup_run, total_steps
+from alignkit.train.checkpoint import load_state, resolve_resume, save_checkpoint
+from alignkit.train.common import (
+    build_optimizer,
+    global_batch_indices,
+    rank_rng_states,
+    reduce_metrics,
+    restore_rng,
+    setup_run,
+    total_steps,
+)
 from alignkit.train.ppo_config import PPOConfig
-from alignkit.train.rollout import decode_responses, generation_config, sample, stop_token_ids
+from alignkit.train.rollout import decode_responses, sample, stop_token_ids
 from alignkit.train.tracking import MetricLogger, plot_metrics
 
 logger = logging.getLogger(__name__)
 PLOTTED = ["env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/policy", "ppo/loss/value",
            "ppo/loss/total", "rollout/response_len_mean"]
+UPDATE_STATS = ("ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/approxkl", "ppo/policy/clipfrac",
+                "ppo/val/clipfrac", "ppo/policy/entropy", "ppo/val/explained_variance")
 
 
 def build_models(cfg: PPOConfig, tokenizer) -> ActorCritic:
@@ -75,15 +87,14 @@ def build_models(cfg: PPOConfig, tokenizer) -> ActorCritic:
 
 def response_stats(ac: ActorCritic, input_ids, attention_mask, q: int, temperature: float, kl_kind: str):
     """Old log-probs, values and reference log-probs of the response tokens, (B, R) each, and KL."""
-    logits, values = ac(input_ids, attention_mask)
-    logits = logits[:, q - 1 : -1]  # (B, R, V): position t predicts token t+1
+    logits, values = ac(input_ids, attention_mask, q)  # (B, R, V), (B, R)
     tokens = input_ids[:, q:]
-    ref_logits = ac.reference_logits(input_ids, attention_mask)[:, q - 1 : -1]
+    ref_logits = ac.reference_logits(input_ids, attention_mask, q)
     logp = logprobs_from_logits(logits, tokens, temperature)
     ref_logp = logprobs_from_logits(ref_logits, tokens, temperature)
     full = kl_kind == "full"
     kl = kl_penalty(logp, ref_logp, kl_kind, logits if full else None, ref_logits if full else None, temperature)
-    return logp, values[:, q - 1 : -1].float(), ref_logp, kl
+    return logp, values.float(), ref_logp, kl
 
 
 def pad_right(t: torch.Tensor, length: int, value: float = 0) -> torch.Tensor:
@@ -108,7 +119,6 @@ def run(cfg: PPOConfig) -> Path:
     if cfg.reward_model_type == "api" and (cfg.reward_api or {}).get("health_check", True):
         scorer.run(source.health_check())
     eos_ids = stop_token_ids(tokenizer, template, ac.lm)
-    gen_cfg = generation_config(tokenizer, eos_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     skip_special = not (cfg.reward_api or {}).get("include_special_tokens", False)
     # The judge's own failure policy when scoring over HTTP; the stage's for rules and models.
     api = cfg.reward_api or {}
@@ -140,7 +150,7 @@ def run(cfg: PPOConfig) -> Path:
         kl_ctl.load_state_dict(state["kl_ctl"])
         if moments is not None:
             moments.load_state_dict(state["moments"])
-        set_rng_state(state["rng"])
+        restore_rng(accelerator, state)
         start = state["step"]
         logger.info("resumed from %s at step %d", ckpt, start)
 
@@ -149,6 +159,9 @@ def run(cfg: PPOConfig) -> Path:
     for step in range(start, num_steps):
         t_step = time.perf_counter()
         idx = global_batch_indices(len(queries), step, global_bs, cfg.seed)[rank::world]
+        if debug_path := os.environ.get("ALIGNKIT_DEBUG_ROLLOUTS"):  # tests check each rank's share
+            with open(debug_path, "a") as f:
+                f.write(json.dumps({"step": step, "rank": rank, "indices": idx}) + "\n")
         q_ids, q_mask = pad_left([queries[i] for i in idx], tokenizer.pad_token_id)
         q_ids, q_mask = q_ids.to(device), q_mask.to(device)
         q = q_ids.shape[1]
@@ -159,7 +172,8 @@ def run(cfg: PPOConfig) -> Path:
         futures, chunks, t_gen = [], [], 0.0
         for c in range(0, rollout_bs, chunk):
             tg = time.perf_counter()
-            roll = sample(ac.lm, tokenizer, q_ids[c : c + chunk], q_mask[c : c + chunk], gen_cfg, eos_ids)
+            roll = sample(ac.lm, tokenizer, q_ids[c : c + chunk], q_mask[c : c + chunk], cfg.max_new_tokens,
+                          cfg.temperature, cfg.top_k, cfg.top_p, eos_ids)
             t_gen += time.perf_counter() - tg
             texts = decode_responses(tokenizer, roll, skip_special)
             ids = idx[c : c + chunk]
@@ -202,7 +216,7 @@ def run(cfg: PPOConfig) -> Path:
 
         # 7. PPO epochs over shuffled mini-batches, accumulating micro-batches per optimizer step.
         stats = update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, b_mask, b_logprobs,
-                       b_values, advantages, returns, q, mb, micro) if b_mask.sum() > 0 else {}
+                       b_values, advantages, returns, q, mb, micro) if accelerator.reduce(b_mask.sum(), "sum") > 0 else {}
         scheduler.step()
         t_update = time.perf_counter() - t_upd
 
@@ -223,8 +237,7 @@ def run(cfg: PPOConfig) -> Path:
             "rollout/no_eos_frac": b_no_eos.float().mean(),
             **stats,
         }
-        metrics = {k: accelerator.reduce(torch.as_tensor(v, device=device, dtype=torch.float32), "mean").item()
-                   for k, v in local.items()}
+        metrics = reduce_metrics(accelerator, local)
         n_tokens = accelerator.reduce(b_resp_mask.sum(), "sum").item()
         metrics.update(source.metrics())  # latency percentiles, cache hits (this rank's)
         metrics.update({
@@ -241,11 +254,14 @@ def run(cfg: PPOConfig) -> Path:
         bar.set_postfix(reward=f"{metrics['env/reward_mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if done % cfg.logging_steps == 0 or done == num_steps:
             tracker.log(done, metrics)
-        if done % cfg.save_steps == 0 and done < num_steps and accelerator.is_main_process:
-            save_checkpoint(out, done, lambda d: ac.save_policy(d), {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict() if moments else None,
-            }, cfg.save_total_limit)
+        if done % cfg.save_steps == 0 and done < num_steps:
+            rngs = rank_rng_states(accelerator)  # collective; each rank resumes its own sampling stream
+            if accelerator.is_main_process:
+                save_checkpoint(out, done, lambda d: ac.save_policy(d), {
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict() if moments else None,
+                    "rng_per_rank": rngs,
+                }, cfg.save_total_limit)
         accelerator.wait_for_everyone()
     bar.close()
 
@@ -278,12 +294,14 @@ def update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, 
             for m in range(0, len(mb_idx), micro):
                 i = mb_idx[m : m + micro]
                 mask = b_mask[i]
-                if mask.sum() == 0:
+                # Under DDP each backward all-reduces, so every rank runs the same number of them:
+                # an all-masked micro-batch (failed scores) still runs there, with a zero loss.
+                empty = bool(mask.sum() == 0)
+                if empty and accelerator.num_processes == 1:
                     continue
-                logits, vpred = model(b_input_ids[i], b_attn[i])
-                logits = logits[:, q - 1 : -1]
+                logits, vpred = model(b_input_ids[i], b_attn[i], q)
                 logp = logprobs_from_logits(logits, b_input_ids[i, q:], cfg.temperature)
-                vpred = vpred[:, q - 1 : -1].float()
+                vpred = vpred.float()
                 pg_loss, pg_stats = policy_loss(logp, b_logprobs[i], advantages[i], mask, cfg.cliprange)
                 vf_loss, vf_stats = value_loss(vpred, b_values[i], returns[i], mask, cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
@@ -292,10 +310,11 @@ def update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, 
                     loss = loss - cfg.ent_coef * masked_mean(entropy_from_logits(logits, cfg.temperature), mask)
                 # Micro-batch losses are token means; weight them by their share of the mini-batch.
                 accelerator.backward(loss * mask.sum() / mb_tokens)
-                for k, v in (("ppo/loss/policy", pg_loss), ("ppo/loss/value", vf_loss), ("ppo/loss/total", loss),
-                             ("ppo/policy/approxkl", pg_stats["approxkl"]), ("ppo/policy/clipfrac", pg_stats["clipfrac"]),
-                             ("ppo/val/clipfrac", vf_stats["clipfrac"]), ("ppo/policy/entropy", entropy),
-                             ("ppo/val/explained_variance", explained_variance(vpred.detach(), returns[i], mask))):
+                if empty:
+                    continue
+                for k, v in zip(UPDATE_STATS, (pg_loss, vf_loss, loss, pg_stats["approxkl"], pg_stats["clipfrac"],
+                                               vf_stats["clipfrac"], entropy,
+                                               explained_variance(vpred.detach(), returns[i], mask)), strict=True):
                     v = float(v)
                     if math.isfinite(v):
                         sums[k] = sums.get(k, 0.0) + v
@@ -304,6 +323,7 @@ def update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, 
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    stats = {k: v / max(n, 1) for k, v in sums.items()}
+    # The same keys on every rank (NaN where none was finite): metrics are reduced key by key.
+    stats = {k: sums[k] / max(n, 1) if k in sums else math.nan for k in UPDATE_STATS}
     stats["perf/peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return stats

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
 
 
 @dataclass
@@ -17,22 +16,6 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first EOS
     no_eos: torch.Tensor  # (B,) bool: the response hit max_new_tokens without EOS
     query_len: int  # Q
-
-
-def generation_config(tokenizer, eos_ids: list[int], max_new_tokens: int, temperature: float,
-                      top_k: int, top_p: float) -> GenerationConfig:
-    """An explicit config: a model's own generation_config (repetition penalty, top_k 20 ...)
-    would make the sampling distribution differ from the one we compute log-probs under."""
-    return GenerationConfig(
-        do_sample=True,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k if top_k > 0 else None,
-        top_p=top_p,
-        eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
 
 
 def first_eos_mask(response: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,16 +31,59 @@ def first_eos_mask(response: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Te
     return (before == 0).long(), ~has_eos
 
 
-@torch.no_grad()
-def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, gen_cfg: GenerationConfig,
-           eos_ids: list[int]) -> Rollout:
-    """One batched, left-padded ``generate`` over a chunk of queries."""
-    out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg)  # (B, Q+R')
-    q = query_ids.shape[1]
-    response = out[:, q:]
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering of (B, V) logits; removed entries become -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already cover top_p of the mass.
+        drop = probs.cumsum(-1) - probs > top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.inference_mode()
+def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
+           temperature: float, top_k: int, top_p: float, eos_ids: list[int]) -> Rollout:
+    """Batched sampling with a KV cache over a left-padded chunk of queries.
+
+    A plain loop over the model's forward instead of ``generate``: on small models the
+    per-token overhead of ``generate`` (processors, stopping criteria, cache plumbing) is
+    larger than the forward itself. Positions come from the attention mask's cumulative sum,
+    as in the training forward passes, so left padding does not shift them.
+    """
+    from transformers import DynamicCache
+
+    B, device = query_ids.shape[0], query_ids.device
+    eos = torch.tensor(eos_ids, device=device)
+    cache = DynamicCache()
+    attn = query_mask
+    position = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=query_ids, attention_mask=attn, position_ids=position, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    next_pos = position[:, -1:] + 1  # (B, 1)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        logits = filter_logits(out.logits[:, -1].float() / temperature, top_k, top_p)  # (B, V)
+        token = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)  # (B,)
+        token = torch.where(finished, torch.full_like(token, tokenizer.pad_token_id), token)
+        tokens.append(token)
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()) or len(tokens) == max_new_tokens:
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        out = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+                    use_cache=True)
+        next_pos = next_pos + 1
+    response = torch.stack(tokens, 1)  # (B, R)
     response_mask, no_eos = first_eos_mask(response, eos_ids)
     # Tokens after the first EOS are replaced by pad so no later computation can see them.
     response = torch.where(response_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+    q = query_ids.shape[1]
     return Rollout(
         input_ids=torch.cat([query_ids, response], 1),
         attention_mask=torch.cat([query_mask, response_mask], 1),
@@ -72,7 +98,7 @@ def decode_responses(tokenizer, rollout: Rollout, skip_special_tokens: bool = Tr
     resp = rollout.input_ids[:, rollout.query_len:]
     return [
         tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=skip_special_tokens)
-        for row, m in zip(resp, rollout.response_mask)
+        for row, m in zip(resp, rollout.response_mask, strict=True)
     ]
 
 

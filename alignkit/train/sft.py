@@ -21,11 +21,13 @@ from alignkit.data.encode import encode_supervised_examples
 from alignkit.data.loader import load_examples, split_train_val
 from alignkit.data.templates import get_template
 from alignkit.models.loading import count_parameters, load_for_training
-from alignkit.train.checkpoint import load_state, resolve_resume, save_checkpoint, set_rng_state
+from alignkit.train.checkpoint import load_state, resolve_resume, save_checkpoint
 from alignkit.train.common import (
     build_optimizer,
     global_batch_indices,
+    rank_rng_states,
     restore_model,
+    restore_rng,
     save_model,
     setup_run,
     total_steps,
@@ -96,7 +98,7 @@ def run(cfg: SFTConfig) -> Path:
         restore_model(accelerator.unwrap_model(model), ckpt)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        restore_rng(accelerator, state)
         start = state["step"]
         logger.info("resumed from %s at step %d", ckpt, start)
 
@@ -136,11 +138,14 @@ def run(cfg: SFTConfig) -> Path:
             tracker.log(done, metrics)
         if val and cfg.eval_strategy == "steps" and done % (cfg.eval_steps or cfg.save_steps) == 0:
             tracker.log(done, {"eval/loss": evaluate(model, val, collate, cfg.per_device_eval_batch_size, accelerator.device)})
-        if done % cfg.save_steps == 0 and done < num_steps and accelerator.is_main_process:
-            save_checkpoint(
-                out, done, lambda d: save_model(accelerator.unwrap_model(model), d, tokenizer),
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, cfg.save_total_limit,
-            )
+        if done % cfg.save_steps == 0 and done < num_steps:
+            rngs = rank_rng_states(accelerator)  # collective; each rank resumes its own dropout stream
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    out, done, lambda d: save_model(accelerator.unwrap_model(model), d, tokenizer),
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng_per_rank": rngs},
+                    cfg.save_total_limit,
+                )
         accelerator.wait_for_everyone()
     bar.close()
 

@@ -79,7 +79,7 @@ def plot_metrics(run_dir: str | Path, keys: list[str] | None = None, out_name: s
         if not pts:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        xs, ys = zip(*pts)
+        xs, ys = zip(*pts, strict=False)
         ax.plot(xs, ys, alpha=0.4 if len(pts) > 20 else 1.0, label="raw")
         if len(pts) > 20:
             w = max(2, len(pts) // 10)

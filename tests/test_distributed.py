@@ -1,0 +1,157 @@
+"""Data-parallel training: two CPU processes under ``torchrun`` (DDP over gloo), checked against
+what a single process does and what the judge server saw."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.config import load_config
+from alignkit.judge.server import start_judge_server
+from alignkit.train import sft
+from alignkit.train.common import global_batch_indices
+from alignkit.train.tracking import read_metrics
+from tests.conftest import EXAMPLES, ROOT
+
+pytestmark = pytest.mark.slow
+WORLD = 2
+N_PROMPTS = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config: Path, overrides: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> None:
+    """``torchrun --nproc_per_node 2 -m alignkit.cli train CONFIG ...`` on CPU, one thread per rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "alignkit.cli", "train", str(config), *overrides]
+    # Tiny models on a shared 2-core runner: more than one intra-op thread per rank is 10x slower.
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def sft_overrides(model_dir, out, *extra) -> list[str]:
+    return [f"model_name_or_path={model_dir}", f"output_dir={out}", f"dataset_dir={EXAMPLES / 'data'}",
+            "report_to=none", "plot_loss=false", "eval_strategy=no", "val_size=0", "seed=3", "max_steps=3",
+            "learning_rate=1e-2", "lr_scheduler_type=constant", "warmup_ratio=0", "lora_dropout=0", *extra]
+
+
+def test_sft_ddp_matches_one_process_and_resumes(tiny_model_dir, tmp_path):
+    # One process with batch 4 and two ranks with batch 2 each train on the same global batches.
+    single = sft.run(load_config(EXAMPLES / "sft_tiny.yaml", sft_overrides(
+        tiny_model_dir, tmp_path / "single", "per_device_train_batch_size=4")))
+    ddp = tmp_path / "ddp"
+    launch(EXAMPLES / "sft_tiny.yaml", sft_overrides(tiny_model_dir, ddp, "per_device_train_batch_size=2",
+                                                     "save_steps=2"))
+
+    a, b = load_file(str(single / "adapter_model.safetensors")), load_file(str(ddp / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    base = load_file(str(ddp / "checkpoint-2" / "adapter_model.safetensors"))
+    assert any(not torch.equal(base[k], b[k]) for k in b)  # the last step did change the weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    # Only rank 0 logged: one line per step, the global batch's loss, as in the single run.
+    rows, ref = read_metrics(ddp), read_metrics(single)
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == [3]
+    assert rows[0]["train/loss"] == pytest.approx(ref[0]["train/loss"], rel=1e-4)
+
+    # Resume the finished run from checkpoint-2 with the same two ranks: step 3 again, same result.
+    launch(EXAMPLES / "sft_tiny.yaml", sft_overrides(tiny_model_dir, ddp, "per_device_train_batch_size=2",
+                                                     "save_steps=2", "resume_from_checkpoint=true"))
+    c = load_file(str(ddp / "adapter_model.safetensors"))
+    for k in b:
+        torch.testing.assert_close(c[k], b[k], atol=1e-6, rtol=1e-5)
+    assert [r["step"] for r in read_metrics(ddp)] == [3]
+
+
+@pytest.fixture(scope="module")
+def prompts_dir(tmp_path_factory) -> Path:
+    """Distinct prompt texts, so a (prompt, response) pair names one sample of the run."""
+    d = tmp_path_factory.mktemp("prompts")
+    topics = ["rain", "tea", "maps", "owls", "jazz", "bread", "snow", "glass", "kites", "moss", "ink", "salt",
+              "bees", "clay", "wool", "dunes"]
+    rows = [{"prompt": f"Say something good about {t}."} for t in topics[:N_PROMPTS]]
+    (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "dataset_info.json").write_text(json.dumps({"p": {"file_name": "prompts.jsonl",
+                                                           "columns": {"prompt": "prompt"}}}))
+    return d
+
+
+def ppo_overrides(model_dir, data_dir, out, *extra) -> list[str]:
+    # Per rank: rollout batch 2 (per_device 2 x buffer 1); globally 4 prompts a step.
+    return [f"model_name_or_path={model_dir}", "adapter_name_or_path=null", f"output_dir={out}",
+            f"dataset_dir={data_dir}", "dataset=p", "report_to=none", "plot_loss=false", "seed=5",
+            "per_device_train_batch_size=2", "ppo_buffer_size=1", "ppo_epochs=1", "max_new_tokens=8",
+            "max_steps=2", "lora_dropout=0", *extra]
+
+
+def rollout_log(path: Path) -> dict[int, dict[int, list[int]]]:
+    """step -> rank -> prompt indices that rank rolled out (from ALIGNKIT_DEBUG_ROLLOUTS)."""
+    log: dict[int, dict[int, list[int]]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        log.setdefault(row["step"], {})[row["rank"]] = row["indices"]
+    return log
+
+
+def assert_ranks_split_global_batches(log, steps: int, seed: int = 5) -> None:
+    assert sorted(log) == list(range(steps))
+    for step, by_rank in log.items():
+        assert sorted(by_rank) == [0, 1]
+        assert not set(by_rank[0]) & set(by_rank[1])  # each rank rolled out its own prompts
+        assert sorted(by_rank[0] + by_rank[1]) == sorted(global_batch_indices(N_PROMPTS, step, 2 * WORLD, seed))
+
+
+def test_ppo_ddp_rule_reward_splits_prompts_and_resumes(tiny_model_dir, prompts_dir, tmp_path):
+    out, debug = tmp_path / "ppo", tmp_path / "rollouts.jsonl"
+    launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(tiny_model_dir, prompts_dir, out, "save_steps=1"),
+           env={"ALIGNKIT_DEBUG_ROLLOUTS": str(debug)})
+    assert_ranks_split_global_batches(rollout_log(debug), steps=2)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]  # rank 0 alone wrote the log
+    assert (out / "checkpoint-1").is_dir() and (out / "value_head.safetensors").is_file()
+
+    # Resume from checkpoint-1 with two ranks: each rank restores its own RNG, so step 2 samples
+    # the same responses and the final weights match the uninterrupted run.
+    first = load_file(str(out / "value_head.safetensors"))
+    first_rows = read_metrics(out)
+    launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(tiny_model_dir, prompts_dir, out, "save_steps=1",
+                                                     "resume_from_checkpoint=true"))
+    again = load_file(str(out / "value_head.safetensors"))
+    for k in first:
+        torch.testing.assert_close(again[k], first[k], atol=1e-6, rtol=1e-5)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[1]["env/reward_mean"] == pytest.approx(first_rows[1]["env/reward_mean"])
+    assert rows[1]["rollout/response_len_mean"] == pytest.approx(first_rows[1]["rollout/response_len_mean"])
+
+
+def test_ppo_ddp_api_reward_scores_each_sample_once(tiny_model_dir, prompts_dir, tmp_path):
+    debug = tmp_path / "rollouts.jsonl"
+    with start_judge_server(rule="count_good") as judge:
+        api = ["reward_model_type=api", "reward_model=null", "reward_api.preset=alignkit",
+               f"reward_api.url={judge.url_for('alignkit')}", "reward_api.max_retries=0"]
+        launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(tiny_model_dir, prompts_dir, tmp_path / "ppo", *api),
+               env={"ALIGNKIT_DEBUG_ROLLOUTS": str(debug)})
+        stats = judge.stats.snapshot(pairs=True)
+    log = rollout_log(debug)
+    assert_ranks_split_global_batches(log, steps=2)
+    steps, global_rollout = 2, 2 * WORLD
+    assert stats["items"] == steps * global_rollout  # no sample scored twice, none dropped
+    assert stats["distinct_pairs"] == steps * global_rollout and stats["max_per_pair"] == 1
+    prompts = [json.loads(ln)["prompt"] for ln in (prompts_dir / "prompts.jsonl").read_text().splitlines()]
+    rolled = sorted(prompts[i] for by_rank in log.values() for idx in by_rank.values() for i in idx)
+    assert sorted(p["prompt"] for p in stats["pairs"]) == rolled
