@@ -47,7 +47,7 @@ def launch(config: Path, overrides: list[str], env: dict[str, str] | None = None
 def sft_overrides(model_dir, out, *extra) -> list[str]:
     return [f"model_name_or_path={model_dir}", f"output_dir={out}", f"dataset_dir={EXAMPLES / 'data'}",
             "report_to=none", "plot_loss=false", "eval_strategy=no", "val_size=0", "seed=3", "max_steps=3",
-            "learning_rate=1e-2", "lr_scheduler_type=constant", "warmup_ratio=0", "lora_dropout=0", *extra]
+            "learning_rate=1e-3", "lr_scheduler_type=constant", "warmup_ratio=0", "lora_dropout=0", *extra]
 
 
 def test_sft_ddp_matches_one_process_and_resumes(tiny_model_dir, tmp_path):

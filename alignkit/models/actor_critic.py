@@ -9,6 +9,7 @@ it. Full fine-tuning keeps a separate frozen reference copy.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -59,6 +60,9 @@ class ActorCritic(nn.Module):
         self.critic_adapter = critic_adapter
         self.v_head = ValueHead(lm.config.hidden_size)
         self.v_head.to(next(lm.parameters()).device)
+        # A reward-model adapter on this same base (reward_model_type: lora) is scored on the
+        # reward thread; it switches adapters, so it and the trainer's passes take turns.
+        self.adapter_lock = threading.Lock()
         if ref_lm is not None:
             ref_lm.requires_grad_(False).eval()
 
@@ -93,7 +97,7 @@ class ActorCritic(nn.Module):
         if not self.critic_adapter:
             hidden = out.hidden_states[-1]
         else:
-            with self._adapter(CRITIC):
+            with self.use_adapter(CRITIC):
                 hidden = self.lm.base_model.model.model(
                     input_ids=input_ids, attention_mask=attention_mask,
                     position_ids=position_ids_from_mask(attention_mask), use_cache=False,
@@ -115,7 +119,7 @@ class ActorCritic(nn.Module):
             ).logits[:, :-1]
 
     @contextmanager
-    def _adapter(self, name: str):
+    def use_adapter(self, name: str):
         """Run with another adapter active, keeping every adapter trainable.
 
         peft's ``set_adapter`` also flips ``requires_grad`` to the active adapter only, which

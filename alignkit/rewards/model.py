@@ -190,7 +190,7 @@ def _reward_adapter(policy_model, lock: threading.Lock) -> Iterator[None]:
         modes = [(m, m.training) for m in policy_model.lm.modules()]
         policy_model.lm.eval()
         try:
-            with policy_model._adapter(REWARD_ADAPTER):
+            with policy_model.use_adapter(REWARD_ADAPTER):
                 yield
         finally:
             for m, mode in modes:

@@ -172,14 +172,15 @@ def run(cfg: PPOConfig) -> Path:
         futures, chunks, t_gen = [], [], 0.0
         for c in range(0, rollout_bs, chunk):
             tg = time.perf_counter()
-            roll = sample(ac.lm, tokenizer, q_ids[c : c + chunk], q_mask[c : c + chunk], cfg.max_new_tokens,
-                          cfg.temperature, cfg.top_k, cfg.top_p, eos_ids)
+            with ac.adapter_lock:
+                roll = sample(ac.lm, tokenizer, q_ids[c : c + chunk], q_mask[c : c + chunk], cfg.max_new_tokens,
+                              cfg.temperature, cfg.top_k, cfg.top_p, eos_ids)
             t_gen += time.perf_counter() - tg
             texts = decode_responses(tokenizer, roll, skip_special)
             ids = idx[c : c + chunk]
             futures.append(scorer.submit([prompt_texts[i] for i in ids], texts,
                                          ScoreMeta(labels=[examples[i].label for i in ids])))
-            with torch.no_grad():
+            with torch.no_grad(), ac.adapter_lock:
                 stats = response_stats(ac, roll.input_ids, roll.attention_mask, q, cfg.temperature, cfg.kl_penalty)
             chunks.append((roll, *stats))
         t_rollout = time.perf_counter() - t0
@@ -215,7 +216,8 @@ def run(cfg: PPOConfig) -> Path:
             advantages = masked_whiten(advantages, b_mask)
 
         # 7. PPO epochs over shuffled mini-batches, accumulating micro-batches per optimizer step.
-        stats = update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, b_mask, b_logprobs,
+        with ac.adapter_lock:
+            stats = update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, b_mask, b_logprobs,
                        b_values, advantages, returns, q, mb, micro) if accelerator.reduce(b_mask.sum(), "sum") > 0 else {}
         scheduler.step()
         t_update = time.perf_counter() - t_upd
@@ -315,7 +317,7 @@ def update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, 
                 for k, v in zip(UPDATE_STATS, (pg_loss, vf_loss, loss, pg_stats["approxkl"], pg_stats["clipfrac"],
                                                vf_stats["clipfrac"], entropy,
                                                explained_variance(vpred.detach(), returns[i], mask)), strict=True):
-                    v = float(v)
+                    v = float(v.detach()) if torch.is_tensor(v) else float(v)
                     if math.isfinite(v):
                         sums[k] = sums.get(k, 0.0) + v
                 n += 1
