@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+import warnings
 
 from alignkit import __version__
 
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+        # Raised inside peft/transformers for every LoRA model; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if args.command is None:
         parser.print_help()
         return 2

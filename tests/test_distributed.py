@@ -32,11 +32,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: Path, overrides: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> None:
-    """``torchrun --nproc_per_node 2 -m alignkit.cli train CONFIG ...`` on CPU, one thread per rank."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "alignkit.cli", "train", str(config), *overrides]
+def launch(config: Path, overrides: list[str], env: dict[str, str] | None = None, timeout: float = 240,
+           accelerate: bool = False) -> None:
+    """``torchrun --nproc_per_node 2 -m alignkit.cli train CONFIG ...`` on CPU, one thread per rank;
+    ``accelerate=True``: ``accelerate launch`` with the shipped DDP config instead."""
+    if accelerate:
+        # On a machine without GPUs, alignkit's setup_run turns the MULTI_GPU config into DDP over gloo.
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(EXAMPLES / "accelerate" / "ddp.yaml"), "--num_processes", str(WORLD),
+                    "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd = [*launcher, "-m", "alignkit.cli", "train", str(config), *overrides]
     # Tiny models on a shared 2-core runner: more than one intra-op thread per rank is 10x slower.
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                 **(env or {})}
@@ -145,13 +153,17 @@ def test_ppo_ddp_api_reward_scores_each_sample_once(tiny_model_dir, prompts_dir,
         api = ["reward_model_type=api", "reward_model=null", "reward_api.preset=alignkit",
                f"reward_api.url={judge.url_for('alignkit')}", "reward_api.max_retries=0"]
         launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(tiny_model_dir, prompts_dir, tmp_path / "ppo", *api),
-               env={"ALIGNKIT_DEBUG_ROLLOUTS": str(debug)})
+               env={"ALIGNKIT_DEBUG_ROLLOUTS": str(debug)}, accelerate=True)
         stats = judge.stats.snapshot(pairs=True)
     log = rollout_log(debug)
     assert_ranks_split_global_batches(log, steps=2)
     steps, global_rollout = 2, 2 * WORLD
-    assert stats["items"] == steps * global_rollout  # no sample scored twice, none dropped
-    assert stats["distinct_pairs"] == steps * global_rollout and stats["max_per_pair"] == 1
     prompts = [json.loads(ln)["prompt"] for ln in (prompts_dir / "prompts.jsonl").read_text().splitlines()]
     rolled = sorted(prompts[i] for by_rank in log.values() for idx in by_rank.values() for i in idx)
-    assert sorted(p["prompt"] for p in stats["pairs"]) == rolled
+    samples = [p for p in stats["pairs"] if p["prompt"] in prompts]
+    probes = [p for p in stats["pairs"] if p["prompt"] not in prompts]  # each rank's health check
+    assert sum(p["count"] for p in probes) == WORLD
+    # Every rolled-out sample was scored exactly once, by the rank that generated it.
+    assert sorted(p["prompt"] for p in samples) == rolled and len(rolled) == steps * global_rollout
+    assert all(p["count"] == 1 for p in samples)
+    assert stats["items"] == steps * global_rollout + WORLD

@@ -13,7 +13,6 @@ import logging
 import math
 import random
 import re
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -21,12 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from alignkit.rewards.base import Score, ScoreMeta
 from alignkit.rewards.cache import ScoreCache, cache_key, identity_of
 from alignkit.rewards.headers import redact_headers, resolve_headers, scrub
-from alignkit.rewards.pool import BodyTooLarge, HttpPool, HttpReply, TransportError, retry_after_seconds
 from alignkit.rewards.presets import (
     DEFAULT_RUBRIC,
     Condition,
@@ -37,6 +36,14 @@ from alignkit.rewards.presets import (
     shape_settings,
 )
 from alignkit.rewards.text import DEFAULT_THINK_TAGS, ThinkFilter
+from alignkit.rewards.transport import (
+    Reply,
+    RequestFailure,
+    check_url,
+    open_session,
+    post,
+    retry_after_seconds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,25 +181,11 @@ class RewardApiConfig(BaseModel):
 
 
 @dataclass
-class _Fail(Exception):
-    """One failed attempt: every item of the request gets ``reason`` if it is the last one."""
-
-    kind: str
-    detail: str
-    retryable: bool = False
-    retry_after: float | None = None
-
-    @property
-    def reason(self) -> str:
-        return f"{self.kind}: {self.detail}"
-
-
-@dataclass
 class _LoopState:
-    """Connections and asyncio primitives belong to one event loop; rebuilt if the loop changes."""
+    """An aiohttp session and asyncio primitives belong to one event loop; rebuilt if the loop changes."""
 
     loop: asyncio.AbstractEventLoop
-    pool: HttpPool
+    session: aiohttp.ClientSession
     slots: asyncio.Semaphore
 
 
@@ -207,7 +200,7 @@ class ApiReward:
         self.cfg = cfg
         self.url = cfg.url
         self.preset = make_preset(cfg)
-        HttpPool(cfg.url, {}, 0, 0)  # fails now, not mid-run, if the URL is not http(s)
+        check_url(cfg.url)
         try:
             self._headers, self._secrets = resolve_headers(cfg.headers)
         except KeyError as e:
@@ -273,7 +266,7 @@ class ApiReward:
 
     async def aclose(self) -> None:
         if self._state is not None and self._state.loop is asyncio.get_running_loop():
-            await self._state.pool.aclose()
+            await self._state.session.close()
         self._state = None
         if self.cache is not None:
             self.cache.close()
@@ -305,12 +298,12 @@ class ApiReward:
         sent = f"POST {self.url}\n  headers: {redact_headers(self.cfg.headers)}\n  body: {_clip(body.decode(), 800)}"
         start = time.perf_counter()
         try:
-            reply = await self._exchange(self._loop_state().pool, body)
-        except _Fail as f:
+            reply = await post(self._loop_state().session, self.url, body, self.cfg.max_body_bytes)
+        except RequestFailure as f:
             raise self._health_error(f.reason, sent, "(no reply)") from None
         got = f"HTTP {reply.status}\n  body: {_clip(reply.content.decode(errors='replace'), 800)}"
         outcome = self._interpret(reply, 1)
-        if isinstance(outcome, _Fail):
+        if isinstance(outcome, RequestFailure):
             problem = "auth failure" if reply.status in (401, 403) else outcome.reason
             raise self._health_error(problem, sent, got)
         score = outcome[0]
@@ -330,7 +323,7 @@ class ApiReward:
         body = json.dumps(self.preset.build(items), ensure_ascii=False).encode()
         state = self._loop_state()
         start = time.perf_counter()
-        failure = _Fail("not sent", "no attempt made")
+        failure = RequestFailure("not sent", "no attempt made")
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
                 await asyncio.sleep(self._retry_delay(attempt, failure.retry_after))
@@ -338,10 +331,11 @@ class ApiReward:
                 await self._wait_rate_slot()
                 self._count("requests")
                 try:
-                    outcome = self._interpret(await self._exchange(state.pool, body), len(items))
-                except _Fail as f:
+                    reply = await post(state.session, self.url, body, self.cfg.max_body_bytes)
+                    outcome = self._interpret(reply, len(items))
+                except RequestFailure as f:
                     outcome = f
-            if not isinstance(outcome, _Fail):
+            if not isinstance(outcome, RequestFailure):
                 latency = time.perf_counter() - start
                 with self._lock:
                     self._latencies.append(latency)
@@ -356,31 +350,18 @@ class ApiReward:
         latency = time.perf_counter() - start
         return [Score.failure(self._redact(failure.reason), latency_s=latency)] * len(items)
 
-    async def _exchange(self, pool: HttpPool, body: bytes) -> HttpReply:
-        try:
-            if sys.version_info >= (3, 11):  # no extra task per request, unlike wait_for on 3.11
-                async with asyncio.timeout(self.cfg.timeout_s):
-                    return await pool.post(body)
-            return await asyncio.wait_for(pool.post(body), self.cfg.timeout_s)
-        except asyncio.TimeoutError:
-            raise _Fail("timeout", f"no reply within {self.cfg.timeout_s:g} s", retryable=True) from None
-        except BodyTooLarge as e:
-            raise _Fail("oversize body", str(e)) from None
-        except TransportError as e:
-            raise _Fail("connection error", f"{e} ({self.url})", retryable=True) from None
-
-    def _interpret(self, reply: HttpReply, n: int) -> list[Score] | _Fail:
+    def _interpret(self, reply: Reply, n: int) -> list[Score] | RequestFailure:
         """Turn a reply into ``n`` scores (each validated), or a failure of the whole request."""
         if reply.status >= 300:
             text = _clip(reply.content.decode(errors="replace"), 200)
-            retry_after = retry_after_seconds(reply.headers.get("retry-after"))
+            retry_after = retry_after_seconds(reply.retry_after)
             kind = "auth failure" if reply.status in (401, 403) else f"HTTP {reply.status}"
-            return _Fail(kind, text or "(empty body)", reply.status in _RETRY_STATUS, retry_after)
+            return RequestFailure(kind, text or "(empty body)", reply.status in _RETRY_STATUS, retry_after)
         try:
             data = json.loads(reply.content)
         except ValueError as e:
             # A proxy error page or a cut-off body is usually transient: retry it.
-            return _Fail(
+            return RequestFailure(
                 "malformed JSON",
                 f"{e}; body starts {_clip(reply.content.decode(errors='replace'), 120)!r}",
                 True,
@@ -388,7 +369,7 @@ class ApiReward:
         try:
             values, logs = self.preset.parse(data, n)
         except ReplyError as e:
-            return _Fail(e.kind, e.detail)
+            return RequestFailure(e.kind, e.detail)
         if logs:
             with self._lock:
                 for name, vals in logs.items():
@@ -415,8 +396,8 @@ class ApiReward:
         loop = asyncio.get_running_loop()
         if self._state is None or self._state.loop is not loop:
             c = self.cfg.max_concurrency
-            pool = HttpPool(self.url, self._headers, c, self.cfg.max_body_bytes)
-            self._state = _LoopState(loop, pool, asyncio.Semaphore(c))
+            session = open_session(c, self.cfg.timeout_s, self._headers)
+            self._state = _LoopState(loop, session, asyncio.Semaphore(c))
         return self._state
 
     async def _wait_rate_slot(self) -> None:

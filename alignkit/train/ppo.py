@@ -278,6 +278,13 @@ def run(cfg: PPOConfig) -> Path:
         logger.warning("reward failures over the run: %s", summary)
     scorer.close()
     tracker.close()
+    if accelerator.is_main_process:
+        try:
+            from alignkit.report import write_report
+
+            logger.info("training report: %s", write_report(out))
+        except Exception as err:  # a plotting problem must not fail a finished run
+            logger.warning("could not write the training report: %s", err)
     accelerator.wait_for_everyone()
     return out
 

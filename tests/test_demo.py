@@ -1,0 +1,30 @@
+"""The embedded demo, end to end: SFT → judge over HTTP → PPO → export → compare → report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from alignkit.demo import run_demo
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    summary = run_demo(tmp_path / "demo", steps=30)
+    assert summary["judge_reward_last_steps"] >= 2 * summary["judge_reward_first_steps"], summary
+    assert summary["kl_last"] == pytest.approx(summary["kl_last"])  # finite (NaN != NaN)
+    out = summary["outputs"]
+    # The export is a plain model directory that transformers loads without alignkit.
+    model, info = AutoModelForCausalLM.from_pretrained(out["exported_model"], output_loading_info=True)
+    assert not any(info.values()), info
+    assert json.loads((tmp_path / "demo" / "exported" / "export_report.json").read_text())["passed"]
+    html = (tmp_path / "demo" / "ppo" / "report.html").read_text()
+    assert "data:image/png;base64" in html
+    assert summary["compare"]["failures"] == 0
+    # The judge's bearer token never reaches the saved config.
+    import os
+
+    token = os.environ["ALIGNKIT_DEMO_JUDGE_TOKEN"]
+    assert token not in (tmp_path / "demo" / "ppo" / "alignkit_config.yaml").read_text()
