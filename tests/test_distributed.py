@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from alignkit.config import load_config
 from alignkit.judge.server import start_judge_server
-from alignkit.train import sft
+from alignkit.train import rm, sft
 from alignkit.train.common import global_batch_indices
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES, ROOT
@@ -84,6 +84,20 @@ def test_sft_ddp_matches_one_process_and_resumes(tiny_model_dir, tmp_path):
     for k in b:
         torch.testing.assert_close(c[k], b[k], atol=1e-6, rtol=1e-5)
     assert [r["step"] for r in read_metrics(ddp)] == [3]
+
+
+def test_rm_ddp_matches_one_process(tiny_model_dir, tmp_path):
+    args = [f"model_name_or_path={tiny_model_dir}", f"dataset_dir={EXAMPLES / 'data'}", "adapter_name_or_path=null",
+            "report_to=none", "plot_loss=false", "eval_strategy=no", "val_size=0", "max_steps=2",
+            "learning_rate=1e-3", "lora_dropout=0"]
+    single = rm.run(load_config(EXAMPLES / "rm_tiny.yaml", [*args, f"output_dir={tmp_path / 'single'}",
+                                                            "per_device_train_batch_size=4"]))
+    launch(EXAMPLES / "rm_tiny.yaml", [*args, f"output_dir={tmp_path / 'ddp'}", "per_device_train_batch_size=2"])
+    for name in ("adapter_model.safetensors", "score_head.safetensors"):
+        a, b = load_file(str(single / name)), load_file(str(tmp_path / "ddp" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
