@@ -43,7 +43,8 @@ def test_custom_preset_scores_each_sample_once(tiny_model_dir, tmp_path, monkeyp
     custom = yaml.safe_load((EXAMPLES / "judge_custom.yaml").read_text())["reward_api"]
     monkeypatch.setenv("JUDGE_API_KEY", SECRET)
     with start_judge_server(rule="count_good", token=SECRET) as judge:
-        out = ppo.run(ppo_api_config(tiny_model_dir, tmp_path / "run", judge.url_for("custom"),
+        url = judge.url_for("custom")
+        out = ppo.run(ppo_api_config(tiny_model_dir, tmp_path / "run", url, f"reward_api.url={url}",
                                      "reward_api.cache=null", reward_api=custom))
         stats = httpx.get(f"{judge.url}/stats", headers={"Authorization": f"Bearer {SECRET}"}).json()
     rows = read_metrics(out)

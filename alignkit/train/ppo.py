@@ -127,7 +127,9 @@ def run(cfg: PPOConfig) -> Path:
 
     # 2. Sizes: rollout batch = per_device x accum x buffer prompts per rank; mini-batch = per_device x accum.
     rollout_bs, mb, micro = cfg.rollout_batch_size, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
-    chunk = cfg.rollout_chunk_size or mb
+    # Chunked rollout lets slow (HTTP, model) scoring start while later chunks generate; a rule
+    # scores instantly, so it gets one chunk and the fewest decode steps.
+    chunk = cfg.rollout_chunk_size or (rollout_bs if cfg.reward_model_type == "rule" else mb)
     global_bs = rollout_bs * world
     if len(queries) < global_bs:
         raise ValueError(f"{len(queries)} prompts cannot fill one rollout batch of {global_bs}")

@@ -30,7 +30,7 @@ class PPOConfig(StageConfig):
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1.0 = off).")
     rollout_chunk_size: int | None = Field(
-        None, ge=1, description="Generate in chunks of this many prompts so scoring starts early (default: mini-batch)."
+        None, ge=1, description="Generate in chunks of this many prompts so scoring starts early (default: mini-batch; rule rewards: whole batch)."
     )
     # PPO
     ppo_buffer_size: int = Field(1, ge=1, description="Mini-batches per rollout batch (rollout = per_device x accum x buffer).")
