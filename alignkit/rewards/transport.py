@@ -81,7 +81,8 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, max_body_b
 
 
 async def _post_once(session: aiohttp.ClientSession, url: str, body: bytes, cap: int) -> Reply:
-    async with session.post(url, data=body) as resp:
+    # A 3xx reply is a failure that names it: following a 302 would turn the POST into a GET.
+    async with session.post(url, data=body, allow_redirects=False) as resp:
         if resp.content_length is not None and resp.content_length > cap:
             raise RequestFailure(
                 "oversize body", f"reply declares {resp.content_length} bytes > max_body_bytes={cap}"

@@ -44,6 +44,7 @@ from alignkit.rewards.api import apply_failure_policy
 from alignkit.rewards.base import ScoreMeta
 from alignkit.rewards.factory import build_reward_source
 from alignkit.rewards.runner import BackgroundScorer
+from alignkit.rewards.text import DEFAULT_THINK_TAGS, think_truncated_frac
 from alignkit.train.checkpoint import load_state, resolve_resume, save_checkpoint
 from alignkit.train.common import (
     build_optimizer,
@@ -171,7 +172,7 @@ def run(cfg: PPOConfig) -> Path:
         # 4. Rollout chunk by chunk; each chunk's scoring starts at once on the background loop
         # and overlaps with the next chunk's generation and this chunk's forward passes.
         t0 = time.perf_counter()
-        futures, chunks, t_gen = [], [], 0.0
+        futures, chunks, t_gen, all_texts = [], [], 0.0, []
         for c in range(0, rollout_bs, chunk):
             tg = time.perf_counter()
             with ac.adapter_lock:
@@ -179,6 +180,7 @@ def run(cfg: PPOConfig) -> Path:
                               cfg.temperature, cfg.top_k, cfg.top_p, eos_ids)
             t_gen += time.perf_counter() - tg
             texts = decode_responses(tokenizer, roll, skip_special)
+            all_texts += texts
             ids = idx[c : c + chunk]
             futures.append(scorer.submit([prompt_texts[i] for i in ids], texts,
                                          ScoreMeta(labels=[examples[i].label for i in ids])))
@@ -225,22 +227,10 @@ def run(cfg: PPOConfig) -> Path:
         t_update = time.perf_counter() - t_upd
 
         # 8. Metrics (reduced over ranks), KL controller, progress, checkpoint.
-        seq_kl = (b_kl * b_mask).sum(1)  # (B,)
-        n_valid = b_valid.sum().clamp(min=1)
-        local = {
-            "env/reward_mean": (b_scores * b_valid).sum() / n_valid,
-            "env/reward_std": torch.sqrt(((b_scores - (b_scores * b_valid).sum() / n_valid) ** 2 * b_valid).sum() / n_valid),
-            "objective/kl": seq_kl.sum() / n_valid,
-            "objective/entropy": (-b_logprobs * b_mask).sum() / n_valid,
-            "ppo/mean_scores": (b_scores_pp * b_valid).sum() / n_valid,
-            "ppo/mean_non_score_reward": (non_score * b_mask).sum() / n_valid,
-            "ppo/returns/mean": masked_mean(returns, b_mask),
-            "ppo/val/mean": masked_mean(b_values, b_mask),
-            "ppo/advantages_mean": masked_mean(advantages, b_mask),
-            "rollout/response_len_mean": b_resp_mask.sum(1).mean(),
-            "rollout/no_eos_frac": b_no_eos.float().mean(),
-            **stats,
-        }
+        local = {**rollout_metrics(b_scores, b_scores_pp, b_valid, b_kl, b_mask, b_resp_mask, b_logprobs, b_values,
+                                   b_no_eos, non_score, returns, advantages), **stats}
+        if api.get("strip_think"):  # thinking models: share of responses cut off inside <think>
+            local["rollout/think_truncated_frac"] = think_truncated_frac(all_texts, api.get("think_tags") or DEFAULT_THINK_TAGS)
         metrics = reduce_metrics(accelerator, local)
         n_tokens = accelerator.reduce(b_resp_mask.sum(), "sum").item()
         metrics.update(source.metrics())  # latency percentiles, cache hits (this rank's)
@@ -338,3 +328,23 @@ def update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, 
     stats = {k: sums[k] / max(n, 1) if k in sums else math.nan for k in UPDATE_STATS}
     stats["perf/peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return stats
+
+
+def rollout_metrics(b_scores, b_scores_pp, b_valid, b_kl, b_mask, b_resp_mask, b_logprobs, b_values, b_no_eos,
+                    non_score, returns, advantages) -> dict[str, torch.Tensor]:
+    """Per-rank step metrics (DESIGN.md names); sequence sums are averaged over valid samples."""
+    n_valid = b_valid.sum().clamp(min=1)
+    reward_mean = (b_scores * b_valid).sum() / n_valid
+    return {
+        "env/reward_mean": reward_mean,
+        "env/reward_std": torch.sqrt(((b_scores - reward_mean) ** 2 * b_valid).sum() / n_valid),
+        "objective/kl": (b_kl * b_mask).sum() / n_valid,  # sequence KL, nats
+        "objective/entropy": (-b_logprobs * b_mask).sum() / n_valid,  # sequence, sampled-token estimate
+        "ppo/mean_scores": (b_scores_pp * b_valid).sum() / n_valid,
+        "ppo/mean_non_score_reward": (non_score * b_mask).sum() / n_valid,
+        "ppo/returns/mean": masked_mean(returns, b_mask),
+        "ppo/val/mean": masked_mean(b_values, b_mask),
+        "ppo/advantages_mean": masked_mean(advantages, b_mask),
+        "rollout/response_len_mean": b_resp_mask.sum(1).mean(),
+        "rollout/no_eos_frac": b_no_eos.float().mean(),
+    }
