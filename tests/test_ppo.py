@@ -84,3 +84,22 @@ def test_failed_scores_are_masked_not_zeroed(tiny_model_dir, sft_adapter, tmp_pa
     rows = read_metrics(out)
     assert all(r["env/reward_mean"] == 1.0 for r in rows)  # failures did not drag the mean toward 0
     assert sum(r["reward/failures"] for r in rows) > 0
+
+
+@pytest.mark.parametrize("variant", [
+    ["critic_adapter=true"],  # the critic gets its own LoRA adapter
+    ["finetuning_type=full", "learning_rate=1e-5"],  # separate policy and frozen reference copies
+    ["kl_penalty=full", "top_k=20", "top_p=0.9", "temperature=0.7"],
+])
+def test_ppo_variants_train(tiny_model_dir, sft_adapter, tmp_path, variant):
+    out = ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "v", "max_steps=2", "max_new_tokens=8",
+                             "ppo_buffer_size=2", "ppo_epochs=1", *variant))
+    rows = read_metrics(out)
+    assert len(rows) == 2 and all(math.isfinite(r["ppo/loss/total"]) for r in rows)
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # policy starts as the reference
+    assert rows[1]["ppo/policy/approxkl"] >= 0
+    if "critic_adapter=true" in variant:
+        assert (out / "critic_adapter").is_dir()
+        assert not any("critic" in k for k in load_file(str(out / "adapter_model.safetensors")))
+    if "finetuning_type=full" in variant:
+        assert (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()
