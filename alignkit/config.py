@@ -247,10 +247,12 @@ def _explain(err: ValidationError, where: str) -> ConfigError:
     return ConfigError(f"{where}: " + "; ".join(lines))
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, **extra: Any) -> StageConfig:
-    """Read YAML, apply overrides, validate against the config class of its ``stage``."""
+def read_raw(
+    path: str | Path | None, overrides: list[str] | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The YAML file's mapping (if any), then ``extra`` keys (from Python callers), then the
+    ``key=value`` overrides (dotted keys reach into nested mappings); not yet validated."""
     raw: dict[str, Any] = {}
-    where = str(path) if path else "config"
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -259,10 +261,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
         raw.update(loaded)
-    raw.update(extra)
+    raw.update(extra or {})
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(raw, ALIASES.get(key, key), value)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, **extra: Any) -> StageConfig:
+    """Read YAML, apply overrides, validate against the config class of its ``stage``.
+
+    ``extra`` keys (from Python callers) sit between the file and the overrides."""
+    where = str(path) if path else "config"
+    raw = read_raw(path, overrides, extra)
     stage = raw.get("stage")
     if stage in LAZY_STAGES and stage not in STAGES:
         importlib.import_module(LAZY_STAGES[stage])

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from alignkit.config import ALIASES, ConfigError, _explain, _normalise_keys, _set_dotted, parse_override
+from alignkit.config import ConfigError, _explain, _normalise_keys, read_raw
 from alignkit.data.templates import EMPTY_THINK, TEMPLATES, Template, get_template
 from alignkit.models.loading import check_model_dir, merge_adapters
 
@@ -58,19 +58,9 @@ def load_tool_config(
 ) -> Any:
     """A non-training config (export, predict, compare): YAML + ``key=value`` overrides + ``extra``,
     validated with the same unknown-key suggestions and error wording as the stage configs."""
-    raw: dict[str, Any] = {}
     where = str(path) if path else "command line"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text())
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
-        raw.update(loaded)
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(raw, ALIASES.get(key, key), value)
+    raw = read_raw(path, overrides)
+    # Command-line flags (``extra``) win over the file and its overrides here.
     raw.update({k: v for k, v in extra.items() if v is not None})
     for old, new in getattr(cls, "ALIASES", {}).items():
         if old in raw:

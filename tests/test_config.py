@@ -65,3 +65,12 @@ def test_secrets_redacted_in_saved_config(tmp_path):
     assert "sk-very-secret" not in text and "sk-other-secret" not in text
     assert REDACTED in text
     assert yaml.safe_load(text)["reward_model"] == "http://127.0.0.1:1/score"
+
+
+def test_dotted_override_merges_into_yaml_mapping(tmp_path):
+    p = tmp_path / "ppo.yaml"
+    p.write_text(yaml.safe_dump({"stage": "ppo", "model_name_or_path": "/m", "dataset": "a", "output_dir": "/o",
+                                 "reward_model_type": "api", "reward_model": "http://127.0.0.1:1/score",
+                                 "reward_api": {"preset": "custom", "timeout_s": 5}}))
+    cfg = load_config(p, ["reward_api.max_concurrency=64"])
+    assert cfg.reward_api == {"preset": "custom", "timeout_s": 5, "max_concurrency": 64}
