@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import yaml
@@ -19,13 +21,30 @@ pytestmark = pytest.mark.slow
 
 SECRET = "s3cr3t-Judge-Token-0042"
 ROLLOUT = 4  # prompts per step: per_device 2 x buffer 2
+DISTINCT = None  # set by the autouse fixture below
+
+
+@pytest.fixture(autouse=True)
+def _use_distinct_prompts(distinct_prompts, monkeypatch):
+    monkeypatch.setitem(globals(), "DISTINCT", distinct_prompts)
+
+
+@pytest.fixture(scope="module")
+def distinct_prompts(tmp_path_factory):
+    """Prompts that are all different, so no two samples are the same (prompt, response) pair:
+    identical pairs share one request within a step and hit the cache across steps, which
+    would blur the request counts these tests check."""
+    path = tmp_path_factory.mktemp("data") / "distinct.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say something good about item {i}."}) + "\n"
+                            for i in range(64)))
+    return path
 
 
 def ppo_api_config(model_dir, out, url, *overrides, reward_api=None):
     """``examples/ppo_tiny.yaml`` made small (4 prompts a step, 8 new tokens), reward from ``url``."""
     return load_config(
         EXAMPLES / "ppo_tiny.yaml",
-        [f"model_name_or_path={model_dir}", "adapter_name_or_path=null", f"output_dir={out}",
+        [f"model_name_or_path={model_dir}", "adapter_name_or_path=null", f"output_dir={out}", f"dataset={DISTINCT}",
          f"dataset_dir={EXAMPLES / 'data'}", "report_to=none", "plot_loss=false", "seed=0",
          "per_device_train_batch_size=2", "ppo_buffer_size=2", "ppo_epochs=1", "max_new_tokens=8",
          "max_steps=3", "reward_model_type=api", f"reward_model={url}", "reward_api.max_retries=0",

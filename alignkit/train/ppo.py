@@ -117,158 +117,168 @@ def run(cfg: PPOConfig) -> Path:
     ac.to(device)
     source = build_reward_source(cfg, ac)
     scorer = BackgroundScorer(source)
-    if cfg.reward_model_type == "api" and (cfg.reward_api or {}).get("health_check", True):
-        scorer.run(source.health_check())
-    eos_ids = stop_token_ids(tokenizer, template, ac.lm)
-    skip_special = not (cfg.reward_api or {}).get("include_special_tokens", False)
-    # The judge's own failure policy when scoring over HTTP; the stage's for rules and models.
-    api = cfg.reward_api or {}
-    on_failure = api.get("on_failure", cfg.on_failure) if cfg.reward_model_type == "api" else cfg.on_failure
-    max_failure_rate = api.get("max_failure_rate", cfg.max_failure_rate) if cfg.reward_model_type == "api" else cfg.max_failure_rate
+    # Closed on every exit, errors included: the judge session, the cache and the scoring thread.
+    try:
+        if cfg.reward_model_type == "api" and (cfg.reward_api or {}).get("health_check", True):
+            scorer.run(source.health_check())
+        eos_ids = stop_token_ids(tokenizer, template, ac.lm)
+        skip_special = not (cfg.reward_api or {}).get("include_special_tokens", False)
+        # The judge's own failure policy when scoring over HTTP; the stage's for rules and models.
+        api = cfg.reward_api or {}
+        on_failure = api.get("on_failure", cfg.on_failure) if cfg.reward_model_type == "api" else cfg.on_failure
+        max_failure_rate = api.get("max_failure_rate", cfg.max_failure_rate) if cfg.reward_model_type == "api" else cfg.max_failure_rate
 
-    # 2. Sizes: rollout batch = per_device x accum x buffer prompts per rank; mini-batch = per_device x accum.
-    rollout_bs, mb, micro = cfg.rollout_batch_size, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
-    # Chunked rollout lets slow (HTTP, model) scoring start while later chunks generate; a rule
-    # scores instantly, so it gets one chunk and the fewest decode steps.
-    chunk = cfg.rollout_chunk_size or (rollout_bs if cfg.reward_model_type == "rule" else mb)
-    global_bs = rollout_bs * world
-    if len(queries) < global_bs:
-        raise ValueError(f"{len(queries)} prompts cannot fill one rollout batch of {global_bs}")
-    num_steps = total_steps(cfg, len(queries) // global_bs)
-    params = ac.trainable_parameters()
-    optimizer, scheduler = build_optimizer(cfg, params, num_steps)
-    model, optimizer = accelerator.prepare(ac, optimizer)
-    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.ppo_target, cfg.kl_horizon) if cfg.adap_kl_ctrl
-              else FixedKLController(cfg.init_kl_coef))
-    moments = RunningMoments() if cfg.ppo_score_norm else None
+        # 2. Sizes: rollout batch = per_device x accum x buffer prompts per rank; mini-batch = per_device x accum.
+        rollout_bs, mb, micro = cfg.rollout_batch_size, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
+        # One chunk by default: every extra chunk is another full decode loop. The forward passes of
+        # the whole batch already cover a ~100 ms judge; smaller chunks help only slower judges.
+        chunk = cfg.rollout_chunk_size or rollout_bs
+        fwd_bs = cfg.per_device_eval_batch_size
+        global_bs = rollout_bs * world
+        if len(queries) < global_bs:
+            raise ValueError(f"{len(queries)} prompts cannot fill one rollout batch of {global_bs}")
+        num_steps = total_steps(cfg, len(queries) // global_bs)
+        params = ac.trainable_parameters()
+        optimizer, scheduler = build_optimizer(cfg, params, num_steps)
+        model, optimizer = accelerator.prepare(ac, optimizer)
+        kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.ppo_target, cfg.kl_horizon) if cfg.adap_kl_ctrl
+                  else FixedKLController(cfg.init_kl_coef))
+        moments = RunningMoments() if cfg.ppo_score_norm else None
 
-    # 3. Resume: adapter/weights, value head, optimizer, scheduler, KL controller, score moments, RNG.
-    start = 0
-    ckpt = resolve_resume(out, cfg.resume_from_checkpoint)
-    if ckpt is not None:
-        state = load_state(ckpt)
-        ac.load_trainable(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        if moments is not None:
-            moments.load_state_dict(state["moments"])
-        restore_rng(accelerator, state)
-        start = state["step"]
-        logger.info("resumed from %s at step %d", ckpt, start)
+        # 3. Resume: adapter/weights, value head, optimizer, scheduler, KL controller, score moments, RNG.
+        start = 0
+        ckpt = resolve_resume(out, cfg.resume_from_checkpoint)
+        if ckpt is not None:
+            state = load_state(ckpt)
+            ac.load_trainable(ckpt)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            kl_ctl.load_state_dict(state["kl_ctl"])
+            if moments is not None:
+                moments.load_state_dict(state["moments"])
+            restore_rng(accelerator, state)
+            start = state["step"]
+            logger.info("resumed from %s at step %d", ckpt, start)
 
-    tracker = MetricLogger(out, cfg.report_to, enabled=accelerator.is_main_process, resume_step=start)
-    bar = tqdm(total=num_steps, initial=start, desc="ppo", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    for step in range(start, num_steps):
-        t_step = time.perf_counter()
-        idx = global_batch_indices(len(queries), step, global_bs, cfg.seed)[rank::world]
-        if debug_path := os.environ.get("ALIGNKIT_DEBUG_ROLLOUTS"):  # tests check each rank's share
-            with open(debug_path, "a") as f:
-                f.write(json.dumps({"step": step, "rank": rank, "indices": idx}) + "\n")
-        q_ids, q_mask = pad_left([queries[i] for i in idx], tokenizer.pad_token_id)
-        q_ids, q_mask = q_ids.to(device), q_mask.to(device)
-        q = q_ids.shape[1]
+        tracker = MetricLogger(out, cfg.report_to, enabled=accelerator.is_main_process, resume_step=start)
+        bar = tqdm(total=num_steps, initial=start, desc="ppo", disable=not accelerator.is_main_process, dynamic_ncols=True)
+        for step in range(start, num_steps):
+            t_step = time.perf_counter()
+            idx = global_batch_indices(len(queries), step, global_bs, cfg.seed)[rank::world]
+            if debug_path := os.environ.get("ALIGNKIT_DEBUG_ROLLOUTS"):  # tests check each rank's share
+                with open(debug_path, "a") as f:
+                    f.write(json.dumps({"step": step, "rank": rank, "indices": idx}) + "\n")
+            q_ids, q_mask = pad_left([queries[i] for i in idx], tokenizer.pad_token_id)
+            q_ids, q_mask = q_ids.to(device), q_mask.to(device)
+            q = q_ids.shape[1]
 
-        # 4. Rollout chunk by chunk; each chunk's scoring starts at once on the background loop
-        # and overlaps with the next chunk's generation and this chunk's forward passes.
-        t0 = time.perf_counter()
-        futures, chunks, t_gen, all_texts = [], [], 0.0, []
-        for c in range(0, rollout_bs, chunk):
-            tg = time.perf_counter()
+            # 4. Rollout chunk by chunk (one chunk unless rollout_chunk_size is set). Each chunk's
+            # scoring starts at once on the background loop, overlapping later chunks' sampling and
+            # all the forward passes below, so judge latency hides behind compute.
+            t0 = time.perf_counter()
+            futures, rolls, all_texts = [], [], []
+            for c in range(0, rollout_bs, chunk):
+                with ac.adapter_lock:
+                    roll = sample(ac.lm, tokenizer, q_ids[c : c + chunk], q_mask[c : c + chunk], cfg.max_new_tokens,
+                                  cfg.temperature, cfg.top_k, cfg.top_p, eos_ids)
+                texts = decode_responses(tokenizer, roll, skip_special)
+                all_texts += texts
+                ids = idx[c : c + chunk]
+                futures.append(scorer.submit([prompt_texts[i] for i in ids], texts,
+                                             ScoreMeta(labels=[examples[i].label for i in ids])))
+                rolls.append(roll)
+            t_gen = time.perf_counter() - t0
+            # Old log-probs, values, reference log-probs and KL, per_device_eval_batch_size rows at a time.
+            chunks = []
+            for roll in rolls:
+                with torch.no_grad(), ac.adapter_lock:
+                    parts = [response_stats(ac, roll.input_ids[m : m + fwd_bs], roll.attention_mask[m : m + fwd_bs], q,
+                                            cfg.temperature, cfg.kl_penalty)
+                             for m in range(0, roll.input_ids.shape[0], fwd_bs)]
+                chunks.append((roll, *(torch.cat(p) for p in zip(*parts, strict=True))))
+            t_rollout = time.perf_counter() - t0
+
+            # 5. Gather chunks into (B, R) tensors; wait for what scoring has not finished.
+            R = max(r.response_mask.shape[1] for r, *_ in chunks)
+            b_input_ids = torch.cat([pad_right(r.input_ids, q + R, tokenizer.pad_token_id) for r, *_ in chunks])
+            b_attn = torch.cat([pad_right(r.attention_mask, q + R) for r, *_ in chunks])
+            b_resp_mask = torch.cat([pad_right(r.response_mask, R) for r, *_ in chunks]).float()
+            b_no_eos = torch.cat([r.no_eos for r, *_ in chunks])
+            b_logprobs, b_values, b_ref_logprobs, b_kl = (torch.cat([pad_right(c[i], R) for c in chunks]) for i in (1, 2, 3, 4))
+            t0 = time.perf_counter()
+            scores = [s for f in futures for s in f.result()]
+            t_wait = time.perf_counter() - t0
+            values, valid, n_failed = apply_failure_policy(scores, on_failure, max_failure_rate)
+            b_valid = torch.tensor(valid, device=device, dtype=torch.float32)  # (B,)
+            b_scores = torch.tensor(values, device=device, dtype=torch.float32)
+
+            # 6. Shape rewards (KL penalty per token, score at the last token) and compute advantages.
+            t_upd = time.perf_counter()
+            b_scores_pp = b_scores.clone()
+            if b_valid.any():
+                ok = b_valid.bool()
+                b_scores_pp[ok] = postprocess_scores(b_scores[ok], b_no_eos[ok], cfg.missing_eos_penalty, cfg.score_clip, moments)
+            b_scores_pp = b_scores_pp * b_valid
+            b_mask = b_resp_mask * b_valid[:, None]  # failed samples are masked out of the update
+            # The KL estimate was computed per chunk so 'full' never keeps (B, R, V) logits around.
+            rewards, non_score = shape_rewards(b_scores_pp, b_kl, b_resp_mask, kl_ctl.value)
+            if cfg.ppo_whiten_rewards:
+                rewards = masked_whiten(rewards, b_mask, shift_mean=False)
+            advantages, returns = compute_gae(rewards, b_values, b_mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages and b_mask.sum() > 1:
+                advantages = masked_whiten(advantages, b_mask)
+
+            # 7. PPO epochs over shuffled mini-batches, accumulating micro-batches per optimizer step.
             with ac.adapter_lock:
-                roll = sample(ac.lm, tokenizer, q_ids[c : c + chunk], q_mask[c : c + chunk], cfg.max_new_tokens,
-                              cfg.temperature, cfg.top_k, cfg.top_p, eos_ids)
-            t_gen += time.perf_counter() - tg
-            texts = decode_responses(tokenizer, roll, skip_special)
-            all_texts += texts
-            ids = idx[c : c + chunk]
-            futures.append(scorer.submit([prompt_texts[i] for i in ids], texts,
-                                         ScoreMeta(labels=[examples[i].label for i in ids])))
-            with torch.no_grad(), ac.adapter_lock:
-                stats = response_stats(ac, roll.input_ids, roll.attention_mask, q, cfg.temperature, cfg.kl_penalty)
-            chunks.append((roll, *stats))
-        t_rollout = time.perf_counter() - t0
+                stats = update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, b_mask, b_logprobs,
+                           b_values, advantages, returns, q, mb, micro) if accelerator.reduce(b_mask.sum(), "sum") > 0 else {}
+            scheduler.step()
+            t_update = time.perf_counter() - t_upd
 
-        # 5. Gather chunks into (B, R) tensors; wait for what scoring has not finished.
-        R = max(r.response_mask.shape[1] for r, *_ in chunks)
-        b_input_ids = torch.cat([pad_right(r.input_ids, q + R, tokenizer.pad_token_id) for r, *_ in chunks])
-        b_attn = torch.cat([pad_right(r.attention_mask, q + R) for r, *_ in chunks])
-        b_resp_mask = torch.cat([pad_right(r.response_mask, R) for r, *_ in chunks]).float()
-        b_no_eos = torch.cat([r.no_eos for r, *_ in chunks])
-        b_logprobs, b_values, b_ref_logprobs, b_kl = (torch.cat([pad_right(c[i], R) for c in chunks]) for i in (1, 2, 3, 4))
-        t0 = time.perf_counter()
-        scores = [s for f in futures for s in f.result()]
-        t_wait = time.perf_counter() - t0
-        values, valid, n_failed = apply_failure_policy(scores, on_failure, max_failure_rate)
-        b_valid = torch.tensor(valid, device=device, dtype=torch.float32)  # (B,)
-        b_scores = torch.tensor(values, device=device, dtype=torch.float32)
+            # 8. Metrics (reduced over ranks), KL controller, progress, checkpoint.
+            local = {**rollout_metrics(b_scores, b_scores_pp, b_valid, b_kl, b_mask, b_resp_mask, b_logprobs, b_values,
+                                       b_no_eos, non_score, returns, advantages), **stats}
+            if api.get("strip_think"):  # thinking models: share of responses cut off inside <think>
+                local["rollout/think_truncated_frac"] = think_truncated_frac(all_texts, api.get("think_tags") or DEFAULT_THINK_TAGS)
+            metrics = reduce_metrics(accelerator, local)
+            n_tokens = accelerator.reduce(b_resp_mask.sum(), "sum").item()
+            metrics.update(source.metrics())  # latency percentiles, cache hits (this rank's)
+            metrics.update({
+                "objective/kl_coef": kl_ctl.value,
+                "ppo/learning_rate": scheduler.get_last_lr()[0],
+                "reward/failures": accelerator.reduce(torch.tensor(float(n_failed), device=device), "sum").item(),
+                "time/rollout": t_rollout, "time/generate": t_gen, "time/score_wait": t_wait, "time/update": t_update,
+                "time/step": time.perf_counter() - t_step,
+            })
+            metrics["perf/tokens_per_s"] = n_tokens / metrics["time/step"]
+            kl_ctl.update(metrics["objective/kl"], global_bs)
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['env/reward_mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            if done % cfg.logging_steps == 0 or done == num_steps:
+                tracker.log(done, metrics)
+            if done % cfg.save_steps == 0 and done < num_steps:
+                rngs = rank_rng_states(accelerator)  # collective; each rank resumes its own sampling stream
+                if accelerator.is_main_process:
+                    save_checkpoint(out, done, lambda d: ac.save_policy(d), {
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict() if moments else None,
+                        "rng_per_rank": rngs,
+                    }, cfg.save_total_limit)
+            accelerator.wait_for_everyone()
+        bar.close()
 
-        # 6. Shape rewards (KL penalty per token, score at the last token) and compute advantages.
-        t_upd = time.perf_counter()
-        b_scores_pp = b_scores.clone()
-        if b_valid.any():
-            ok = b_valid.bool()
-            b_scores_pp[ok] = postprocess_scores(b_scores[ok], b_no_eos[ok], cfg.missing_eos_penalty, cfg.score_clip, moments)
-        b_scores_pp = b_scores_pp * b_valid
-        b_mask = b_resp_mask * b_valid[:, None]  # failed samples are masked out of the update
-        # The KL estimate was computed per chunk so 'full' never keeps (B, R, V) logits around.
-        rewards, non_score = shape_rewards(b_scores_pp, b_kl, b_resp_mask, kl_ctl.value)
-        if cfg.ppo_whiten_rewards:
-            rewards = masked_whiten(rewards, b_mask, shift_mean=False)
-        advantages, returns = compute_gae(rewards, b_values, b_mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages and b_mask.sum() > 1:
-            advantages = masked_whiten(advantages, b_mask)
-
-        # 7. PPO epochs over shuffled mini-batches, accumulating micro-batches per optimizer step.
-        with ac.adapter_lock:
-            stats = update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, b_mask, b_logprobs,
-                       b_values, advantages, returns, q, mb, micro) if accelerator.reduce(b_mask.sum(), "sum") > 0 else {}
-        scheduler.step()
-        t_update = time.perf_counter() - t_upd
-
-        # 8. Metrics (reduced over ranks), KL controller, progress, checkpoint.
-        local = {**rollout_metrics(b_scores, b_scores_pp, b_valid, b_kl, b_mask, b_resp_mask, b_logprobs, b_values,
-                                   b_no_eos, non_score, returns, advantages), **stats}
-        if api.get("strip_think"):  # thinking models: share of responses cut off inside <think>
-            local["rollout/think_truncated_frac"] = think_truncated_frac(all_texts, api.get("think_tags") or DEFAULT_THINK_TAGS)
-        metrics = reduce_metrics(accelerator, local)
-        n_tokens = accelerator.reduce(b_resp_mask.sum(), "sum").item()
-        metrics.update(source.metrics())  # latency percentiles, cache hits (this rank's)
-        metrics.update({
-            "objective/kl_coef": kl_ctl.value,
-            "ppo/learning_rate": scheduler.get_last_lr()[0],
-            "reward/failures": accelerator.reduce(torch.tensor(float(n_failed), device=device), "sum").item(),
-            "time/rollout": t_rollout, "time/generate": t_gen, "time/score_wait": t_wait, "time/update": t_update,
-            "time/step": time.perf_counter() - t_step,
-        })
-        metrics["perf/tokens_per_s"] = n_tokens / metrics["time/step"]
-        kl_ctl.update(metrics["objective/kl"], global_bs)
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['env/reward_mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-        if done % cfg.logging_steps == 0 or done == num_steps:
-            tracker.log(done, metrics)
-        if done % cfg.save_steps == 0 and done < num_steps:
-            rngs = rank_rng_states(accelerator)  # collective; each rank resumes its own sampling stream
-            if accelerator.is_main_process:
-                save_checkpoint(out, done, lambda d: ac.save_policy(d), {
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict() if moments else None,
-                    "rng_per_rank": rngs,
-                }, cfg.save_total_limit)
-        accelerator.wait_for_everyone()
-    bar.close()
-
-    # 9. Final save: policy adapter (or full model) + value head + tokenizer; plots; summary.
-    if accelerator.is_main_process:
-        ac.save_policy(out)
-        tokenizer.save_pretrained(out)
-        if cfg.plot_loss:
-            plot_metrics(out, PLOTTED)
+        # 9. Final save: policy adapter (or full model) + value head + tokenizer; plots; summary.
+        if accelerator.is_main_process:
+            ac.save_policy(out)
+            tokenizer.save_pretrained(out)
+            if cfg.plot_loss:
+                plot_metrics(out, PLOTTED)
+    finally:
+        scorer.close()
     summary = getattr(source, "failure_summary", lambda: {})()
     if summary:
         logger.warning("reward failures over the run: %s", summary)
-    scorer.close()
     tracker.close()
     if accelerator.is_main_process:
         try:

@@ -30,7 +30,7 @@ class PPOConfig(StageConfig):
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1.0 = off).")
     rollout_chunk_size: int | None = Field(
-        None, ge=1, description="Generate in chunks of this many prompts so scoring starts early (default: mini-batch; rule rewards: whole batch)."
+        None, ge=1, description="Sample in chunks of this many prompts so scoring starts before the whole batch is done (default: one chunk)."
     )
     # PPO
     ppo_buffer_size: int = Field(1, ge=1, description="Mini-batches per rollout batch (rollout = per_device x accum x buffer).")
@@ -53,6 +53,7 @@ class PPOConfig(StageConfig):
     missing_eos_penalty: float | None = Field(None, description="Subtracted from the score of responses without EOS.")
     critic_adapter: bool = Field(False, description="Give the critic its own LoRA adapter instead of sharing the policy's.")
     # Defaults that suit PPO better than SFT's.
+    per_device_eval_batch_size: int = Field(16, ge=1, description="Rows per no-grad forward pass (old/ref log-probs, values).")
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N PPO steps.")
     logging_steps: int = Field(1, ge=1, description="Log metrics every N PPO steps.")
