@@ -291,6 +291,17 @@ def run(cfg: PPOConfig) -> Path:
     return out
 
 
+def trim_padding(attn: torch.Tensor, q: int) -> tuple[slice, slice]:
+    """Column slices that drop the padding a micro-batch's rows all share: left padding of the
+    query and right padding of the response. Returns (slice of the (b, Q+R) sequence, slice of
+    the (b, R) response tensors); rollout batches are padded to their longest row, and a random
+    micro-batch of a few rows rarely needs all of it."""
+    real = attn.any(0)  # (Q+R,)
+    first = min(int(real[:q].long().argmax()) if real[:q].any() else q - 1, q - 1)
+    last = max(int(real.nonzero().max()), q)  # keep at least one response column
+    return slice(first, last + 1), slice(0, last + 1 - q)
+
+
 def update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, b_mask, b_logprobs, b_values,
            advantages, returns, q, mb, micro) -> dict[str, float]:
     """``ppo_epochs`` passes over shuffled mini-batches; one optimizer step per mini-batch."""
@@ -310,11 +321,14 @@ def update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, 
                 empty = bool(mask.sum() == 0)
                 if empty and accelerator.num_processes == 1:
                     continue
-                logits, vpred = model(b_input_ids[i], b_attn[i], q)
-                logp = logprobs_from_logits(logits, b_input_ids[i, q:], cfg.temperature)
+                cols, rows = trim_padding(b_attn[i], q)
+                ids, qi, mask = b_input_ids[i][:, cols], q - cols.start, mask[:, rows]
+                logits, vpred = model(ids, b_attn[i][:, cols], qi)
+                logp = logprobs_from_logits(logits, ids[:, qi:], cfg.temperature)
                 vpred = vpred.float()
-                pg_loss, pg_stats = policy_loss(logp, b_logprobs[i], advantages[i], mask, cfg.cliprange)
-                vf_loss, vf_stats = value_loss(vpred, b_values[i], returns[i], mask, cfg.cliprange_value)
+                pg_loss, pg_stats = policy_loss(logp, b_logprobs[i][:, rows], advantages[i][:, rows], mask, cfg.cliprange)
+                vf_loss, vf_stats = value_loss(vpred, b_values[i][:, rows], returns[i][:, rows], mask,
+                                               cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 entropy = masked_mean(entropy_from_logits(logits.detach(), cfg.temperature), mask)
                 if cfg.ent_coef > 0:
@@ -325,7 +339,8 @@ def update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, 
                     continue
                 for k, v in zip(UPDATE_STATS, (pg_loss, vf_loss, loss, pg_stats["approxkl"], pg_stats["clipfrac"],
                                                vf_stats["clipfrac"], entropy,
-                                               explained_variance(vpred.detach(), returns[i], mask)), strict=True):
+                                               explained_variance(vpred.detach(), returns[i][:, rows], mask)),
+                                      strict=True):
                     v = float(v.detach()) if torch.is_tensor(v) else float(v)
                     if math.isfinite(v):
                         sums[k] = sums.get(k, 0.0) + v
