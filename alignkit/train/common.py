@@ -148,3 +148,20 @@ def restore_model(model: torch.nn.Module, ckpt: Path) -> None:
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {ckpt}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+
+
+def resume(accelerator: Accelerator, out: Path, cfg: StageConfig, restore_weights, optimizer, scheduler) -> dict | None:
+    """Restore a checkpoint named by ``resume_from_checkpoint`` (weights through
+    ``restore_weights(ckpt)``, optimizer, scheduler, this rank's RNG); its state, or None."""
+    from alignkit.train.checkpoint import load_state, resolve_resume
+
+    ckpt = resolve_resume(out, cfg.resume_from_checkpoint)
+    if ckpt is None:
+        return None
+    state = load_state(ckpt)
+    restore_weights(ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(accelerator, state)
+    logger.info("resumed from %s at step %d", ckpt, state["step"])
+    return state

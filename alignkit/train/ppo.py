@@ -45,13 +45,13 @@ from alignkit.rewards.base import ScoreMeta
 from alignkit.rewards.factory import build_reward_source
 from alignkit.rewards.runner import BackgroundScorer
 from alignkit.rewards.text import DEFAULT_THINK_TAGS, think_truncated_frac
-from alignkit.train.checkpoint import load_state, resolve_resume, save_checkpoint
+from alignkit.train.checkpoint import save_checkpoint
 from alignkit.train.common import (
     build_optimizer,
     global_batch_indices,
     rank_rng_states,
     reduce_metrics,
-    restore_rng,
+    resume,
     setup_run,
     total_steps,
 )
@@ -146,19 +146,12 @@ def run(cfg: PPOConfig) -> Path:
         moments = RunningMoments() if cfg.ppo_score_norm else None
 
         # 3. Resume: adapter/weights, value head, optimizer, scheduler, KL controller, score moments, RNG.
-        start = 0
-        ckpt = resolve_resume(out, cfg.resume_from_checkpoint)
-        if ckpt is not None:
-            state = load_state(ckpt)
-            ac.load_trainable(ckpt)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+        state = resume(accelerator, out, cfg, ac.load_trainable, optimizer, scheduler)
+        start = state["step"] if state else 0
+        if state:
             kl_ctl.load_state_dict(state["kl_ctl"])
             if moments is not None:
                 moments.load_state_dict(state["moments"])
-            restore_rng(accelerator, state)
-            start = state["step"]
-            logger.info("resumed from %s at step %d", ckpt, start)
 
         tracker = MetricLogger(out, cfg.report_to, enabled=accelerator.is_main_process, resume_step=start)
         bar = tqdm(total=num_steps, initial=start, desc="ppo", disable=not accelerator.is_main_process, dynamic_ncols=True)

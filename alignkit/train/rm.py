@@ -22,8 +22,15 @@ from alignkit.data.loader import load_examples, split_train_val
 from alignkit.data.templates import get_template
 from alignkit.models.loading import count_parameters, load_for_training
 from alignkit.models.reward_model import RewardModel, pairwise_loss, restore_reward_model, save_reward_model
-from alignkit.train.checkpoint import load_state, resolve_resume, save_checkpoint, set_rng_state
-from alignkit.train.common import build_optimizer, global_batch_indices, setup_run, total_steps
+from alignkit.train.checkpoint import save_checkpoint
+from alignkit.train.common import (
+    build_optimizer,
+    global_batch_indices,
+    rank_rng_states,
+    resume,
+    setup_run,
+    total_steps,
+)
 from alignkit.train.tracking import MetricLogger, plot_metrics
 
 logger = logging.getLogger(__name__)
@@ -109,16 +116,8 @@ def run(cfg: RMConfig) -> Path:
     model.train()
 
     # 3. Resume: weights and head, optimizer, scheduler, RNG; the data position is the step itself.
-    start = 0
-    ckpt = resolve_resume(out, cfg.resume_from_checkpoint)
-    if ckpt is not None:
-        state = load_state(ckpt)
-        restore_reward_model(rm, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        logger.info("resumed from %s at step %d", ckpt, start)
+    state = resume(accelerator, out, cfg, lambda ckpt: restore_reward_model(rm, ckpt), optimizer, scheduler)
+    start = state["step"] if state else 0
 
     tracker = MetricLogger(out, cfg.report_to, enabled=accelerator.is_main_process, resume_step=start)
     bar = tqdm(total=num_steps, initial=start, desc="rm", disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -158,11 +157,14 @@ def run(cfg: RMConfig) -> Path:
             tracker.log(done, metrics)
         if val and cfg.eval_strategy != "no" and done % eval_every == 0 and done < num_steps:
             tracker.log(done, evaluate(model, val, collate, cfg.per_device_eval_batch_size, accelerator.device))
-        if done % cfg.save_steps == 0 and done < num_steps and accelerator.is_main_process:
-            save_checkpoint(
-                out, done, lambda d: save_reward_model(rm, d, tokenizer, meta),
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, cfg.save_total_limit,
-            )
+        if done % cfg.save_steps == 0 and done < num_steps:
+            rngs = rank_rng_states(accelerator)  # collective; each rank resumes its own stream
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    out, done, lambda d: save_reward_model(rm, d, tokenizer, meta),
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng_per_rank": rngs},
+                    cfg.save_total_limit,
+                )
         accelerator.wait_for_everyone()
     bar.close()
 

@@ -21,13 +21,13 @@ from alignkit.data.encode import encode_supervised_examples
 from alignkit.data.loader import load_examples, split_train_val
 from alignkit.data.templates import get_template
 from alignkit.models.loading import count_parameters, load_for_training
-from alignkit.train.checkpoint import load_state, resolve_resume, save_checkpoint
+from alignkit.train.checkpoint import save_checkpoint
 from alignkit.train.common import (
     build_optimizer,
     global_batch_indices,
     rank_rng_states,
     restore_model,
-    restore_rng,
+    resume,
     save_model,
     setup_run,
     total_steps,
@@ -91,16 +91,9 @@ def run(cfg: SFTConfig) -> Path:
     model.train()
 
     # 3. Resume: weights, optimizer, scheduler, RNG; the data position is the step itself.
-    start = 0
-    ckpt = resolve_resume(out, cfg.resume_from_checkpoint)
-    if ckpt is not None:
-        state = load_state(ckpt)
-        restore_model(accelerator.unwrap_model(model), ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(accelerator, state)
-        start = state["step"]
-        logger.info("resumed from %s at step %d", ckpt, start)
+    state = resume(accelerator, out, cfg, lambda ckpt: restore_model(accelerator.unwrap_model(model), ckpt),
+                   optimizer, scheduler)
+    start = state["step"] if state else 0
 
     tracker = MetricLogger(out, cfg.report_to, enabled=accelerator.is_main_process, resume_step=start)
     bar = tqdm(total=num_steps, initial=start, desc="sft", disable=not accelerator.is_main_process, dynamic_ncols=True)
