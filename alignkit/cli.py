@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import sys
 import warnings
+from typing import get_origin
 
 from alignkit import __version__
 
@@ -38,6 +39,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Every config key of a stage with its type, default and help text."""
+    import importlib as _il
+
+    from alignkit.config import LAZY_STAGES, STAGES
+
+    if args.stage in LAZY_STAGES:
+        _il.import_module(LAZY_STAGES[args.stage])
+    for name, field in STAGES[args.stage].model_fields.items():
+        ann = field.annotation
+        kind = str(ann).replace("typing.", "") if get_origin(ann) else getattr(ann, "__name__", str(ann))
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        print(f"{name}: {kind} ({default})\n    {field.description or ''}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignkit", description="RLHF for practitioners: SFT, reward models and PPO against your own judge."
@@ -53,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     train.set_defaults(func=cmd_train)
+
+    keys = sub.add_parser("keys", help="list a stage's config keys with types, defaults and help")
+    keys.add_argument("stage", choices=list(STAGE_MODULES), help="sft, rm or ppo")
+    keys.set_defaults(func=cmd_keys)
 
     for module in COMMAND_MODULES:
         if importlib.util.find_spec(module) is not None:

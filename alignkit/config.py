@@ -87,7 +87,7 @@ class StageConfig(BaseModel):
     stage: Literal["sft", "rm", "ppo"] = Field(description="Training stage: sft | rm | ppo.")
     model_name_or_path: str = Field(description="Local Hugging Face model directory (base model).")
     adapter_name_or_path: list[str] | None = Field(
-        None, description="LoRA adapter directory (or comma list) to continue from; the first is merged-on-load base."
+        None, description="Adapter dir(s) to start from (comma list): SFT/RM continue the last and merge the rest; PPO merges all."
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the model directory.")
     do_train: bool = Field(True, description="Must be true: alignkit train always trains.")

@@ -74,3 +74,13 @@ def test_dotted_override_merges_into_yaml_mapping(tmp_path):
                                  "reward_api": {"preset": "custom", "timeout_s": 5}}))
     cfg = load_config(p, ["reward_api.max_concurrency=64"])
     assert cfg.reward_api == {"preset": "custom", "timeout_s": 5, "max_concurrency": 64}
+
+
+def test_keys_command_lists_every_ppo_key(capsys):
+    from alignkit.cli import main
+
+    assert main(["keys", "ppo"]) == 0
+    out = capsys.readouterr().out
+    for key in ("ppo_epochs", "reward_api", "init_kl_coef", "lora_target", "kl_penalty"):
+        assert f"\n{key}: " in out or out.startswith(f"{key}: ")
+    assert "Literal['kl', 'abs', 'mse', 'full']" in out
