@@ -69,9 +69,10 @@ def run_demo(output: Path, steps: int = 30, keep_server: bool = False) -> dict:
 
     # A bearer token the judge requires; the client reads it from the environment, so it is
     # never written to a config, a log or a checkpoint.
-    os.environ["ALIGNKIT_DEMO_JUDGE_TOKEN"] = secrets.token_hex(16)
-    judge = JudgeProcess("--token", os.environ["ALIGNKIT_DEMO_JUDGE_TOKEN"], rule="count_good",
-                         log=output / "judge.log").start()
+    # The server reads its copy from ALIGNKIT_JUDGE_TOKEN (not argv, which `ps` shows).
+    token = secrets.token_hex(16)
+    os.environ["ALIGNKIT_DEMO_JUDGE_TOKEN"] = token
+    judge = JudgeProcess(rule="count_good", log=output / "judge.log", env={"ALIGNKIT_JUDGE_TOKEN": token}).start()
     print(f"[3/6] judge server on {judge.url} (custom evaluation-API shape, bearer token)")
     try:
         print(f"[4/6] PPO against the judge over HTTP, {steps} steps")
@@ -99,6 +100,7 @@ def run_demo(output: Path, steps: int = 30, keep_server: bool = False) -> dict:
             judge.stop()
 
     html = write_report(ppo_dir)
+    health = json.loads((ppo_dir / "report" / "health.json").read_text())
     rows = read_metrics(ppo_dir)
     rewards = [r["env/reward_mean"] for r in rows]
     k = min(10, len(rewards) // 2) or 1
@@ -107,6 +109,7 @@ def run_demo(output: Path, steps: int = 30, keep_server: bool = False) -> dict:
         "judge_reward_last_steps": sum(rewards[-k:]) / k,
         "kl_last": rows[-1]["objective/kl"],
         "export_verified": report.get("passed"),
+        "health": {c["name"]: c["verdict"] for c in health["checks"] if c["verdict"] in ("warn", "fail")},
         "compare": {"mean_reward_sft": cmp["model_a"]["mean_reward"], "mean_reward_ppo": cmp["model_b"]["mean_reward"],
                     "ppo_vs_sft": cmp["b_vs_a"], "failures": cmp["pairs_with_failure"]},
         "outputs": {"tiny_model": str(tiny), "sft_adapter": str(sft_dir), "ppo_run": str(ppo_dir),
@@ -123,6 +126,9 @@ def print_summary(s: dict) -> None:
     print(f"judge reward (mean of the first / last 10 PPO steps): {s['judge_reward_first_steps']:.2f} -> "
           f"{s['judge_reward_last_steps']:.2f}; final KL {s['kl_last']:.2f} nats")
     print(f"export verified: {s['export_verified']}; compare (PPO vs SFT): {s['compare']}")
+    if s["health"]:
+        # The demo judge counts the word "good": an easy reward to game, and the report says so.
+        print(f"report health checks needing attention: {s['health']} (details in the report)")
     for name, path in s["outputs"].items():
         print(f"  {name:15s} {path}")
     print(f"done in {s['seconds']} s")

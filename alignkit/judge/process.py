@@ -26,17 +26,18 @@ class JudgeProcess:
     """``with JudgeProcess(rule="count_good", latency_ms=100) as judge: judge.url``."""
 
     def __init__(self, *args: str, rule: str = "count_good", latency_ms: float = 0.0, log: Path | None = None,
-                 port: int | None = None):
+                 port: int | None = None, env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "alignkit.judge.server", "--port", str(self.port), "--rule", rule,
                     "--latency-ms", str(latency_ms), *args]
         self.log = log
+        self.env = env or {}  # extra environment for the child only (e.g. ALIGNKIT_JUDGE_TOKEN)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 30.0) -> JudgeProcess:
         out = open(self.log, "w") if self.log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
