@@ -46,6 +46,8 @@ def run_demo(output: Path, steps: int = 30, keep_server: bool = False) -> dict:
     import os
     import secrets
 
+    import torch
+
     from alignkit.compare import CompareConfig, run_compare
     from alignkit.config import load_config
     from alignkit.export import ExportConfig, export_model
@@ -57,6 +59,9 @@ def run_demo(output: Path, steps: int = 30, keep_server: bool = False) -> dict:
 
     examples = _examples()
     output.mkdir(parents=True, exist_ok=True)
+    # One intra-op thread: the tiny model gains little from more, and on a small shared machine
+    # spinning OpenMP threads competing with the judge process made steps many times slower.
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     common = [f"dataset_dir={examples / 'data'}", "overwrite_output_dir=true"]
 
