@@ -89,7 +89,7 @@ def test_failed_scores_are_masked_not_zeroed(tiny_model_dir, sft_adapter, tmp_pa
 @pytest.mark.parametrize("variant", [
     ["critic_adapter=true"],  # the critic gets its own LoRA adapter
     ["finetuning_type=full", "learning_rate=1e-5"],  # separate policy and frozen reference copies
-    ["kl_penalty=full", "top_k=20", "top_p=0.9", "temperature=0.7"],
+    ["kl_penalty=full", "top_k=20", "top_p=0.9", "temperature=0.7", "ent_coef=0.01"],
 ])
 def test_ppo_variants_train(tiny_model_dir, sft_adapter, tmp_path, variant):
     out = ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "v", "max_steps=2", "max_new_tokens=8",

@@ -323,9 +323,11 @@ def update(cfg, accelerator, model, ac, optimizer, params, b_input_ids, b_attn, 
                 vf_loss, vf_stats = value_loss(vpred, b_values[i][:, rows], returns[i][:, rows], mask,
                                                cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
-                entropy = masked_mean(entropy_from_logits(logits.detach(), cfg.temperature), mask)
+                # One entropy pass (a softmax over the vocabulary): with grad only when it is in the loss.
+                entropy = masked_mean(entropy_from_logits(logits if cfg.ent_coef > 0 else logits.detach(),
+                                                          cfg.temperature), mask)
                 if cfg.ent_coef > 0:
-                    loss = loss - cfg.ent_coef * masked_mean(entropy_from_logits(logits, cfg.temperature), mask)
+                    loss = loss - cfg.ent_coef * entropy
                 # Micro-batch losses are token means; weight them by their share of the mini-batch.
                 accelerator.backward(loss * mask.sum() / mb_tokens)
                 if empty:
