@@ -98,7 +98,7 @@ class ActorCritic(nn.Module):
             hidden = out.hidden_states[-1]
         else:
             with self.use_adapter(CRITIC):
-                hidden = self.lm.base_model.model.model(
+                hidden = self.lm.base_model.model.get_decoder()(
                     input_ids=input_ids, attention_mask=attention_mask,
                     position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                 ).last_hidden_state
