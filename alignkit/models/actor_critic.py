@@ -110,7 +110,7 @@ class ActorCritic(nn.Module):
         if self.ref_lm is not None:
             model, ctx = self.ref_lm, nullcontext()
         else:
-            model, ctx = self.lm, self.lm.disable_adapter()
+            model, ctx = self.lm, self._disabled_adapters()
         with ctx:
             return model(
                 input_ids=input_ids, attention_mask=attention_mask,
@@ -119,20 +119,31 @@ class ActorCritic(nn.Module):
             ).logits[:, :-1]
 
     @contextmanager
-    def use_adapter(self, name: str):
-        """Run with another adapter active, keeping every adapter trainable.
-
-        peft's ``set_adapter`` also flips ``requires_grad`` to the active adapter only, which
-        would silently stop the policy adapter's gradients; we restore the flags.
-        """
+    def _keep_grad_flags(self):
+        """peft's ``set_adapter`` (also called when ``disable_adapter`` re-enables adapters)
+        sets ``requires_grad`` on the active adapter only, which would silently freeze every
+        other adapter (the critic's, after the first reference pass); restore the flags."""
         flags = [(p, p.requires_grad) for p in self.lm.parameters()]
-        self.lm.base_model.set_adapter(name)
         try:
             yield
         finally:
-            self.lm.base_model.set_adapter("default")
             for p, flag in flags:
                 p.requires_grad_(flag)
+
+    @contextmanager
+    def _disabled_adapters(self):
+        with self._keep_grad_flags(), self.lm.disable_adapter():
+            yield
+
+    @contextmanager
+    def use_adapter(self, name: str):
+        """Run with another adapter active (critic, reward), keeping every adapter trainable."""
+        with self._keep_grad_flags():
+            self.lm.base_model.set_adapter(name)
+            try:
+                yield
+            finally:
+                self.lm.base_model.set_adapter("default")
 
     def save_policy(self, out: Path) -> None:
         """Policy weights (adapter or full model) + value head; no critic adapter in the policy dir."""
