@@ -36,6 +36,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     module = importlib.import_module(STAGE_MODULES[cfg.stage])
     out = module.run(cfg)
     print(f"done: outputs in {out}")
+    if cfg.stage == "ppo":
+        print(f"  training report: {out}/report.html")
+    print(f"  next: alignkit export --from {out} --export_dir {out}-merged   (or alignkit report {out})")
     return 0
 
 
