@@ -27,7 +27,7 @@ from alignkit.data.loader import Example, load_examples
 from alignkit.data.templates import get_template
 from alignkit.export import DTYPES, ModelSpec, _comma_list, build_spec, load_merged, load_tool_config
 from alignkit.models.loading import load_tokenizer
-from alignkit.train.rollout import first_eos_mask, stop_token_ids
+from alignkit.generation import first_eos_mask, stop_token_ids
 
 logger = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     model.config.architectures = base_arch
 
     # 2. Generation config: stop on the template's end-of-turn token too, as training did.
-    from alignkit.train.rollout import stop_token_ids
+    from alignkit.generation import stop_token_ids
 
     template = get_template(spec.template, tokenizer)
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, template, model)

@@ -56,7 +56,7 @@ from alignkit.train.common import (
     total_steps,
 )
 from alignkit.train.ppo_config import PPOConfig
-from alignkit.train.rollout import decode_responses, sample, stop_token_ids
+from alignkit.generation import decode_responses, sample, stop_token_ids
 from alignkit.train.tracking import MetricLogger, plot_metrics
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def run(cfg: PPOConfig) -> Path:
             futures, rolls, all_texts = [], [], []
             for c in range(0, rollout_bs, chunk):
                 with ac.adapter_lock:
-                    roll = sample(ac.lm, tokenizer, q_ids[c : c + chunk], q_mask[c : c + chunk], cfg.max_new_tokens,
+                    roll = sample(ac.lm, tokenizer.pad_token_id, q_ids[c : c + chunk], q_mask[c : c + chunk], cfg.max_new_tokens,
                                   cfg.temperature, cfg.top_k, cfg.top_p, eos_ids)
                 texts = decode_responses(tokenizer, roll, skip_special)
                 all_texts += texts

@@ -1,4 +1,4 @@
-"""Rollout: sample responses with the KV cache, cut them after EOS, decode the text to score."""
+"""Sampling: responses with the KV cache, cut after EOS; stop tokens; decoding the text to score."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 @torch.inference_mode()
-def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
+def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
            temperature: float, top_k: int, top_p: float, eos_ids: list[int]) -> Rollout:
     """Batched sampling with a KV cache over a left-padded chunk of queries.
 
@@ -70,7 +70,7 @@ def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, 
     for _ in range(max_new_tokens):
         logits = filter_logits(out.logits[:, -1].float() / temperature, top_k, top_p)  # (B, V)
         token = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)  # (B,)
-        token = torch.where(finished, torch.full_like(token, tokenizer.pad_token_id), token)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         finished |= torch.isin(token, eos)
         if bool(finished.all()) or len(tokens) == max_new_tokens:
@@ -82,7 +82,7 @@ def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, 
     response = torch.stack(tokens, 1)  # (B, R)
     response_mask, no_eos = first_eos_mask(response, eos_ids)
     # Tokens after the first EOS are replaced by pad so no later computation can see them.
-    response = torch.where(response_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+    response = torch.where(response_mask.bool(), response, torch.full_like(response, pad_token_id))
     q = query_ids.shape[1]
     return Rollout(
         input_ids=torch.cat([query_ids, response], 1),
