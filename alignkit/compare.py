@@ -21,10 +21,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from alignkit.data.loader import Example, load_examples
-from alignkit.export import ModelSpec, _comma_list, build_spec, load_tool_config
-from alignkit.infer import GenerationKeys, Generator, generate_all
+from alignkit.export import CommaList, add_config_command, load_tool_config
+from alignkit.generator import GenerationKeys, Generator, generate_all
 from alignkit.rewards.base import Score, ScoreMeta
 from alignkit.rewards.factory import build_reward_source
+from alignkit.runs import ModelSpec, build_spec
 
 
 class ModelSide(BaseModel):
@@ -33,15 +34,10 @@ class ModelSide(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name_or_path: str = Field(description="Base model directory, or an SFT/PPO run dir.")
-    adapter_name_or_path: list[str] | None = Field(None, description="Adapters applied (merged) in order.")
+    adapter_name_or_path: CommaList | None = Field(None, description="Adapters applied (merged) in order.")
     template: str | None = Field(None, description="This side's chat template (default: its run's, else the shared one).")
     default_system: str | None = Field(None, description="This side's system prompt (default: its run's / shared).")
     name: str | None = Field(None, description="Label in the tables (default: the directory name).")
-
-    @field_validator("adapter_name_or_path", mode="before")
-    @classmethod
-    def _adapters(cls, v: Any) -> Any:
-        return _comma_list(v)
 
 
 class CompareConfig(GenerationKeys):
@@ -97,12 +93,11 @@ async def score_both(cfg: CompareConfig, prompts: list[str], a: list[str], b: li
         await source.aclose()
 
 
-def _generate(side: ModelSide, cfg: CompareConfig, examples: list[Example], tag: str) -> tuple[ModelSpec, list, float]:
-    spec = side_spec(side, cfg)
+def _generate(spec: ModelSpec, cfg: CompareConfig, examples: list[Example], tag: str) -> tuple[list, float]:
     gen = Generator(spec, cfg.infer_dtype, cfg.device, cfg.trust_remote_code)
     t0 = time.perf_counter()
     rows = generate_all(gen, cfg, examples, f"compare {tag}")
-    return spec, rows, time.perf_counter() - t0
+    return rows, time.perf_counter() - t0
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -112,11 +107,13 @@ def _mean(xs: list[float]) -> float | None:
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Generate with A then B (one model in memory at a time), score both, write the reports;
     returns what ``compare.json`` holds."""
+    # Both sides' paths and the dataset are checked before either model loads.
+    spec_a, spec_b = side_spec(cfg.model_a, cfg), side_spec(cfg.model_b, cfg)
     examples = load_examples(cfg.dataset, cfg.dataset_dir, "prompt", cfg.max_samples)
-    spec_a, rows_a, secs_a = _generate(cfg.model_a, cfg, examples, "A")
-    spec_b, rows_b, secs_b = _generate(cfg.model_b, cfg, examples, "B")
-    # The reward sees the latest user turn, as in PPO (alignkit.train.ppo).
-    prompts = [next((m["content"] for m in reversed(ex.messages) if m["role"] == "user"), "") for ex in examples]
+    rows_a, secs_a = _generate(spec_a, cfg, examples, "A")
+    rows_b, secs_b = _generate(spec_b, cfg, examples, "B")
+    # The reward sees the latest user turn, as in PPO.
+    prompts = [ex.last_user_text() for ex in examples]
     labels = [ex.label for ex in examples]
     scores_a, scores_b = asyncio.run(
         score_both(cfg, prompts, [r["response"] for r in rows_a], [r["response"] for r in rows_b], labels)
@@ -241,3 +238,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(_headline(r))
     print(f"reports: {Path(cfg.output_dir) / 'compare.md'}, compare.html, compare.json")
     return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    add_config_command(subparsers, "compare", "generate with two models on the same prompts and score both",
+                       CompareConfig, cmd_compare)

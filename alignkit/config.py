@@ -214,7 +214,9 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
-def _normalise_keys(raw: dict, cls: type[BaseModel], where: str) -> dict:
+def normalise_keys(raw: dict, cls: type[BaseModel], where: str) -> dict:
+    """``raw`` with aliases renamed and ignored keys dropped; an unknown key is a ``ConfigError``
+    naming ``where`` with a "did you mean" suggestion."""
     out: dict[str, Any] = {}
     known = set(cls.model_fields)
     for key, value in raw.items():
@@ -232,7 +234,8 @@ def _normalise_keys(raw: dict, cls: type[BaseModel], where: str) -> dict:
     return out
 
 
-def _explain(err: ValidationError, where: str) -> ConfigError:
+def explain_validation_error(err: ValidationError, where: str) -> ConfigError:
+    """pydantic's errors as one ``ConfigError``: each key path and what was expected (secrets redacted)."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(config)"
@@ -281,9 +284,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **e
         raise ConfigError(f"{where}: key 'stage' must be one of {sorted(STAGES)}, got {stage!r}")
     cls = STAGES[stage]
     try:
-        return cls(**_normalise_keys(raw, cls, where))
+        return cls(**normalise_keys(raw, cls, where))
     except ValidationError as err:
-        raise _explain(err, where) from None
+        raise explain_validation_error(err, where) from None
 
 
 def redact(obj: Any, _key: str = "") -> Any:

@@ -18,7 +18,6 @@ from alignkit.config import ConfigError
 from alignkit.data.templates import TEMPLATES, get_template
 from alignkit.export import (
     ExportConfig,
-    build_spec,
     export_model,
     load_tool_config,
     system_override_jinja,
@@ -26,6 +25,7 @@ from alignkit.export import (
     verify_export,
 )
 from alignkit.models.loading import load_causal_lm, merge_adapters
+from alignkit.runs import build_spec
 
 SYSTEM = "You are a tiny bot."
 PROMPT_IDS = [[1, 20, 30, 40, 50, 60, 70, 2], [5, 6, 7, 8]]

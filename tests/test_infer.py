@@ -103,8 +103,9 @@ def test_chat_streams_keeps_history_and_resets(runs, monkeypatch, capsys):
 
 
 def test_chat_function_with_history(runs):
-    from alignkit.export import build_spec
-    from alignkit.infer import Generator, chat
+    from alignkit.generator import Generator
+    from alignkit.infer import chat
+    from alignkit.runs import build_spec
 
     gen = Generator(build_spec(str(runs["ppo"])), "float32", "cpu")
     assert gen.spec.adapters == [str(runs["sft"]), str(runs["ppo"])]

@@ -80,6 +80,14 @@ class Example:
     label: str | None = None
     source: str = ""
 
+    def last_user_text(self) -> str:
+        """The latest user turn: the prompt a reward source (rule, model, judge) is shown.
+
+        Earlier turns and the system prompt stay out, so a judge scores the answer to the
+        question just asked; ``""`` when the conversation has no user turn.
+        """
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
+
 
 @dataclass
 class DatasetSpec:

@@ -13,14 +13,11 @@ it against the unmerged base + adapters (see ``verify_export``); the verdict goe
 from alignkit.export.cli import add_parser, cmd_export
 from alignkit.export.config import (
     DTYPES,
-    RUN_CONFIG,
+    CommaList,
     ExportConfig,
-    ModelSpec,
-    _comma_list,
-    build_spec,
+    add_config_command,
+    comma_list,
     load_tool_config,
-    read_run_config,
-    resolve_run,
 )
 from alignkit.export.merge import export_model, load_merged
 from alignkit.export.output import REPORT_FILE, base_dtype, copy_extras
@@ -38,16 +35,15 @@ from alignkit.export.verify import (
 __all__ = [
     "DTYPES",
     "REPORT_FILE",
-    "RUN_CONFIG",
     "TOLERANCE",
     "VERIFY_PROMPTS",
+    "CommaList",
     "ExportConfig",
-    "ModelSpec",
-    "_comma_list",
+    "add_config_command",
     "add_parser",
     "base_dtype",
-    "build_spec",
     "cmd_export",
+    "comma_list",
     "copy_extras",
     "export_chat_template",
     "export_model",
@@ -55,9 +51,7 @@ __all__ = [
     "is_reward_run",
     "load_merged",
     "load_tool_config",
-    "read_run_config",
     "reference_model",
-    "resolve_run",
     "sequence_classifier_config",
     "system_override_jinja",
     "template_jinja",

@@ -9,12 +9,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.data.templates import get_template
-from alignkit.export.config import DTYPES, ExportConfig, ModelSpec
+from alignkit.export.config import DTYPES, ExportConfig
 from alignkit.export.output import base_dtype, copy_extras, finish_report, prepare_export_dir
 from alignkit.export.reward import export_reward_model, is_reward_run
 from alignkit.export.template import export_chat_template
 from alignkit.export.verify import verify_export, vllm_check
 from alignkit.models.loading import check_model_dir, merge_adapters
+from alignkit.runs import ModelSpec
 
 
 def load_merged(spec: ModelSpec, dtype: torch.dtype, trust_remote_code: bool = False, device_map: str | None = None):

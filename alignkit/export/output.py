@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from alignkit.export.config import DTYPES, ExportConfig, ModelSpec
+from alignkit.export.config import DTYPES, ExportConfig
+from alignkit.runs import ModelSpec
 
 REPORT_FILE = "export_report.json"
 EXTRAS_DIR = "extras"

@@ -8,11 +8,12 @@ from typing import Any
 import torch
 
 from alignkit.data.templates import get_template
-from alignkit.export.config import DTYPES, ExportConfig, ModelSpec, read_run_config
+from alignkit.export.config import DTYPES, ExportConfig
 from alignkit.export.output import base_dtype, finish_report, prepare_export_dir
 from alignkit.export.template import export_chat_template
 from alignkit.export.verify import TOLERANCE, VERIFY_PROMPTS, weight_files, weight_keys
 from alignkit.models.loading import check_model_dir
+from alignkit.runs import ModelSpec, read_run_config
 
 # A sequence classifier keeps its ``score`` head but has no LM head.
 RM_FORBIDDEN_KEY_PARTS = ("v_head", "summary", "pretrained_model.", "base_model.model.", "lora_", "lm_head")

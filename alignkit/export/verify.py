@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.data.templates import get_template
-from alignkit.export.config import ModelSpec
+from alignkit.runs import ModelSpec
 
 # Substrings no exported weight name may contain: heads and wrapper prefixes of training.
 FORBIDDEN_KEY_PARTS = ("v_head", "summary", "score", "pretrained_model.", "base_model.model.", "lora_")

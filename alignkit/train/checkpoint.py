@@ -7,7 +7,6 @@ complete directories (a rename is atomic on one filesystem).
 from __future__ import annotations
 
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -17,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.pt"
+from alignkit.runs import CHECKPOINT_PREFIX as PREFIX
+from alignkit.runs import STATE_FILE, list_checkpoints
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,16 +62,6 @@ def save_checkpoint(
         for old in list_checkpoints(out)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name)]
-    found = [p for p in found if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def resolve_resume(output_dir: str | Path, resume: str | bool | None) -> Path | None:
