@@ -90,7 +90,8 @@ COMMAND_MODULES = [
     "alignkit.judge.cli",  # judge serve
     "alignkit.rewards.score_cli",  # score
     "alignkit.export",  # export
-    "alignkit.infer",  # chat, predict, compare
+    "alignkit.infer",  # chat, predict
+    "alignkit.compare",  # compare
     "alignkit.report",  # report
     "alignkit.demo",  # demo
     "alignkit.models.tiny_cli",  # tiny
