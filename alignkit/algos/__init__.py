@@ -3,14 +3,39 @@
 Functions take tensors and masks and return tensors; the training loop owns the config.
 """
 
-from alignkit.algos.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
+from alignkit.algos.kl import (
+    KL_KINDS,
+    KL_LOSS_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_loss_terms,
+    kl_penalty,
+)
 from alignkit.algos.logprobs import entropy_from_logits, logprobs_from_logits, selective_log_softmax
 from alignkit.algos.normalize import masked_mean, masked_var, masked_whiten
-from alignkit.algos.ppo import compute_gae, explained_variance, policy_loss, value_loss
-from alignkit.algos.shaping import RunningMoments, compute_rewards, postprocess_scores, shape_rewards
+from alignkit.algos.ppo import (
+    LOSS_AGG_MODES,
+    aggregate_loss,
+    compute_gae,
+    explained_variance,
+    policy_loss,
+    value_loss,
+)
+from alignkit.algos.shaping import (
+    RunningMoments,
+    compute_rewards,
+    overlong_penalty,
+    postprocess_scores,
+    shape_rewards,
+)
 
 __all__ = [
     "KL_KINDS",
+    "KL_LOSS_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "aggregate_loss",
+    "kl_loss_terms",
+    "overlong_penalty",
     "AdaptiveKLController",
     "FixedKLController",
     "RunningMoments",

@@ -45,6 +45,27 @@ def kl_penalty(
     return torch.stack(rows)
 
 
+KL_LOSS_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_loss_terms(logprob: torch.Tensor, ref_logprob: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL(policy || ref) estimates to use as a *loss* term (GRPO style), (B, T).
+
+    From Schulman (2020), "Approximating KL divergence", with r = ref/policy on sampled tokens:
+    ``k1`` = -log r (unbiased, high variance, can be negative), ``k2`` = ½ (log r)² (biased, low
+    variance), ``k3`` = (r - 1) - log r (unbiased, low variance, always >= 0; GRPO's choice,
+    Shao et al. 2024 eq. 4). The log-ratio is clamped to ±20 so exp(r) cannot overflow.
+    """
+    log_r = (ref_logprob - logprob).clamp(-20, 20)
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.square()
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_LOSS_ESTIMATORS)}")
+
+
 class FixedKLController:
     """A constant KL coefficient ``value``; ``update`` is a no-op."""
 

@@ -33,24 +33,55 @@ def compute_gae(
     return advantages, (advantages + values) * mask
 
 
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", max_len: int | None = None
+                   ) -> torch.Tensor:
+    """Reduce per-token losses (B, T) to a scalar.
+
+    ``token_mean``: mean over every real token of the batch (long responses weigh more; DAPO's
+    token-level loss, Yu et al. 2025 sec. 3.3). ``seq_mean_token_mean``: mean per response, then
+    over responses (the original GRPO, Shao et al. 2024 eq. 3). ``seq_mean_token_sum_norm``: sum
+    per response divided by a constant ``max_len``, then the mean over responses (Dr. GRPO, Liu et
+    al. 2025 sec. 3.1: no per-response length normalisation, so no length bias).
+    """
+    if mode == "token_mean":
+        return masked_mean(losses, mask)
+    rows = mask.sum(1) > 0  # responses with a real token
+    if mode == "seq_mean_token_mean":
+        per_seq = masked_mean(losses, mask, dim=1)
+    elif mode == "seq_mean_token_sum_norm":
+        per_seq = (losses * mask.to(losses.dtype)).sum(1) / (max_len or losses.shape[1])
+    else:
+        raise ValueError(f"unknown loss_agg_mode {mode!r}; expected one of {', '.join(LOSS_AGG_MODES)}")
+    return per_seq[rows].sum() / rows.sum().clamp(min=1)
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float,
+    cliprange_high: float | None = None,
+    loss_agg_mode: str = "token_mean",
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), averaged over real tokens.
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), aggregated by ``loss_agg_mode``.
 
-    logprobs (with grad), old_logprobs, advantages, mask: (B, T). Returns ``(loss, stats)``
-    with detached scalar stats ``approxkl`` (½ mean (logp - old)², as TRL) and ``clipfrac``
-    (share of tokens where the clipped term is the active one).
+    logprobs (with grad), old_logprobs, advantages, mask: (B, T). The ratio is clipped to
+    [1 - cliprange, 1 + cliprange_high] (``cliprange_high`` defaults to ``cliprange``; a larger
+    one is DAPO's clip-higher, Yu et al. 2025 sec. 3.1, against entropy collapse). Returns
+    ``(loss, stats)`` with detached scalar stats ``approxkl`` (½ mean (logp - old)², as TRL) and
+    ``clipfrac`` (share of tokens where the clipped term is the active one).
     """
+    high = cliprange if cliprange_high is None else cliprange_high
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), mask)
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
+    loss = aggregate_loss(torch.maximum(pg_losses, pg_losses_clipped), mask, loss_agg_mode, max_len)
     with torch.no_grad():
         stats = {
             "approxkl": 0.5 * masked_mean(log_ratio.square(), mask),

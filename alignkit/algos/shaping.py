@@ -114,3 +114,14 @@ def postprocess_scores(
     if score_clip is not None:
         scores = scores.clamp(-score_clip, score_clip)
     return scores
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), (B,) added to the scores.
+
+    0 up to ``max_len - buffer_len`` tokens, then falling linearly to ``-factor`` at ``max_len``
+    (and ``-factor`` beyond): long answers lose reward before they are cut off.
+    """
+    start = max_len - buffer_len
+    over = (lengths.to(torch.float32) - start).clamp(min=0) / max(buffer_len, 1)
+    return -factor * over.clamp(max=1.0)
