@@ -37,9 +37,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = module.run(cfg)
     print(f"done: outputs in {out}")
     if cfg.stage == "ppo":
-        print(f"  training report: {out}/report.html")
+        write_training_report(out)
     print(f"  next: alignkit export --from {out} --export_dir {out}-merged   (or alignkit report {out})")
     return 0
+
+
+def write_training_report(out) -> None:
+    """The report is written here, not by the trainer (train/ never imports report/); a plotting
+    problem must not fail a finished run."""
+    from alignkit.report import write_report
+
+    try:
+        print(f"  training report: {write_report(out)}")
+    except Exception as err:  # any report failure is reported; the run stands
+        print(f"  could not write the training report ({err}); try `alignkit report {out}`")
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
