@@ -53,9 +53,7 @@ def run_demo(output: Path, steps: int = 30, keep_server: bool = False) -> dict:
     from alignkit.export import ExportConfig, export_model
     from alignkit.judge.process import JudgeProcess
     from alignkit.models.tiny import build_tiny
-    from alignkit.report import write_report
     from alignkit.train import ppo, sft
-    from alignkit.train.tracking import read_metrics
 
     examples = _examples()
     output.mkdir(parents=True, exist_ok=True)
@@ -104,26 +102,34 @@ def run_demo(output: Path, steps: int = 30, keep_server: bool = False) -> dict:
         else:
             judge.stop()
 
-    html = write_report(ppo_dir)
+    outputs = {"tiny_model": str(tiny), "sft_adapter": str(sft_dir), "ppo_run": str(ppo_dir),
+               "exported_model": str(export_dir), "compare": str(output / "compare"),
+               "judge_log": str(output / "judge.log")}
+    summary = {**summarise(ppo_dir, report, cmp, outputs), "seconds": round(time.perf_counter() - t0, 1)}
+    (output / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summarise(ppo_dir: Path, export_report: dict, cmp: dict, outputs: dict[str, str]) -> dict:
+    """The PPO run's report (written here) and the figures the demo prints."""
+    from alignkit.report import write_report
+    from alignkit.train.tracking import read_metrics
+
+    outputs = {**outputs, "report": str(write_report(ppo_dir))}
     health = json.loads((ppo_dir / "report" / "health.json").read_text())
     rows = read_metrics(ppo_dir)
     rewards = [r["env/reward_mean"] for r in rows]
     k = min(10, len(rewards) // 2) or 1
-    summary = {
+    return {
         "judge_reward_first_steps": sum(rewards[:k]) / k,
         "judge_reward_last_steps": sum(rewards[-k:]) / k,
         "kl_last": rows[-1]["objective/kl"],
-        "export_verified": report.get("passed"),
+        "export_verified": export_report.get("passed"),
         "health": {c["name"]: c["verdict"] for c in health["checks"] if c["verdict"] in ("warn", "fail")},
         "compare": {"mean_reward_sft": cmp["model_a"]["mean_reward"], "mean_reward_ppo": cmp["model_b"]["mean_reward"],
                     "ppo_vs_sft": cmp["b_vs_a"], "failures": cmp["pairs_with_failure"]},
-        "outputs": {"tiny_model": str(tiny), "sft_adapter": str(sft_dir), "ppo_run": str(ppo_dir),
-                    "exported_model": str(export_dir), "compare": str(output / "compare"), "report": str(html),
-                    "judge_log": str(output / "judge.log")},
-        "seconds": round(time.perf_counter() - t0, 1),
+        "outputs": outputs,
     }
-    (output / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def print_summary(s: dict) -> None:

@@ -230,3 +230,22 @@ def test_config_errors_and_vllm_skip(runs, tmp_path):
                                        vllm_check=True))
     if not torch.cuda.is_available():
         assert report["vllm"]["status"].startswith("skipped: no GPU/vLLM")
+
+
+def test_runs_read_config_from_a_checkpoint_and_list_complete_checkpoints(runs, tmp_path):
+    from alignkit.runs import STATE_FILE, list_checkpoints, read_run_config, resolve_run
+
+    run = tmp_path / "run"
+    (run / "checkpoint-7").mkdir(parents=True)
+    _write_run(run, stage="sft", model_name_or_path=str(runs["base"]))
+    cfg, path = read_run_config(run / "checkpoint-7")
+    assert cfg["stage"] == "sft" and path == run / "alignkit_config.yaml"
+    assert read_run_config(runs["base"]) is None
+    assert resolve_run(runs["ppo"]).adapters == [str(runs["sft"]), str(runs["ppo"])]
+    for step, complete in [(10, True), (2, True), (11, False)]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / STATE_FILE).write_bytes(b"")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert list_checkpoints(tmp_path / "absent") == []

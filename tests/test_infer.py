@@ -116,3 +116,33 @@ def test_chat_function_with_history(runs):
     responses = chat(gen, io.StringIO("hi\nagain\n/reset\nhi\n"), stdout, max_new_tokens=8)
     assert seen == [1, 3, 1] and len(responses) == 3 and responses[0] == responses[2]
     assert all(r in stdout.getvalue() for r in responses)
+
+
+def test_compare_and_predict_check_paths_before_loading_a_model(runs, prompts_file, tmp_path, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the paths were checked")
+
+    monkeypatch.setattr("alignkit.compare.Generator", no_model)
+    monkeypatch.setattr("alignkit.infer.Generator", no_model)
+    cfg = tmp_path / "compare.yaml"
+    cfg.write_text(f"model_a: {runs['sft']}\nmodel_b: {tmp_path / 'missing'}\ndataset: {prompts_file}\n"
+                   f"reward_model: count_good\noutput_dir: {tmp_path / 'cmp'}\n")
+    # The compare command is registered by alignkit.compare itself; model_b is checked before A generates.
+    assert main(["compare", str(cfg)]) == 1
+    assert "missing' is not a local directory" in capsys.readouterr().err
+    cfg = tmp_path / "predict.yaml"
+    cfg.write_text(f"model_name_or_path: {runs['base']}\nadapter_name_or_path: {runs['sft']},{tmp_path / 'nope'}\n"
+                   f"dataset: {prompts_file}\noutput_file: {tmp_path / 'p.jsonl'}\n")
+    assert main(["predict", str(cfg)]) == 1
+    assert "adapter_name_or_path: " in capsys.readouterr().err
+    assert main(["predict", str(cfg), f"adapter_name_or_path={runs['sft']}", f"output_file={tmp_path}"]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_the_reward_prompt_is_the_last_user_turn():
+    from alignkit.data.loader import Example
+
+    ex = Example(messages=[{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"},
+                           {"role": "user", "content": "second"}, {"role": "tool", "content": "t"}], system="S")
+    assert ex.last_user_text() == "second"
+    assert Example(messages=[{"role": "tool", "content": "t"}]).last_user_text() == ""
