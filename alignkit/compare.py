@@ -107,9 +107,10 @@ def _mean(xs: list[float]) -> float | None:
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Generate with A then B (one model in memory at a time), score both, write the reports;
     returns what ``compare.json`` holds."""
-    # Both sides' paths and the dataset are checked before either model loads.
+    # Both sides' paths, the dataset and the output dir are checked before either model loads.
     spec_a, spec_b = side_spec(cfg.model_a, cfg), side_spec(cfg.model_b, cfg)
     examples = load_examples(cfg.dataset, cfg.dataset_dir, "prompt", cfg.max_samples)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     rows_a, secs_a = _generate(spec_a, cfg, examples, "A")
     rows_b, secs_b = _generate(spec_b, cfg, examples, "B")
     # The reward sees the latest user turn, as in PPO.
