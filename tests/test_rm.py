@@ -19,7 +19,7 @@ from alignkit.data.collators import PairCollator
 from alignkit.data.loader import load_examples, split_train_val
 from alignkit.data.templates import get_template
 from alignkit.models.actor_critic import build_actor_critic
-from alignkit.models.loading import load_causal_lm, load_for_training
+from alignkit.models.loading import build_policy_model, load_causal_lm, load_tokenizer
 from alignkit.models.reward_model import (
     SCORE_HEAD_FILE,
     RewardModel,
@@ -32,6 +32,7 @@ from alignkit.models.reward_model import (
 )
 from alignkit.models.tiny import build_tiny
 from alignkit.rewards.model import ModelReward, build_model_reward, encode_for_scoring
+from alignkit.train import loop
 from alignkit.train import rm as rm_stage
 from alignkit.train.checkpoint import list_checkpoints, save_checkpoint
 from alignkit.train.tracking import read_metrics
@@ -134,8 +135,8 @@ def test_pairs_in_both_shapes_with_margins(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
 def test_saved_rm_reloads_with_identical_scores(tiny_model_dir, tmp_path, finetuning_type):
     cfg = rm_config(tiny_model_dir, tmp_path / "unused", finetuning_type=finetuning_type)
-    lm, tokenizer = load_for_training(cfg)
-    rm = RewardModel.from_causal_lm(lm)
+    rm = RewardModel.from_causal_lm(build_policy_model(cfg))
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
     torch.manual_seed(0)
     with torch.no_grad():  # move every trainable weight (LoRA B starts at 0) so a lost weight shows
         for p in rm.parameters():
@@ -263,7 +264,7 @@ def test_resume_matches_uninterrupted_run(llama_dir, tmp_path, monkeypatch):
     def save_then_crash(*args, **kwargs):
         raise Crash(save_checkpoint(*args, **kwargs))
 
-    monkeypatch.setattr(rm_stage, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         rm_stage.run(rm_config(llama_dir, tmp_path / "cut", **kw))
     monkeypatch.undo()

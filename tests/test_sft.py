@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from alignkit.cli import main
 from alignkit.config import load_config
-from alignkit.train import sft
+from alignkit.train import loop, sft
 from alignkit.train.checkpoint import list_checkpoints, save_checkpoint
 from alignkit.train.tracking import read_metrics
 
@@ -71,7 +71,7 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, memo_data, tmp_path, m
         path = save_checkpoint(*args, **kwargs)
         raise Crash(path)
 
-    monkeypatch.setattr(sft, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "cut", **kw))
     monkeypatch.undo()
@@ -144,3 +144,30 @@ def test_bf16_with_gradient_checkpointing_trains(tiny_model_dir, memo_data, tmp_
     assert len(rows) == 3 and all(r["train/loss"] == r["train/loss"] for r in rows)  # finite, not NaN
     # LoRA weights are kept in float32 on a bf16 base, for stable optimizer updates.
     assert all(t.dtype == torch.float32 for t in load_file(str(out / "adapter_model.safetensors")).values())
+
+
+def test_preflight_names_the_key_and_path_before_anything_loads(tiny_model_dir, memo_data, tmp_path, capsys,
+                                                                monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(sft, "build_policy_model", no_model)
+    out = tmp_path / "run"
+    yaml_path = _write_yaml(tmp_path, tiny_model_dir, memo_data, out)
+    missing = tmp_path / "no_such_model"
+    assert main(["train", str(yaml_path), f"model_name_or_path={missing}"]) == 1
+    err = capsys.readouterr().err
+    assert "model_name_or_path" in err and str(missing) in err
+    assert not out.exists(), "a failed check must not leave a config behind in output_dir"
+
+    assert main(["train", str(yaml_path), f"adapter_name_or_path={tiny_model_dir}"]) == 1
+    assert "adapter_name_or_path" in (err := capsys.readouterr().err) and "adapter_config.json" in err
+
+    (tmp_path / "a_file").write_text("")
+    assert main(["train", str(yaml_path), f"output_dir={tmp_path / 'a_file' / 'run'}"]) == 1
+    assert "output_dir" in capsys.readouterr().err
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([*MEMO, {"instruction": "No answer."}]))
+    assert main(["train", str(yaml_path), f"dataset={bad}"]) == 1
+    assert str(bad) in capsys.readouterr().err and not out.exists()

@@ -18,7 +18,9 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignkit.models.loading import attach_lora, lora_config
+from alignkit.config import StageConfig
+from alignkit.models.io import restore_model
+from alignkit.models.loading import attach_lora, lora_config, trainable_in_float32
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC = "critic"
@@ -158,8 +160,6 @@ class ActorCritic(nn.Module):
 
     def load_trainable(self, ckpt: Path) -> None:
         """Restore what ``save_policy`` wrote (policy/critic adapters or full weights, value head)."""
-        from alignkit.train.common import restore_model
-
         restore_model(self.lm, ckpt)
         if self.critic_adapter:
             from peft import set_peft_model_state_dict
@@ -169,16 +169,24 @@ class ActorCritic(nn.Module):
         self.v_head.load(ckpt)
 
 
-def build_actor_critic(lm: nn.Module, cfg, ref_lm: nn.Module | None = None, adapter_path: str | None = None) -> ActorCritic:
-    """Attach the policy LoRA (and the optional critic LoRA) to ``lm`` and wrap with a value head."""
+def build_actor_critic(lm: nn.Module, cfg: StageConfig, ref_lm: nn.Module | None = None) -> ActorCritic:
+    """Wrap the policy with a value head (and, with ``critic_adapter``, a critic LoRA of its own).
+
+    ``lm`` is normally ``build_policy_model(cfg, merge_all=True)``; a bare base gets a new policy
+    LoRA here, through the same helpers.
+    """
+    critic_adapter = cfg.critic_adapter and cfg.finetuning_type == "lora"
     if cfg.finetuning_type == "lora":
-        lm = attach_lora(lm, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.lora_target, adapter_path)
-        if cfg.critic_adapter:
-            lm.add_adapter(CRITIC, lora_config(lm.base_model.model, cfg.lora_rank, cfg.alpha, 0.0, cfg.lora_target))
+        if not isinstance(lm, PeftModel):
+            lm = attach_lora(lm, cfg)
+        if critic_adapter:
+            # The policy adapter's own module names: ``all`` cannot be expanded again on a model
+            # whose linear layers are already wrapped in LoRA layers (it would find their insides).
+            targets = sorted(lm.peft_config["default"].target_modules)
+            lm.add_adapter(CRITIC, lora_config(lm.base_model.model, cfg.lora_rank, cfg.alpha, 0.0, targets))
+            # add_adapter leaves the new adapter frozen (only the active one trains); the critic must learn.
             for n, p in lm.named_parameters():
                 if f".{CRITIC}." in n:
                     p.requires_grad_(True)
-        for p in lm.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    return ActorCritic(lm, ref_lm, critic_adapter=cfg.critic_adapter and cfg.finetuning_type == "lora")
+            trainable_in_float32(lm)
+    return ActorCritic(lm, ref_lm, critic_adapter=critic_adapter)

@@ -1,4 +1,9 @@
-"""Load a base model and tokenizer from a local directory; attach LoRA through peft."""
+"""Load models and tokenizers from local directories; the one builder of the model a stage trains.
+
+``build_policy_model`` (base + merged adapters + gradient checkpointing + a float32 LoRA through
+peft) serves SFT, RM and PPO; ``load_base`` gives the frozen base (PPO's full fine-tuning
+reference). Weights on disk (save, restore, shards) live in ``alignkit.models.io``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from alignkit.config import StageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -74,21 +81,16 @@ def lora_config(model: torch.nn.Module, rank: int, alpha: int, dropout: float, t
     )
 
 
-def attach_lora(
-    model: PreTrainedModel,
-    rank: int,
-    alpha: int,
-    dropout: float,
-    target: list[str],
-    adapter_path: str | None = None,
-    adapter_name: str = "default",
-) -> PeftModel:
-    """A trainable LoRA adapter: a new one, or continued from ``adapter_path``."""
+def attach_lora(model: PreTrainedModel, cfg: StageConfig, adapter_path: str | None = None) -> PeftModel:
+    """A trainable LoRA adapter (``cfg``'s rank, alpha, dropout, targets): a new one, or continued
+    from ``adapter_path``; its weights in float32 (``trainable_in_float32``)."""
     if adapter_path is not None:
         check_model_dir(adapter_path, "adapter_name_or_path")
-        return PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name, is_trainable=True)
-    cfg = lora_config(model, rank, alpha, dropout, target)
-    return get_peft_model(model, cfg, adapter_name=adapter_name)
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(model, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.lora_target))
+    trainable_in_float32(model)
+    return model
 
 
 def merge_adapters(model: PreTrainedModel, adapter_paths: list[str]) -> PreTrainedModel:
@@ -106,30 +108,43 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
-def load_for_training(cfg) -> tuple[PreTrainedModel, object]:
-    """Base model (+ LoRA or full) and tokenizer for SFT/RM-style stages.
+def trainable_in_float32(model: torch.nn.Module) -> None:
+    """Keep trainable (adapter) weights in float32 even on a bf16/fp16 base, for stable Adam updates."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
-    With LoRA, all adapters but the last in ``adapter_name_or_path`` are merged into the base and
-    training continues the last one. With full fine-tuning, every adapter is merged.
-    """
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+
+def load_base(cfg: StageConfig, adapters: list[str] | None = None) -> PreTrainedModel:
+    """``cfg``'s base model in its dtype, with ``adapters`` merged in order (default: every
+    ``adapter_name_or_path``, i.e. the SFT model a PPO run starts from and is held to)."""
     model = load_causal_lm(cfg.model_name_or_path, model_dtype(cfg.bf16, cfg.fp16), cfg.trust_remote_code)
+    return merge_adapters(model, list(cfg.adapter_name_or_path or []) if adapters is None else adapters)
+
+
+def split_adapters(cfg: StageConfig, merge_all: bool = False) -> tuple[list[str], str | None]:
+    """``adapter_name_or_path`` as (merged into the base, continued as the trainable LoRA)."""
     adapters = list(cfg.adapter_name_or_path or [])
-    if cfg.finetuning_type == "full":
-        model = merge_adapters(model, adapters)
-    else:
-        model = merge_adapters(model, adapters[:-1])
+    if cfg.finetuning_type == "lora" and adapters and not merge_all:
+        return adapters[:-1], adapters[-1]
+    return adapters, None
+
+
+def build_policy_model(cfg: StageConfig, merge_all: bool = False) -> PreTrainedModel | PeftModel:
+    """The model a stage trains: base + merged adapters, gradient checkpointing if set, and with
+    LoRA a trainable float32 adapter.
+
+    ``merge_all=False`` (SFT, RM): with LoRA, every adapter but the last is merged and training
+    continues the last one. ``merge_all=True`` (PPO): every adapter is merged and the policy LoRA
+    is new, so disabling it gives the SFT reference. Full fine-tuning always merges every adapter.
+    """
+    merged, continued = split_adapters(cfg, merge_all)
+    model = load_base(cfg, merged)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.finetuning_type == "lora":
-        model = attach_lora(
-            model, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.lora_target, adapters[-1] if adapters else None
-        )
-        # LoRA weights train in float32 even on a bf16/fp16 base, for stable Adam updates.
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    return model, tokenizer
+        model = attach_lora(model, cfg, continued)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

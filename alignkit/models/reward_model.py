@@ -30,8 +30,8 @@ from transformers import AutoModelForSequenceClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from alignkit.models.actor_critic import position_ids_from_mask
+from alignkit.models.io import read_weights, restore_model
 from alignkit.models.loading import check_model_dir, load_causal_lm, load_tokenizer, merge_adapters
-from alignkit.train.common import restore_model
 
 logger = logging.getLogger(__name__)
 
@@ -171,15 +171,6 @@ def _save_sequence_classifier(rm: RewardModel, out: Path, pad_token_id: int | No
     save_torch_state_dict(state, out)
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(path / f)))
-    return state
-
-
 def load_score_head(path: str | Path, hidden_size: int) -> nn.Linear:
     """The head of a LoRA reward model directory; an error (never a random head) when it is missing."""
     p = Path(path)
@@ -206,7 +197,7 @@ def restore_reward_model(rm: RewardModel, ckpt: Path) -> None:
         restore_model(rm.model, ckpt)
         rm.score.weight.data.copy_(load_score_head(ckpt, rm.score.in_features).weight)
         return
-    state = _read_weights(ckpt)
+    state = read_weights(ckpt)
     rm.score.weight.data.copy_(state.pop("score.weight"))
     prefix = next(iter(state)).split(".", 1)[0] + "."
     rm.backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True)

@@ -50,16 +50,8 @@ def build_tokenizer(vocab_size: int = 512, extra_text: list[str] | None = None) 
         show_progress=False,
     )
     tok.train_from_iterator(corpus_lines() + list(extra_text or []), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=PAD,
-        eos_token=EOS,
-        bos_token=None,
-        unk_token=None,
-        chat_template=CHATML_TEMPLATE,
-        model_max_length=2048,
-        padding_side="left",
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=None, unk_token=None,
+                                   chat_template=CHATML_TEMPLATE, model_max_length=2048, padding_side="left")
 
 
 def build_tiny(

@@ -1,8 +1,7 @@
-"""Pieces every stage's loop shares: output dir, seeds, optimizer/scheduler, model save/restore."""
+"""Pieces every stage shares: preflight checks, output dir, seeds, optimizer/scheduler, resume."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -13,14 +12,46 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
-from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file
 from transformers import get_scheduler
 
 from alignkit.config import StageConfig, save_config
-from alignkit.train.checkpoint import list_checkpoints, rng_state, set_rng_state
+from alignkit.data.loader import Example, Kind, load_examples
+from alignkit.models.loading import check_model_dir
+from alignkit.train.checkpoint import list_checkpoints, load_state, resolve_resume, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
+
+
+def preflight(cfg: StageConfig, kind: Kind) -> list[Example]:
+    """Check every path the run needs and parse its dataset; the parsed examples.
+
+    Every stage calls this first, before ``setup_run`` writes into output_dir and before any
+    model loads: a typo in a path or a malformed row then fails in seconds with one paragraph
+    naming the key, not minutes later (and without leaving a config file behind that makes the
+    rerun refuse a "non-empty" output_dir).
+    """
+    _check_model_files(cfg.model_name_or_path, "model_name_or_path", "config.json",
+                       "a Hugging Face model directory (an adapter goes in adapter_name_or_path)")
+    for path in cfg.adapter_name_or_path or []:
+        _check_model_files(path, "adapter_name_or_path", "adapter_config.json",
+                           "a peft adapter directory (a full model goes in model_name_or_path)")
+    _check_writable(cfg.output_dir)
+    resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)  # raises if the checkpoint is missing
+    return load_examples(cfg.dataset, cfg.dataset_dir, kind, cfg.max_samples, cfg.skip_bad_rows)
+
+
+def _check_model_files(path: str, key: str, marker: str, what: str) -> None:
+    if not (check_model_dir(path, key) / marker).is_file():
+        raise FileNotFoundError(f"{key}: {path!r} has no {marker}, so it is not {what}.")
+
+
+def _check_writable(output_dir: str) -> None:
+    """output_dir, or the nearest existing folder above it (where it will be created), is writable."""
+    path = Path(output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir: {output_dir!r} cannot be written ({existing} is not a writable directory); "
+                         "choose another output_dir or fix its permissions.")
 
 
 def setup_run(cfg: StageConfig) -> tuple[Accelerator, Path]:
@@ -123,38 +154,9 @@ def global_batch_indices(n: int, step: int, global_bs: int, seed: int) -> list[i
     return order[pos * global_bs : (pos + 1) * global_bs]
 
 
-def save_model(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
-    """LoRA: the adapter (peft format). Full: a plain HF model directory (safetensors)."""
-    model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-
-
-def restore_model(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load the weights ``save_model`` wrote back into an already-built model, strictly."""
-    if isinstance(model, PeftModel):
-        result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-        bad = [k for k in result.unexpected_keys]
-        if bad:
-            raise RuntimeError(f"checkpoint {ckpt} has adapter keys this model lacks: {bad[:5]}")
-        return
-    index = ckpt / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(ckpt / f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-
-
 def resume(accelerator: Accelerator, out: Path, cfg: StageConfig, restore_weights, optimizer, scheduler) -> dict | None:
     """Restore a checkpoint named by ``resume_from_checkpoint`` (weights through
     ``restore_weights(ckpt)``, optimizer, scheduler, this rank's RNG); its state, or None."""
-    from alignkit.train.checkpoint import load_state, resolve_resume
-
     ckpt = resolve_resume(out, cfg.resume_from_checkpoint)
     if ckpt is None:
         return None
