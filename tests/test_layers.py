@@ -17,7 +17,8 @@ import alignkit
 
 ROOT = Path(alignkit.__file__).resolve().parent
 
-# (files under this package, may not import this package): the layer rules DESIGN.md states.
+# (modules under this package, may not import this package): DESIGN.md's layers, cli → tools →
+# train → rewards/generation/models/data/algos → config.
 FORBIDDEN = [
     ("alignkit.models", "alignkit.train"),
     ("alignkit.train", "alignkit.report"),
@@ -30,6 +31,14 @@ FORBIDDEN = [
     ("alignkit.infer", "alignkit.train"),
     ("alignkit.compare", "alignkit.train"),
     ("alignkit.generator", "alignkit.train"),
+    # The tools share runs.py and generator.py, never each other's modules.
+    ("alignkit.generation", "alignkit.export"),
+    ("alignkit.generation", "alignkit.generator"),
+    ("alignkit.runs", "alignkit.export"),
+    ("alignkit.export", "alignkit.infer"),
+    ("alignkit.export", "alignkit.compare"),
+    ("alignkit.infer", "alignkit.compare"),
+    ("alignkit.compare", "alignkit.infer"),
 ]
 
 
