@@ -168,7 +168,8 @@ def test_full_rm_with_its_own_tokenizer(tiny_model_dir, llama_dir, tmp_path):
     text = "A good reply answers the question."
     assert policy_tok(text)["input_ids"] != rm_tok(text)["input_ids"], "tokenizers should differ for this test"
 
-    source = build_model_reward(ppo_config(tiny_model_dir, out, "full"), policy_model=None)
+    cfg = ppo_config(tiny_model_dir, out, "full")
+    source = build_model_reward(cfg, cfg.reward_context(), policy_model=None)
     got = score(source, PROMPTS, GOOD)
     # Direct: HF's own sequence classifier on the RM's own tokenizer and chat template.
     hf = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1).eval()
@@ -196,7 +197,7 @@ def test_lora_rm_on_the_policy_base(tiny_model_dir, lora_rm):
     logits_before = ac.lm(input_ids=ids, attention_mask=mask).logits.detach()
 
     policy_modules = list(ac.modules())
-    source = build_model_reward(cfg, ac)
+    source = build_model_reward(cfg, cfg.reward_context(), ac)
     # Scoring waits for the adapter lock the trainer holds around policy forward passes.
     result = {}
     with ac.adapter_lock:
@@ -224,8 +225,8 @@ def test_missing_score_head_is_an_error(tiny_model_dir, lora_rm, tmp_path):
     with pytest.raises(RewardModelError, match=rf"no {SCORE_HEAD_FILE}.*stage: rm"):
         load_reward_model(broken)
     with pytest.raises(RewardModelError, match=SCORE_HEAD_FILE):
-        build_model_reward(ppo_config(tiny_model_dir, broken, "lora"), build_actor_critic(
-            load_causal_lm(str(tiny_model_dir)), ppo_config(tiny_model_dir, broken, "lora")))
+        cfg = ppo_config(tiny_model_dir, broken, "lora")
+        build_model_reward(cfg, cfg.reward_context(), build_actor_critic(load_causal_lm(str(tiny_model_dir)), cfg))
     # A plain language model (e.g. the SFT output) is not a full reward model either.
     with pytest.raises(RewardModelError, match=r"no score head.*stage: rm"):
         load_reward_model(tiny_model_dir)
