@@ -50,6 +50,8 @@ class Stage:
 
 @dataclass
 class Sizes:
+    """Batch and schedule sizes, derived once from the config and the number of training rows."""
+
     micro_bs: int  # rows per micro-batch on one rank
     accum: int  # micro-batches per optimizer step
     global_bs: int  # rows per optimizer step over all ranks
