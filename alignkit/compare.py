@@ -15,8 +15,7 @@ import html
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -25,6 +24,7 @@ from alignkit.export import CommaList, add_config_command, load_tool_config
 from alignkit.generator import GenerationKeys, Generator, generate_all
 from alignkit.rewards.base import Score, ScoreMeta
 from alignkit.rewards.factory import build_reward_source
+from alignkit.rewards.spec import RewardContext, RewardSpec
 from alignkit.runs import ModelSpec, build_spec
 
 
@@ -40,17 +40,12 @@ class ModelSide(BaseModel):
     name: str | None = Field(None, description="Label in the tables (default: the directory name).")
 
 
-class CompareConfig(GenerationKeys):
-    """``alignkit compare`` keys; ``template``/``default_system`` fill in where a side says nothing."""
+class CompareConfig(GenerationKeys, RewardSpec):
+    """``alignkit compare`` keys; ``template``/``default_system`` fill in where a side says nothing.
+    The reward keys are PPO's (``RewardSpec``)."""
 
     model_a: ModelSide = Field(description="Baseline: a path, or {model_name_or_path, adapter_name_or_path, ...}.")
     model_b: ModelSide = Field(description="Candidate, judged against model_a (win = B scores higher).")
-    reward_model_type: Literal["rule", "api", "lora", "full"] = Field(
-        "rule", description="rule, api (HTTP judge), lora or full (a trained reward model dir, loaded on its own)."
-    )
-    reward_model: str | None = Field(None, description="rule name, judge URL, or reward model directory.")
-    reward_api: dict[str, Any] | None = Field(None, description="HTTP judge settings (docs/reward_api.md).")
-    reward_model_device: str | None = Field(None, description="Device for a trained reward model (default: cpu).")
     tie_margin: float = Field(0.0, ge=0.0, description="|reward_b - reward_a| <= tie_margin counts as a tie.")
     max_new_tokens: int = Field(128, ge=1, description="Response length limit in tokens.")
     max_examples_shown: int = Field(20, ge=0, description="Rows in the side-by-side tables (compare.json has all).")
@@ -60,6 +55,11 @@ class CompareConfig(GenerationKeys):
     @classmethod
     def _side(cls, v: Any) -> Any:
         return {"model_name_or_path": v} if isinstance(v, str) else v
+
+    def reward_context(self) -> RewardContext:
+        """A trained reward model is loaded on its own here (cpu unless reward_model_device says
+        otherwise) and reads a prompt plus a whole response."""
+        return RewardContext(cutoff_len=self.cutoff_len + self.max_new_tokens, batch_size=self.batch_size, device="cpu")
 
 
 def side_spec(side: ModelSide, cfg: CompareConfig) -> ModelSpec:
@@ -72,20 +72,12 @@ def side_spec(side: ModelSide, cfg: CompareConfig) -> ModelSpec:
     return spec
 
 
-def reward_settings(cfg: CompareConfig) -> SimpleNamespace:
-    """What ``build_reward_source`` reads. A trained RM is loaded on its own (either layout),
-    since there is no single policy base here to put a LoRA reward adapter on."""
-    kind = "full" if cfg.reward_model_type in ("lora", "full") else cfg.reward_model_type
-    return SimpleNamespace(
-        reward_model_type=kind, reward_model=cfg.reward_model, reward_api=cfg.reward_api,
-        reward_model_device=cfg.reward_model_device or "cpu", bf16=False, fp16=False,
-        per_device_eval_batch_size=cfg.batch_size, cutoff_len=cfg.cutoff_len + cfg.max_new_tokens,
-    )
-
-
 async def score_both(cfg: CompareConfig, prompts: list[str], a: list[str], b: list[str],
                      labels: list[str | None]) -> tuple[list[Score], list[Score]]:
-    source = build_reward_source(reward_settings(cfg))
+    # A trained RM is loaded on its own (either layout): there is no single policy base here to
+    # put a LoRA reward adapter on.
+    spec = cfg.model_copy(update={"reward_model_type": "full"}) if cfg.reward_model_type == "lora" else cfg
+    source = build_reward_source(spec, cfg.reward_context())
     try:
         meta = ScoreMeta(labels=labels)
         return await source.score(prompts, a, meta), await source.score(prompts, b, meta)
@@ -123,8 +115,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     scored = sum(o is not None for o in outcomes)
     result: dict[str, Any] = {
         "samples": len(examples),
-        "reward": {"type": cfg.reward_model_type, "source": cfg.reward_model
-                   or (cfg.reward_api or {}).get("url")},
+        "reward": {"type": cfg.reward_model_type, "source": cfg.reward_model or cfg.api_settings().url},
         "generation": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                        "seed": cfg.seed},
         "model_a": _side_summary(cfg.model_a, spec_a, rows_a, scores_a, secs_a),

@@ -13,11 +13,12 @@ import importlib
 import json
 import logging
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -228,24 +229,65 @@ def normalise_keys(raw: dict, cls: type[BaseModel], where: str) -> dict:
         elif key in UNSUPPORTED_KEYS:
             raise ConfigError(f"{where}: key {key!r} is not supported: {UNSUPPORTED_KEYS[key]}. Remove it.")
         else:
-            close = difflib.get_close_matches(key, sorted(known | set(ALIASES)), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+            raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, known | set(ALIASES))}")
     return out
 
 
-def explain_validation_error(err: ValidationError, where: str) -> ConfigError:
-    """pydantic's errors as one ``ConfigError``: each key path and what was expected (secrets redacted)."""
+def _did_you_mean(key: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _models_in(annotation: Any) -> dict[str | None, type[BaseModel]]:
+    """The pydantic models a field's type holds, by union tag (``None``: an untagged model)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        inner, *metadata = get_args(annotation)
+        found = _models_in(inner)
+        tags = [m.tag for m in metadata if isinstance(m, Tag)]
+        return {tags[0]: found[None]} if tags and None in found else found
+    if origin in (Union, types.UnionType):
+        return {k: v for arg in get_args(annotation) for k, v in _models_in(arg).items()}
+    return {None: annotation} if isinstance(annotation, type) and issubclass(annotation, BaseModel) else {}
+
+
+def _walk(cls: type[BaseModel] | None, loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """The key path of a pydantic error location as the user wrote it, and the model it ends in.
+
+    A discriminated union adds the member's tag to the location (``reward_api.custom.payload``);
+    the user never wrote that part, so it is dropped (``reward_api.payload``).
+    """
+    path: list[str] = []
+    model, tagged = cls, {}
+    for part in loc:
+        if part in tagged:
+            model, tagged = tagged[part], {}
+            continue
+        path.append(str(part))
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        tagged = _models_in(field.annotation) if field is not None else {}
+        model = tagged.pop(None, None)
+    return path, model
+
+
+def explain_validation_error(err: ValidationError, where: str, cls: type[BaseModel] | None = None) -> ConfigError:
+    """pydantic's errors as one ``ConfigError``: each key path as written in the YAML and what was
+    expected (secrets redacted); given the validated ``cls``, unknown keys at any depth get a
+    "did you mean" suggestion."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(config)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key {loc!r}")
-        elif e["type"] == "missing":
+            path, owner = _walk(cls, e["loc"][:-1])
+            key = str(e["loc"][-1])
+            known = set(owner.model_fields) | getattr(owner, "ALSO_ACCEPTED", set()) if owner else set()
+            lines.append(f"unknown key {'.'.join([*path, key])!r}{_did_you_mean(key, known)}")
+            continue
+        loc = ".".join(_walk(cls, e["loc"])[0]) or "(config)"
+        if e["type"] == "missing":
             lines.append(f"key {loc!r} is required")
         else:
             got = e.get("input")
-            shown = REDACTED if SECRET_KEY.search(loc) else repr(got)
+            shown = REDACTED if SECRET_KEY.search(loc) else repr(redact(got))
             lines.append(f"key {loc!r}: {e['msg']} (got {shown})" if e["loc"] else e["msg"])
     return ConfigError(f"{where}: " + "; ".join(lines))
 
@@ -286,7 +328,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **e
     try:
         return cls(**normalise_keys(raw, cls, where))
     except ValidationError as err:
-        raise explain_validation_error(err, where) from None
+        raise explain_validation_error(err, where, cls) from None
 
 
 def redact(obj: Any, _key: str = "") -> Any:

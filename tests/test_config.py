@@ -59,7 +59,7 @@ def test_secrets_redacted_in_saved_config(tmp_path):
     cfg = load_config(None, ["stage=ppo", "model_name_or_path=/m", "dataset=a", "output_dir=/o",
                              "reward_model_type=api", "reward_model=http://127.0.0.1:1/score",
                              "reward_api.headers.Authorization=Bearer sk-very-secret",
-                             "reward_api.api_key=sk-other-secret"])
+                             "reward_api.headers.X-Api-Key=sk-other-secret"])
     path = save_config(cfg, tmp_path)
     text = path.read_text()
     assert "sk-very-secret" not in text and "sk-other-secret" not in text
@@ -71,9 +71,69 @@ def test_dotted_override_merges_into_yaml_mapping(tmp_path):
     p = tmp_path / "ppo.yaml"
     p.write_text(yaml.safe_dump({"stage": "ppo", "model_name_or_path": "/m", "dataset": "a", "output_dir": "/o",
                                  "reward_model_type": "api", "reward_model": "http://127.0.0.1:1/score",
-                                 "reward_api": {"preset": "custom", "timeout_s": 5}}))
+                                 "reward_api": {"preset": "openrlhf", "timeout_s": 5}}))
     cfg = load_config(p, ["reward_api.max_concurrency=64"])
-    assert cfg.reward_api == {"preset": "custom", "timeout_s": 5, "max_concurrency": 64}
+    assert cfg.reward_api.model_dump(include={"preset", "timeout_s", "max_concurrency"}) == {
+        "preset": "openrlhf", "timeout_s": 5, "max_concurrency": 64}
+
+
+PPO_JUDGE = ["stage=ppo", "model_name_or_path=/m", "dataset=a", "output_dir=/o", "reward_model_type=api",
+             "reward_model=http://127.0.0.1:1/score"]
+
+
+def test_misspelled_reward_api_key_fails_at_load_before_any_model(tmp_path, capsys):
+    from alignkit.cli import main
+
+    p = tmp_path / "ppo.yaml"
+    out = tmp_path / "run"
+    p.write_text(yaml.safe_dump({"stage": "ppo", "model_name_or_path": str(tmp_path / "no_model_here"),
+                                 "dataset": "a", "output_dir": str(out), "reward_model_type": "api",
+                                 "reward_model": "http://127.0.0.1:1/score",
+                                 "reward_api": {"preset": "openrlhf", "max_concurency": 8}}))
+    expected = r"unknown key 'reward_api.max_concurency'; did you mean 'max_concurrency'\?"
+    with pytest.raises(ConfigError, match=rf"ppo.yaml: {expected}"):
+        load_config(p)
+    # `alignkit train` stops there: the (missing) model is never looked at, nothing is written.
+    assert main(["train", str(p)]) == 1
+    assert "did you mean 'max_concurrency'?" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["reward_api.preset=openai_judge"], r"key 'reward_api.model' is required"),
+        (["reward_api.preset=openai_judge", "reward_api.model=j", "reward_api.rubrik=x"],
+         r"unknown key 'reward_api.rubrik'; did you mean 'rubric'\?"),
+        (["reward_api.strip_thinking=true"], r"unknown key 'reward_api.strip_thinking'; did you mean 'strip_think'\?"),
+        (["reward_api.preset=vllm"], r"reward_api.preset must be one of alignkit, llamafactory"),
+        (["reward_api.url=judge:8000/score"], r"reward_api.url must be an http\(s\) URL"),
+        (["reward_model=judge:8000/score"], r"reward_model must be an http\(s\) URL"),
+        (["reward_api.on_failure=zero", "on_failure=fail"], r"reward_api.on_failure='zero' and on_failure='fail' disagree"),
+    ],
+)
+def test_reward_spec_errors_at_load(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, PPO_JUDGE + overrides)
+
+
+def test_reward_keys_once_and_old_spellings_under_reward_api():
+    cfg = load_config(None, PPO_JUDGE + ["reward_api.on_failure=zero", "reward_api.max_failure_rate=0.9",
+                                         "reward_api.strip_think=true", "reward_api.think_tags=[<t>, </t>]",
+                                         "reward_api.cache=/tmp/c.sqlite", "reward_api.include_special_tokens=true",
+                                         "max_failure_rate=0.9"])  # the same value twice is no conflict
+    assert (cfg.on_failure, cfg.max_failure_rate, cfg.strip_think, cfg.think_tags) == ("zero", 0.9, True, ("<t>", "</t>"))
+    assert cfg.reward_cache == "/tmp/c.sqlite" and cfg.include_special_tokens
+    assert cfg.api_settings().url == "http://127.0.0.1:1/score"
+    rule = load_config(None, BASE[1:] + ["stage=ppo", "reward_model=count_good", "on_failure=fail"])
+    assert rule.on_failure == "fail" and rule.reward_api is None
+
+
+def test_saved_ppo_config_loads_again(tmp_path):
+    cfg = load_config(None, PPO_JUDGE + ["reward_api.preset=custom", "reward_api.payload.q={response}",
+                                         "reward_api.strip_think=true"])
+    again = load_config(save_config(cfg, tmp_path))
+    assert again.reward_api == cfg.reward_api and again.strip_think
 
 
 def test_keys_command_lists_every_ppo_key(capsys):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from alignkit.config import load_config
 from alignkit.judge.server import start_judge_server
 from alignkit.rewards.api import RewardApiError
+from alignkit.rewards.failures import RewardFailureError
 from alignkit.train import ppo
 from alignkit.train.checkpoint import list_checkpoints, load_state
 from alignkit.train.tracking import read_metrics
@@ -103,7 +104,7 @@ def test_failure_rate_above_limit_stops_the_run_and_keeps_the_checkpoint(tiny_mo
 
     out = tmp_path / "run"
     with start_judge_server(score_then_break, fault_kinds=("500",)) as judge:
-        with pytest.raises(RewardApiError, match=r"4 of 4 scores failed .*max_failure_rate=0\.5.*HTTP 500"):
+        with pytest.raises(RewardFailureError, match=r"4 of 4 scores failed .*max_failure_rate=0\.5.*HTTP 500"):
             ppo.run(ppo_api_config(tiny_model_dir, out, judge.url_for("alignkit"), "save_steps=1"))
     assert [r["step"] for r in read_metrics(out)] == [1]
     assert list_checkpoints(out) == [out / "checkpoint-1"]

@@ -13,17 +13,15 @@ import yaml
 from pydantic import ValidationError
 
 from alignkit.judge.server import JudgeSettings, start_judge_server
-from alignkit.rewards.api import (
-    ApiReward,
-    RewardApiConfig,
-    RewardApiError,
-    apply_failure_policy,
-    build_api_reward,
-)
+from alignkit.rewards.api import ApiReward, RewardApiError, build_api_reward
+from alignkit.rewards.api_config import ApiSettings, parse_reward_api
 from alignkit.rewards.base import RewardSource, Score, ScoreMeta
+from alignkit.rewards.factory import build_reward_source
 from alignkit.rewards.presets import ReplyError, parse_path, resolve
 from alignkit.rewards.runner import BackgroundScorer
+from alignkit.rewards.spec import RewardContext, RewardSpec
 from alignkit.rewards.text import strip_think, think_truncated_frac
+from alignkit.rewards.wrappers import CountFailures
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PROMPTS = ["Say hi.", "Describe the day.", "Rate it.", "One word."]
@@ -57,11 +55,22 @@ def fresh_judge():
     srv.stop()
 
 
-def make(judge, preset: str = "alignkit", **kw) -> ApiReward:
+def api_keys(judge, preset: str = "alignkit", **kw) -> dict:
     kw = {"timeout_s": 2.0, "max_retries": 0, "backoff": 0.01, **kw}
     if preset == "openai_judge":
         kw.setdefault("model", "judge")
-    return build_api_reward(RewardApiConfig(preset=preset, url=judge.url_for(preset), **kw))
+    return {"preset": preset, "url": judge.url_for(preset), **kw}
+
+
+def make(judge, preset: str = "alignkit", **kw) -> ApiReward:
+    """The bare judge client (no wrappers)."""
+    return build_api_reward(parse_reward_api(api_keys(judge, preset, **kw)))
+
+
+def make_source(judge, spec: dict | None = None, **kw) -> RewardSource:
+    """The judge as ``build_reward_source`` builds it: failure counts, think stripping, cache."""
+    spec = RewardSpec(reward_model_type="api", reward_api=api_keys(judge, **kw), **(spec or {}))
+    return build_reward_source(spec, RewardContext())
 
 
 def score(reward: RewardSource, prompts=PROMPTS, responses=RESPONSES, labels=None) -> list[Score]:
@@ -78,10 +87,10 @@ def values(scores: list[Score]) -> list[float | None]:
     return [s.value for s in scores]
 
 
-def load_example(name: str, judge, **kw) -> RewardApiConfig:
+def load_example(name: str, judge, **kw) -> ApiSettings:
     raw = yaml.safe_load((EXAMPLES / name).read_text())["reward_api"]
     raw.update(url=judge.url_for("custom"), cache=None, timeout_s=2.0, **kw)
-    return RewardApiConfig(**raw)
+    return RewardSpec(reward_model_type="api", reward_api=raw).api_settings()
 
 
 # -- presets -----------------------------------------------------------------------------
@@ -165,7 +174,7 @@ def test_openai_judge_regex_range_and_normalize(judge):
 def test_every_fault_is_a_failure_with_its_reason(judge, kind, reason, only_first):
     judge.settings.fault_rate, judge.settings.fault_kinds = 1.0, (kind,)
     judge.settings.hang_s, judge.settings.oversize_bytes = 1.0, 50_000
-    reward = make(judge, batch_size=2, timeout_s=0.3, max_body_bytes=10_000)
+    reward = make_source(judge, batch_size=2, timeout_s=0.3, max_body_bytes=10_000)
     scores = score(reward)
     failed = [s for i, s in enumerate(scores) if not only_first or i % 2 == 0]
     assert all(s.value is None and s.reason.startswith(reason) for s in failed), [s.reason for s in failed]
@@ -178,7 +187,7 @@ def test_every_fault_is_a_failure_with_its_reason(judge, kind, reason, only_firs
 def test_retries_recover_from_transient_faults(judge):
     judge.settings.fault_first, judge.settings.fault_kinds = 3, ("500", "malformed", "timeout")
     judge.settings.hang_s = 2.0
-    reward = make(judge, batch_size=4, max_retries=3, timeout_s=0.6)
+    reward = make_source(judge, batch_size=4, max_retries=3, timeout_s=0.6)
     assert values(score(reward)) == EXPECTED
     metrics = reward.metrics()
     assert metrics["reward/retries"] == 3 and metrics["reward/failures"] == 0
@@ -205,9 +214,9 @@ def test_auth_failure_is_not_retried(judge):
 
 def test_server_going_away_mid_run_fails_every_sample():
     srv = start_judge_server()
-    reward = build_api_reward(
-        RewardApiConfig(url=srv.url_for("alignkit"), max_retries=1, backoff=0.01, timeout_s=2.0)
-    )
+    reward = CountFailures(build_api_reward(
+        parse_reward_api({"url": srv.url_for("alignkit"), "max_retries": 1, "backoff": 0.01, "timeout_s": 2.0})
+    ))
 
     async def go():
         first = await reward.score(PROMPTS, RESPONSES)
@@ -237,59 +246,32 @@ def test_rate_limit(judge):
     assert time.perf_counter() - start >= 0.14  # 4 requests spaced 50 ms apart
 
 
-# -- failure policy ----------------------------------------------------------------------
-
-
-def test_failure_policy_skip_zero_fail():
-    scores = [Score(1.0), Score.failure("HTTP 500: boom"), Score(0.5), Score.failure("timeout: 2 s")]
-    v, mask, n = apply_failure_policy(scores, "skip", 0.6)
-    assert (mask, n, v[0], v[2]) == ([True, False, True, False], 2, 1.0, 0.5)
-    v, mask, n = apply_failure_policy(scores, "zero", 0.6)
-    assert (v, mask) == ([1.0, 0.0, 0.5, 0.0], [True] * 4)
-    with pytest.raises(RewardApiError, match="on_failure is 'fail'; last reasons: timeout: 2 s; HTTP 500"):
-        apply_failure_policy(scores, "fail", 1.0)
-    with pytest.raises(
-        RewardApiError, match=r"2 of 4 scores failed \(50%\), above reward_api.max_failure_rate=0.25"
-    ):
-        apply_failure_policy(scores, "skip", 0.25)
-    assert apply_failure_policy([Score(2.0)], "fail", 0.0) == ([2.0], [True], 0)
-
-
-def test_failure_policy_on_real_faults(judge):
-    judge.settings.fault_rate, judge.settings.fault_kinds = 1.0, ("nan",)
-    scores = score(make(judge, batch_size=2))
-    _, mask, n = apply_failure_policy(scores, "skip", 0.5)
-    assert mask == [False, True, False, True] and n == 2
-    with pytest.raises(RewardApiError, match="non-finite score"):
-        apply_failure_policy(scores, "skip", 0.4)
-
-
 # -- cache -------------------------------------------------------------------------------
 
 
 def test_cache_survives_restart_and_dedups_within_a_step(judge, tmp_path):
     db = tmp_path / "cache.sqlite"
-    first = make(judge, cache=str(db))
+    first = make_source(judge, {"reward_cache": str(db)})
     assert values(score(first, PROMPTS + PROMPTS[:2], RESPONSES + RESPONSES[:2])) == EXPECTED + EXPECTED[:2]
     assert judge.stats.snapshot()["items"] == 4  # the two repeats were sent once
     assert first.metrics()["reward/cache_hits"] == 0
 
-    restarted = make(judge, cache=str(db))  # a new process would build exactly this
+    restarted = make_source(judge, {"reward_cache": str(db)})  # a new process would build exactly this
     scores = score(restarted)
     assert values(scores) == EXPECTED and all(s.cached for s in scores)
     assert judge.stats.snapshot()["items"] == 4
     assert restarted.metrics()["reward/cache_hits"] == 4
 
-    other_preset = make(judge, "openrlhf", cache=str(db))  # a different identity: no reuse
+    other_preset = make_source(judge, {"reward_cache": str(db)}, preset="openrlhf")  # another identity: no reuse
     assert not any(s.cached for s in score(other_preset))
 
 
 def test_failures_are_not_cached(judge, tmp_path):
     db = str(tmp_path / "cache.sqlite")
     judge.settings.fault_rate, judge.settings.fault_kinds = 1.0, ("500",)
-    assert all(not s.ok for s in score(make(judge, cache=db)))
+    assert all(not s.ok for s in score(make_source(judge, {"reward_cache": db})))
     judge.settings.fault_rate = 0.0
-    scores = score(make(judge, cache=db))
+    scores = score(make_source(judge, {"reward_cache": db}))
     assert values(scores) == EXPECTED and not any(s.cached for s in scores)
 
 
@@ -325,13 +307,13 @@ def test_env_headers_substituted_and_never_shown(judge, monkeypatch, caplog):
 
 def test_missing_env_var_is_named(monkeypatch):
     monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
-    cfg = RewardApiConfig(url="http://127.0.0.1:9/score", headers={"X-Key": "${NO_SUCH_JUDGE_KEY}"})
+    cfg = parse_reward_api({"url": "http://127.0.0.1:9/score", "headers": {"X-Key": "${NO_SUCH_JUDGE_KEY}"}})
     with pytest.raises(RewardApiError, match="environment variable NO_SUCH_JUDGE_KEY is not set"):
         build_api_reward(cfg)
 
 
 def test_literal_secret_headers_are_masked_when_saved():
-    cfg = RewardApiConfig(url="http://x/score", headers={"Authorization": f"Bearer {SECRET}", "X-Team": "rl"})
+    cfg = parse_reward_api({"url": "http://x/score", "headers": {"Authorization": f"Bearer {SECRET}", "X-Team": "rl"}})
     dumped = cfg.model_dump()
     assert dumped["headers"] == {"Authorization": "***", "X-Team": "rl"}
     assert SECRET not in repr(cfg) and SECRET not in cfg.model_dump_json()
@@ -352,12 +334,14 @@ def test_strip_think():
 
 def test_think_stripped_before_scoring_and_truncation_policy(judge):
     responses = ["<think>good good good</think>good", "<think>good", "no thought", "<think>good"]
-    scores = score(make(judge, strip_think=True, think_truncated_score=-1.0), responses=responses)
+    reward = make_source(judge, {"strip_think": True, "think_truncated_score": -1.0})
+    scores = score(reward, responses=responses)
     assert values(scores) == [1.0, -1.0, 0.0, -1.0]
     assert judge.stats.snapshot()["items"] == 2  # truncated thoughts are not sent
     assert ("Say hi.", "good") in judge.stats.pairs
+    assert reward.metrics()["rollout/think_truncated_frac"] == 0.5
 
-    scores = score(make(judge, strip_think=True, think_truncated="fail"), responses=responses)
+    scores = score(make_source(judge, {"strip_think": True, "think_truncated": "fail"}), responses=responses)
     assert scores[1].value is None and scores[1].reason.startswith("think truncated")
 
 
@@ -373,7 +357,7 @@ def test_health_check_unreachable():
     srv = start_judge_server()
     url = srv.url_for("alignkit")
     srv.stop()
-    reward = build_api_reward(RewardApiConfig(url=url, timeout_s=2.0))
+    reward = build_api_reward(parse_reward_api({"url": url, "timeout_s": 2.0}))
     with pytest.raises(RewardApiError) as err:
         asyncio.run(reward.health_check())
     message = str(err.value)
@@ -383,8 +367,8 @@ def test_health_check_unreachable():
 
 def test_health_check_wrong_shape_shows_request_and_reply(judge):
     payload = {"inputParams": {"query": "{prompt}", "model_answer": "{response}"}}
-    cfg = RewardApiConfig(
-        url=judge.url_for("custom"), preset="custom", payload=payload, response_path="result.score"
+    cfg = parse_reward_api(
+        {"url": judge.url_for("custom"), "preset": "custom", "payload": payload, "response_path": "result.score"}
     )
     with pytest.raises(RewardApiError) as err:
         asyncio.run(build_api_reward(cfg).health_check())
@@ -395,7 +379,7 @@ def test_health_check_wrong_shape_shows_request_and_reply(judge):
 
 
 def test_health_check_rejected_request_shows_reply(judge):
-    cfg = RewardApiConfig(url=judge.url_for("openrlhf"), preset="alignkit")  # wrong path for the shape
+    cfg = parse_reward_api({"url": judge.url_for("openrlhf"), "preset": "alignkit"})  # wrong path for the shape
     with pytest.raises(RewardApiError, match=r"(?s)HTTP 422.*reply received:\n  HTTP 422.*Field required"):
         asyncio.run(build_api_reward(cfg).health_check())
 
@@ -408,29 +392,36 @@ def test_health_check_rejected_request_shows_reply(judge):
     [
         ({"timeout": 3}, "Extra inputs are not permitted"),
         ({"normalize": True}, "needs reward_api.score_range"),
-        ({"preset": "openai_judge"}, "reward_api.model is required"),
-        ({"preset": "custom"}, "reward_api.payload"),
+        ({"preset": "openai_judge"}, r"(?s)openai_judge\.model\s+Field required"),
+        ({"preset": "custom"}, r"(?s)custom\.payload\s+Field required"),
+        ({"preset": "custom", "payload": {"a": "{response}"}, "batch_field": "b"}, "not a key of reward_api.payload"),
         ({"preset": "openai_judge", "model": "m", "batch_size": 4}, "one sample per request"),
-        ({"score_regex": "("}, "not a valid regex"),
-        ({"success_condition": "success"}, "bad success condition"),
-        ({"on_failure": "ignore"}, "skip"),
+        ({"preset": "openai_judge", "model": "m", "score_regex": "("}, "not a valid regex"),
+        ({"score_regex": "("}, "score_regex\n  Extra inputs"),  # an openai_judge key
+        ({"preset": "custom", "payload": {"q": "{response}"}, "success_condition": "success"}, "bad success condition"),
+        ({"preset": "custom", "payload": {}}, "at least 1 item"),
+        ({"on_failure": "ignore"}, "'skip', 'zero' or 'fail'"),
+        ({"url": "ftp://judge/score"}, "reward_api.url must be an http"),
     ],
 )
 def test_config_errors(kw, match):
     with pytest.raises(ValidationError, match=match):
-        RewardApiConfig(url="http://127.0.0.1:1/score", **kw)
+        RewardSpec(reward_model_type="api", reward_api={"url": "http://127.0.0.1:1/score", **kw})
 
 
 def test_every_config_key_has_help_text():
-    for name, field in RewardApiConfig.model_fields.items():
-        assert field.description, name
+    for cls in (RewardSpec, *ApiSettings.__subclasses__()):
+        for name, field in cls.model_fields.items():
+            assert field.description, (cls.__name__, name)
 
 
 def test_url_required_and_checked():
     with pytest.raises(RewardApiError, match="reward_api.url is not set"):
-        build_api_reward(RewardApiConfig())
-    with pytest.raises(ValueError, match="http"):
-        build_api_reward(RewardApiConfig(url="ftp://judge/score"))
+        build_api_reward(parse_reward_api({}))
+    with pytest.raises(ValueError, match="reward_model must be an http"):
+        RewardSpec(reward_model_type="api", reward_model="judge:8000/score")
+    spec = RewardSpec(reward_model_type="api", reward_model="http://judge:8000/score", reward_api={"timeout_s": 5})
+    assert spec.api_settings().url == "http://judge:8000/score" and spec.api_settings().timeout_s == 5
 
 
 # -- metrics and background scoring ------------------------------------------------------
@@ -438,7 +429,7 @@ def test_url_required_and_checked():
 
 def test_metrics_reset_on_read(judge):
     judge.settings.latency_ms = 20
-    reward = make(judge)
+    reward = make_source(judge)
     score(reward)
     metrics = reward.metrics()
     assert metrics["reward/requests"] == 4 and metrics["reward/failures"] == 0

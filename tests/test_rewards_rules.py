@@ -8,6 +8,7 @@ import math
 import pytest
 
 from alignkit.rewards.base import RewardSource, ScoreMeta
+from alignkit.rewards.factory import build_reward_source
 from alignkit.rewards.rules import (
     RuleReward,
     contains_marker,
@@ -17,7 +18,8 @@ from alignkit.rewards.rules import (
     load_rule,
     rule_scorer,
 )
-from alignkit.rewards.text import ThinkFilter
+from alignkit.rewards.spec import RewardContext, RewardSpec
+from alignkit.rewards.wrappers import CountFailures
 
 
 def test_count_good_whole_word_any_case():
@@ -65,8 +67,8 @@ def test_rule_reward_is_a_reward_source_and_never_zeroes_failures():
             raise KeyError("missing")
         return {"nan": math.nan, "str": "high"}.get(response, 1.5)
 
-    reward = RuleReward(flaky)
-    assert isinstance(reward, RewardSource)
+    assert isinstance(RuleReward(flaky), RewardSource)
+    reward = CountFailures(RuleReward(flaky))
     scores = asyncio.run(reward.score(["p"] * 4, ["ok", "boom", "nan", "str"], ScoreMeta()))
     assert [s.value for s in scores] == [1.5, None, None, None]
     assert scores[1].reason == "rule error: flaky raised KeyError: 'missing'"
@@ -78,11 +80,14 @@ def test_rule_reward_is_a_reward_source_and_never_zeroes_failures():
     assert reward.failure_summary() == {"rule error": 1, "non-finite score": 1, "non-numeric score": 1}
 
 
-def test_rule_reward_labels_and_think_filter():
-    reward = RuleReward("exact_match", think=ThinkFilter(truncated_score=-1.0))
-    responses = ["<think>hmm</think> 4", "<think>never ends", "5"]
-    scores = asyncio.run(reward.score(["q"] * 3, responses, ScoreMeta(labels=["4", "4", "4"])))
-    assert [s.value for s in scores] == [1.0, -1.0, 0.0]
+def test_rule_reward_labels_and_think_stripping_from_the_spec():
+    spec = RewardSpec(reward_model="exact_match", strip_think=True, think_truncated_score=-1.0)
+    reward = build_reward_source(spec, RewardContext())
+    responses = ["<think>hmm</think> 4", "<think>never ends", "5", "4"]
+    scores = asyncio.run(reward.score(["q"] * 4, responses, ScoreMeta(labels=["4"] * 4)))
+    # Unstripped, the first response is not exactly "4" and would score 0.0.
+    assert [s.value for s in scores] == [1.0, -1.0, 0.0, 1.0]
+    assert reward.metrics() == {"rollout/think_truncated_frac": 0.25, "reward/failures": 0.0}
 
 
 def test_rule_scorer_batch_form():

@@ -43,7 +43,7 @@ def load_tool_config(
     try:
         return cls(**normalise_keys(raw, cls, where))
     except ValidationError as err:
-        raise explain_validation_error(err, where) from None
+        raise explain_validation_error(err, where, cls) from None
 
 
 def add_config_command(subparsers: argparse._SubParsersAction, name: str, help: str, cls: type[BaseModel],

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 
+class RewardError(RuntimeError):
+    """Scoring cannot go on: a source that cannot be used, or too many failed scores."""
+
+
 @dataclass(frozen=True)
 class Score:
     """A reward value, or a failure (``value is None``) with the reason it failed."""
@@ -35,6 +39,19 @@ class ScoreMeta:
 
     labels: Sequence[str | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def select(self, indices: Sequence[int]) -> ScoreMeta:
+        """The meta of the samples at ``indices`` (a wrapper passes only some samples on)."""
+        labels = None if self.labels is None else [self.labels[i] for i in indices]
+        return ScoreMeta(labels, self.extra)
+
+
+def labels_for(meta: ScoreMeta | None, n: int) -> list[str | None]:
+    """One label per sample (``None`` where the dataset has none); checks the count."""
+    labels = list(meta.labels) if meta is not None and meta.labels is not None else [None] * n
+    if len(labels) != n:
+        raise ValueError(f"score(): {n} responses but {len(labels)} labels")
+    return labels
 
 
 @runtime_checkable

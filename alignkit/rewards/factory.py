@@ -1,24 +1,63 @@
-"""Build the configured ``RewardSource`` for PPO; the trainer never knows which one it holds."""
+"""Build the configured reward source, wrapped the same way whichever kind it is.
+
+The only place that knows which kinds exist (``reward_model_type``); callers get a
+``RewardSource`` (or the trainer's ``RewardService``) and never branch on the kind.
+"""
 
 from __future__ import annotations
 
-from alignkit.rewards.base import RewardSource
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alignkit.rewards.api import build_api_reward
+from alignkit.rewards.base import RewardSource, Score
+from alignkit.rewards.cache import ScoreCache, identity_of
+from alignkit.rewards.rules import RuleReward
+from alignkit.rewards.spec import RewardContext, RewardSpec
+from alignkit.rewards.text import ThinkFilter
+from alignkit.rewards.wrappers import CacheScores, CountFailures, StripThink
+
+HealthCheck = Callable[[], Coroutine[Any, Any, Score]]
 
 
-def build_reward_source(cfg, policy_model=None) -> RewardSource:
-    """``reward_model_type`` → rule | api | lora (RM adapter on the policy's base) | full (own model)."""
-    kind = cfg.reward_model_type
+@dataclass
+class BuiltReward:
+    """A wrapped reward source, and the start-up probe of its judge when it has one enabled."""
+
+    source: CountFailures
+    health_check: HealthCheck | None
+
+
+def build_reward(spec: RewardSpec, context: RewardContext, policy_model=None) -> BuiltReward:
+    """``reward_model_type`` → rule | api | lora (RM adapter on ``policy_model``'s base) | full (own model),
+    wrapped as ``CountFailures(StripThink(CacheScores(source)))`` where configured."""
+    source, identity, health_check = _bare_source(spec, context, policy_model)
+    if spec.reward_cache:
+        source = CacheScores(source, ScoreCache(spec.reward_cache), identity)
+    if spec.strip_think:
+        source = StripThink(source, ThinkFilter(spec.think_tags, spec.think_truncated, spec.think_truncated_score))
+    return BuiltReward(CountFailures(source), health_check)
+
+
+def build_reward_source(spec: RewardSpec, context: RewardContext, policy_model=None) -> RewardSource:
+    """The configured source with its wrappers (for ``compare``, ``score`` and tests)."""
+    return build_reward(spec, context, policy_model).source
+
+
+def _bare_source(
+    spec: RewardSpec, context: RewardContext, policy_model
+) -> tuple[RewardSource, str, HealthCheck | None]:
+    """The source itself, its cache identity (what a score means), and its enabled start-up probe."""
+    kind = spec.reward_model_type
     if kind == "rule":
-        from alignkit.rewards.rules import RuleReward
-
-        return RuleReward(cfg.reward_model)
+        rule = RuleReward(spec.reward_model)
+        return rule, identity_of({"rule": rule.name}), None
     if kind == "api":
-        from alignkit.rewards.api import RewardApiConfig, build_api_reward
+        api = build_api_reward(spec.api_settings())
+        return api, api.identity, api.health_check if api.cfg.health_check else None
+    from alignkit.rewards.model import build_model_reward  # torch and transformers: only when an RM is used
 
-        settings = dict(cfg.reward_api or {})
-        if cfg.reward_model and not settings.get("url"):
-            settings["url"] = cfg.reward_model
-        return build_api_reward(RewardApiConfig(**settings))
-    from alignkit.rewards.model import build_model_reward
-
-    return build_model_reward(cfg, policy_model)
+    rm = build_model_reward(spec, context, policy_model)
+    return rm, identity_of({"reward_model": str(Path(spec.reward_model).resolve()), "type": kind}), None

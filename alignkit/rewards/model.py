@@ -41,6 +41,7 @@ from alignkit.models.reward_model import (
     score_sequences,
 )
 from alignkit.rewards.base import Score, ScoreMeta
+from alignkit.rewards.spec import RewardContext, RewardSpec
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ class ModelReward:
         self.enable_thinking = enable_thinking
         self.batch_size = batch_size
         self.context = context
-        self._failures = 0
 
     @classmethod
     def from_dir(
@@ -120,34 +120,33 @@ class ModelReward:
         try:
             values = self.score_texts(prompts, responses)
         except (RuntimeError, ValueError) as e:  # e.g. out of memory: every sample of the call failed
-            self._failures += len(prompts)
             return [Score.failure(f"reward model error: {type(e).__name__}: {e}")] * len(prompts)
-        scores = [Score(v) if math.isfinite(v) else Score.failure(f"non-finite score: {v}") for v in values]
-        self._failures += sum(not s.ok for s in scores)
-        return scores
+        return [Score(v) if math.isfinite(v) else Score.failure(f"non-finite score: {v}") for v in values]
 
     async def aclose(self) -> None:
         return None
 
     def metrics(self) -> dict[str, float]:
-        out = {"reward/failures": float(self._failures)}
-        self._failures = 0
-        return out
+        return {}  # failures are counted by the CountFailures wrapper
 
 
-def build_model_reward(cfg, policy_model=None) -> ModelReward:
-    """``reward_model_type: lora`` → adapter on the policy's base; ``full`` → its own model."""
-    path = check_model_dir(cfg.reward_model, "reward_model")
+def build_model_reward(spec: RewardSpec, context: RewardContext, policy_model=None) -> ModelReward:
+    """``reward_model_type: lora`` → adapter on the policy's base; ``full`` → its own model.
+
+    ``policy_model`` is the trainer's ``ActorCritic`` (a ``lora`` reward model needs it).
+    """
+    path = check_model_dir(spec.reward_model, "reward_model")
     meta = read_meta(path)
-    dtype = model_dtype(cfg.bf16, cfg.fp16)
-    batch_size = cfg.per_device_eval_batch_size
-    if cfg.reward_model_type == "full":
-        device = cfg.reward_model_device or (
+    dtype = model_dtype(context.bf16, context.fp16)
+    batch_size = context.batch_size
+    if spec.reward_model_type == "full":
+        device = spec.reward_model_device or context.device or (
             str(next(policy_model.parameters()).device) if policy_model is not None else None
         )
-        return ModelReward.from_dir(path, device=device, dtype=dtype, cutoff_len=cfg.cutoff_len, batch_size=batch_size)
-    if cfg.reward_model_type != "lora":
-        raise ValueError(f"reward_model_type {cfg.reward_model_type!r} is not a trained reward model")
+        return ModelReward.from_dir(path, device=device, dtype=dtype, cutoff_len=context.cutoff_len,
+                                    batch_size=batch_size)
+    if spec.reward_model_type != "lora":
+        raise ValueError(f"reward_model_type {spec.reward_model_type!r} is not a trained reward model")
     if policy_model is None or not getattr(policy_model, "is_lora", False):
         raise ValueError(
             "reward_model_type: lora puts the reward adapter on the policy's base and needs a LoRA policy "
@@ -158,7 +157,7 @@ def build_model_reward(cfg, policy_model=None) -> ModelReward:
             f"reward_model_type: lora, but {path} is not a LoRA reward model (no adapter_config.json); "
             "for a full reward model directory set reward_model_type: full"
         )
-    _check_same_base(cfg, path, meta)
+    _check_same_base(context, path, meta)
     lm = policy_model.lm
     head = load_score_head(path, lm.config.get_text_config().hidden_size)
     modes = [(m, m.training) for m in lm.modules()]
@@ -172,9 +171,10 @@ def build_model_reward(cfg, policy_model=None) -> ModelReward:
     if lock is None:
         logger.warning("the policy model has no adapter_lock: lora reward scoring must not overlap policy forward passes")
         lock = threading.Lock()
-    tokenizer = load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else cfg.model_name_or_path)
-    return ModelReward(RewardModel(lm, head), tokenizer, meta.get("template", cfg.template), cfg.cutoff_len,
-                       meta.get("default_system", cfg.default_system), meta.get("enable_thinking", cfg.enable_thinking),
+    tokenizer = load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else context.base_model)
+    return ModelReward(RewardModel(lm, head), tokenizer, meta.get("template", context.template), context.cutoff_len,
+                       meta.get("default_system", context.default_system),
+                       meta.get("enable_thinking", context.enable_thinking),
                        batch_size, context=lambda: _reward_adapter(policy_model, lock))
 
 
@@ -197,26 +197,26 @@ def _reward_adapter(policy_model, lock: threading.Lock) -> Iterator[None]:
                 m.training = mode
 
 
-def _check_same_base(cfg, path: Path, meta: dict) -> None:
+def _check_same_base(context: RewardContext, path: Path, meta: dict) -> None:
     """The RM adapter only means something on the base it was trained on."""
+    base = context.base_model
     recorded = meta.get("base_model")
     if recorded is None:
-        logger.warning("%s has no %s; cannot check it was trained on %s", path, META_FILE, cfg.model_name_or_path)
+        logger.warning("%s has no %s; cannot check it was trained on %s", path, META_FILE, base)
         return
-    if Path(recorded).resolve() != Path(cfg.model_name_or_path).resolve():
-        same_config = (Path(recorded) / "config.json").is_file() and (
-            (Path(recorded) / "config.json").read_text() == (Path(cfg.model_name_or_path) / "config.json").read_text()
+    if base is None or Path(recorded).resolve() != Path(base).resolve():
+        same_config = base is not None and (Path(recorded) / "config.json").is_file() and (
+            (Path(recorded) / "config.json").read_text() == (Path(base) / "config.json").read_text()
         )
         if (Path(recorded) / "config.json").is_file() and not same_config:
             raise RewardModelError(
-                f"reward model {path} was trained on {recorded}, but the policy's base is {cfg.model_name_or_path}: "
+                f"reward model {path} was trained on {recorded}, but the policy's base is {base}: "
                 "a LoRA reward adapter only works on its own base. Retrain the RM with model_name_or_path: "
-                f"{cfg.model_name_or_path}, or use reward_model_type: full with a full reward model"
+                f"{base}, or use reward_model_type: full with a full reward model"
             )
-        logger.warning("reward model %s was trained on %s; using it on %s (same config)", path, recorded,
-                       cfg.model_name_or_path)
-    if list(meta.get("merged_adapters") or []) != list(cfg.adapter_name_or_path or []):
+        logger.warning("reward model %s was trained on %s; using it on %s (same config)", path, recorded, base)
+    if list(meta.get("merged_adapters") or []) != list(context.adapters):
         logger.warning(
             "reward model %s was trained on base + %s, the policy's base is base + %s (merged adapters); "
-            "its scores may drift", path, meta.get("merged_adapters") or "nothing", cfg.adapter_name_or_path or "nothing"
+            "its scores may drift", path, meta.get("merged_adapters") or "nothing", list(context.adapters) or "nothing"
         )

@@ -12,12 +12,10 @@ import importlib.util
 import math
 import re
 import sys
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from alignkit.rewards.base import Score, ScoreMeta
-from alignkit.rewards.text import ThinkFilter
+from alignkit.rewards.base import Score, ScoreMeta, labels_for
 
 Rule = Callable[[str, str, "str | None"], float]
 # The batch form the judge server (and a trained reward model) scores with.
@@ -109,30 +107,15 @@ class RuleReward:
     An exception or a non-finite / non-numeric return is a failure with its reason, never 0.
     """
 
-    def __init__(self, rule: Rule | str, think: ThinkFilter | None = None):
+    def __init__(self, rule: Rule | str):
         self.name = rule if isinstance(rule, str) else getattr(rule, "__name__", "rule")
         self.rule = load_rule(rule) if isinstance(rule, str) else rule
-        self.think = think
-        self._failures = 0
-        self._summary: Counter[str] = Counter()
 
     async def score(
         self, prompts: Sequence[str], responses: Sequence[str], meta: ScoreMeta | None = None
     ) -> list[Score]:
-        labels = list(meta.labels) if meta and meta.labels is not None else [None] * len(prompts)
-        if self.think is not None:
-            texts, settled = self.think.apply(responses)
-        else:
-            texts, settled = list(responses), [None] * len(responses)
-        scores = [
-            done if done is not None else self._score_one(p, r, lb)
-            for p, r, lb, done in zip(prompts, texts, labels, settled, strict=True)
-        ]
-        for s in scores:
-            if not s.ok:
-                self._failures += 1
-                self._summary[s.reason.split(":", 1)[0]] += 1
-        return scores
+        labels = labels_for(meta, len(responses))
+        return [self._score_one(p, r, lb) for p, r, lb in zip(prompts, responses, labels, strict=True)]
 
     def _score_one(self, prompt: str, response: str, label: str | None) -> Score:
         try:
@@ -149,10 +132,4 @@ class RuleReward:
         return None
 
     def metrics(self) -> dict[str, float]:
-        out = {"reward/failures": float(self._failures)}
-        self._failures = 0
-        return out
-
-    def failure_summary(self) -> dict[str, int]:
-        """Failures since the start, counted per kind of reason."""
-        return dict(self._summary)
+        return {}  # failures are counted by the CountFailures wrapper

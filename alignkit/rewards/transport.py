@@ -37,11 +37,11 @@ class Reply:
     retry_after: str | None  # the Retry-After header, as sent
 
 
-def check_url(url: str) -> None:
-    """Raise ``ValueError`` now, not mid-run, if ``url`` is not an http(s) URL."""
+def check_url(url: str, key: str = "reward_api.url") -> None:
+    """Raise ``ValueError`` now, not mid-run, if ``url`` (the value of ``key``) is not an http(s) URL."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"reward_api.url must be an http(s) URL, got {url!r}")
+        raise ValueError(f"{key} must be an http(s) URL, got {url!r}")
 
 
 def open_session(max_concurrency: int, timeout_s: float, headers: dict[str, str]) -> aiohttp.ClientSession:

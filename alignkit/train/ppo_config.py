@@ -1,29 +1,18 @@
-"""The PPO stage's config: the shared keys plus rollout, reward and PPO hyper-parameters."""
+"""The PPO stage's config: the shared keys, the reward keys (``RewardSpec``), rollout and PPO
+hyper-parameters."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from alignkit.config import StageConfig, register_stage
+from alignkit.rewards.spec import RewardContext, RewardSpec
 
 
-class PPOConfig(StageConfig):
+class PPOConfig(StageConfig, RewardSpec):
     stage: Literal["ppo"] = Field("ppo", description="Training stage.")
-    # Reward
-    reward_model: str | None = Field(
-        None, description="rule: built-in name, module:NAME or file.py:fn; api: URL; lora/full: RM directory."
-    )
-    reward_model_type: Literal["rule", "api", "lora", "full"] = Field(
-        "rule", description="Where scores come from: rule, api (HTTP judge), lora (RM adapter on this base), full."
-    )
-    reward_model_device: str | None = Field(None, description="Device for a full reward model (e.g. cuda:1).")
-    reward_api: dict[str, Any] | None = Field(None, description="HTTP judge settings (docs/reward_api.md).")
-    on_failure: Literal["skip", "zero", "fail"] = Field(
-        "skip", description="Rule/model rewards: a failed score is skipped (masked out), zero, or fail (stop). API: reward_api.on_failure."
-    )
-    max_failure_rate: float = Field(0.5, ge=0.0, le=1.0, description="Rule/model rewards: stop when a step's failure share exceeds this (API: reward_api.max_failure_rate).")
     # Rollout
     max_new_tokens: int = Field(128, ge=1, description="Response length limit in tokens.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; log-probs use the same one.")
@@ -59,12 +48,14 @@ class PPOConfig(StageConfig):
     logging_steps: int = Field(1, ge=1, description="Log metrics every N PPO steps.")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the prompt set (ignored if max_steps>0).")
 
-    @model_validator(mode="after")
-    def _check_reward(self) -> PPOConfig:
-        if self.reward_model is None and not (self.reward_model_type == "api" and self.reward_api
-                                              and self.reward_api.get("url")):
-            raise ValueError("key 'reward_model' is required (rule name, judge URL, or reward model directory)")
-        return self
+    def reward_context(self) -> RewardContext:
+        """What a trained reward model takes from this run: the policy's base and adapters (a LoRA
+        RM must match them), its formatting fallbacks, and the no-grad forward-pass sizes."""
+        return RewardContext(
+            base_model=self.model_name_or_path, adapters=tuple(self.adapter_name_or_path or ()),
+            template=self.template, default_system=self.default_system, enable_thinking=self.enable_thinking,
+            cutoff_len=self.cutoff_len, batch_size=self.per_device_eval_batch_size, bf16=self.bf16, fp16=self.fp16,
+        )
 
     @property
     def rollout_batch_size(self) -> int:

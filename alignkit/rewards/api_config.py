@@ -1,0 +1,199 @@
+"""``reward_api``: how to reach an HTTP judge; one pydantic model per request shape (``preset``).
+
+Validated when the config loads, so a misspelled key, a bad URL or an unusable template fails
+before any model is loaded. Keys that apply to every reward source (``on_failure``,
+``strip_think``, ``cache`` ...) are ``RewardSpec``'s; their old spellings under
+``reward_api`` (``LIFTED``) are still read and moved there.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from alignkit.rewards.headers import redact_headers
+from alignkit.rewards.presets import DEFAULT_RUBRIC, make_preset
+from alignkit.rewards.transport import check_url
+
+PRESETS = ("alignkit", "llamafactory", "openrlhf", "openai_judge", "custom")
+
+# reward_api.<old key> -> the RewardSpec key it now sets (same meaning for every source).
+LIFTED = {
+    "on_failure": "on_failure",
+    "max_failure_rate": "max_failure_rate",
+    "strip_think": "strip_think",
+    "think_tags": "think_tags",
+    "think_truncated": "think_truncated",
+    "think_truncated_score": "think_truncated_score",
+    "include_special_tokens": "include_special_tokens",
+    "cache": "reward_cache",
+}
+
+
+class ApiSettings(BaseModel):
+    """Keys every preset shares: where the judge is, how to talk to it, what a valid score is."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Accepted under reward_api although not fields here: "did you mean" suggests them too.
+    ALSO_ACCEPTED: ClassVar[frozenset[str]] = frozenset(LIFTED)
+
+    preset: str
+    url: str | None = Field(
+        None, description="Full URL the scoring requests are POSTed to (default: the top-level reward_model)."
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra HTTP headers; ${ENV_VAR} is replaced from the environment when the client starts.",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Total time allowed for one HTTP request, seconds.")
+    max_retries: int = Field(3, ge=0, description="Retries after a retryable failure (so 1 + max_retries tries).")
+    backoff: float = Field(0.5, ge=0, description="Base retry delay, seconds; doubles per retry, with jitter.")
+    backoff_max_s: float = Field(30.0, ge=0, description="Cap on one retry delay (Retry-After included), seconds.")
+    max_concurrency: int = Field(32, ge=1, description="Requests in flight at once (connection pool size).")
+    batch_size: int = Field(1, ge=1, description="Samples per request; 1 sends one request per sample.")
+    rate_limit_rps: float | None = Field(None, gt=0, description="Most requests started per second; null: no limit.")
+    health_check: bool = Field(True, description="Send one probe request before training and stop on failure.")
+    score_range: tuple[float, float] | None = Field(
+        None, description="[low, high] a valid score must lie in; outside is a failure. null: any finite value."
+    )
+    normalize: bool = Field(False, description="Map score_range linearly onto [0, 1].")
+    max_body_bytes: int = Field(1_048_576, ge=1, description="Largest reply body accepted, bytes.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            check_url(url)
+        return url
+
+    @model_validator(mode="after")
+    def _check(self) -> ApiSettings:
+        if self.score_range is not None and not self.score_range[0] < self.score_range[1]:
+            raise ValueError(f"reward_api.score_range must be [low, high] with low < high, got {self.score_range}")
+        if self.normalize and self.score_range is None:
+            raise ValueError("reward_api.normalize needs reward_api.score_range, e.g. [0, 10]")
+        return self
+
+    def _one_per_request(self, why: str) -> None:
+        if self.batch_size != 1:
+            raise ValueError(
+                f"reward_api.batch_size={self.batch_size} but preset {self.preset} sends one sample per request{why}"
+            )
+
+    @field_serializer("headers")
+    def _serialize_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        # Saved configs and checkpoints go through model_dump: never write a literal secret.
+        return redact_headers(headers)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a plain dict with secret header values masked (for logs and saving)."""
+        return self.model_dump()
+
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, redact_headers(value) if name == "headers" else value
+
+
+class AlignkitApi(ApiSettings):
+    """``{"items": [{prompt, response, label}]}`` -> ``{"scores": [...]}`` (the default)."""
+
+    preset: Literal["alignkit"] = Field("alignkit", description="Request/reply shape of the judge.")
+
+
+class LlamaFactoryApi(ApiSettings):
+    """LLaMA-Factory's API reward: ``{"model", "messages": [prompt+response, ...]}`` -> ``{"scores"}``."""
+
+    preset: Literal["llamafactory"] = Field(description="Request/reply shape of the judge.")
+    model: str = Field("model", description="Model name sent in the body.")
+
+
+class OpenRLHFApi(ApiSettings):
+    """OpenRLHF's remote reward model: ``{"query", "prompts", "labels"}`` -> ``{"rewards", "extra_logs"}``."""
+
+    preset: Literal["openrlhf"] = Field(description="Request/reply shape of the judge.")
+
+
+class OpenAIJudgeApi(ApiSettings):
+    """An LLM judge behind an OpenAI-compatible chat completions endpoint, one sample per request."""
+
+    preset: Literal["openai_judge"] = Field(description="Request/reply shape of the judge.")
+    model: str = Field(description="The judge model's name, sent in the body.")
+    rubric: str = Field(DEFAULT_RUBRIC, description="The judge prompt; {prompt}, {response}, {label} are filled in.")
+    score_regex: str = Field(
+        r"-?\d+(?:\.\d+)?", description="Regex for the score in the reply (last match; group 1 if any)."
+    )
+
+    @model_validator(mode="after")
+    def _check_judge(self) -> OpenAIJudgeApi:
+        try:
+            re.compile(self.score_regex)
+        except re.error as e:
+            raise ValueError(f"reward_api.score_regex is not a valid regex: {e}") from None
+        self._one_per_request("")
+        return self
+
+
+class CustomApi(ApiSettings):
+    """Any JSON API, described by a body template and where the score is in the reply."""
+
+    preset: Literal["custom"] = Field(description="Request/reply shape of the judge.")
+    payload: dict[str, Any] = Field(
+        min_length=1, description="JSON body template; strings may hold {prompt}, {response}, {label}."
+    )
+    batch_field: str | None = Field(
+        None, description="Key of payload holding the per-sample template; it becomes a list per batch."
+    )
+    response_path: str = Field(
+        "data", description="Where the score(s) are in the reply, e.g. data, data.score, results[*].score."
+    )
+    success_condition: str | None = Field(
+        None, description="Condition the reply must meet, e.g. 'success == true'."
+    )
+
+    @model_validator(mode="after")
+    def _check_template(self) -> CustomApi:
+        make_preset(self)  # parses response_path, success_condition and finds batch_field in payload
+        if not self.batch_field:
+            self._one_per_request(" (set batch_field to batch)")
+        return self
+
+
+def _preset_of(value: Any) -> str:
+    """The preset a reward_api mapping (or model) names; ``alignkit`` when it names none."""
+    if isinstance(value, dict):
+        return value.get("preset", "alignkit")
+    return getattr(value, "preset", "alignkit")
+
+
+RewardApiConfig = Annotated[
+    Annotated[AlignkitApi, Tag("alignkit")]
+    | Annotated[LlamaFactoryApi, Tag("llamafactory")]
+    | Annotated[OpenRLHFApi, Tag("openrlhf")]
+    | Annotated[OpenAIJudgeApi, Tag("openai_judge")]
+    | Annotated[CustomApi, Tag("custom")],
+    Discriminator(
+        _preset_of,
+        custom_error_type="unknown_preset",
+        custom_error_message=f"reward_api.preset must be one of {', '.join(PRESETS)}",
+    ),
+]
+"""The ``reward_api`` block: the model of the preset it names."""
+
+_ADAPTER: TypeAdapter[ApiSettings] = TypeAdapter(RewardApiConfig)
+
+
+def parse_reward_api(keys: dict[str, Any]) -> ApiSettings:
+    """Validate a ``reward_api`` mapping into its preset's settings (``ValidationError`` if wrong)."""
+    return _ADAPTER.validate_python(keys)

@@ -1,0 +1,87 @@
+"""The one object a training loop scores with: submit chunks as they are ready, collect a batch.
+
+Scoring runs on a background event loop (``BackgroundScorer``), so a chunk submitted right
+after its rollout is scored while the loop samples the next chunk and runs its forward
+passes. ``collect`` waits for the chunks, applies the failure policy and returns plain lists;
+the loop never knows whether a rule, a reward model or an HTTP judge produced them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass
+
+from alignkit.rewards.base import Score, ScoreMeta
+from alignkit.rewards.factory import HealthCheck, build_reward
+from alignkit.rewards.failures import FailurePolicy
+from alignkit.rewards.runner import BackgroundScorer
+from alignkit.rewards.spec import RewardContext, RewardSpec
+from alignkit.rewards.wrappers import CountFailures
+
+
+@dataclass
+class ScoredBatch:
+    """One step's scores, in submission order."""
+
+    values: list[float]  # failed samples hold 0.0 placeholders (never used when valid is False)
+    valid: list[bool]  # False: mask the sample out of the update (on_failure: skip)
+    n_failed: int
+    # Source counters since the last collect: reward/failures, reward/cache_hits,
+    # reward/latency_p50/p95, reward/extra/*, rollout/think_truncated_frac (with strip_think).
+    metrics: dict[str, float]
+
+
+class RewardService:
+    """A wrapped reward source on its own scoring thread, with the step's failure policy."""
+
+    def __init__(
+        self,
+        source: CountFailures,
+        policy: FailurePolicy,
+        include_special_tokens: bool = False,
+        health_check: HealthCheck | None = None,
+    ) -> None:
+        self.include_special_tokens = include_special_tokens  # how the trainer decodes responses
+        self._source = source
+        self._policy = policy
+        self._health_check = health_check
+        self._scorer = BackgroundScorer(source)
+
+    def start(self) -> None:
+        """Probe the judge once before training, when it has a start-up check and it is enabled;
+        raises ``RewardApiError`` showing the request and the reply."""
+        if self._health_check is not None:
+            self._scorer.run(self._health_check())
+
+    def submit(
+        self, prompts: list[str], responses: list[str], meta: ScoreMeta
+    ) -> concurrent.futures.Future[list[Score]]:
+        """Start scoring one chunk now, on the background loop."""
+        return self._scorer.submit(prompts, responses, meta)
+
+    def collect(self, futures: list[concurrent.futures.Future[list[Score]]]) -> ScoredBatch:
+        """Wait for the chunks, concatenate them in order and apply the failure policy.
+
+        Raises ``RewardFailureError`` past ``max_failure_rate`` or on any failure under
+        ``on_failure: fail``.
+        """
+        scores = [s for f in futures for s in f.result()]
+        metrics = self._source.metrics()
+        values, valid, n_failed = self._policy.apply(scores)
+        return ScoredBatch(values, valid, n_failed, metrics)
+
+    def failure_summary(self) -> dict[str, int]:
+        """Failures over the whole run, per kind of reason."""
+        return self._source.failure_summary()
+
+    def close(self) -> None:
+        """Close the source (judge session, cache file) and stop the scoring thread; idempotent."""
+        self._scorer.close()
+
+
+def build_reward_service(spec: RewardSpec, context: RewardContext, policy_model=None) -> RewardService:
+    """The service for ``spec``; ``policy_model`` is the trainer's ``ActorCritic`` (a ``lora``
+    reward model puts its adapter on that model's base and takes turns with it)."""
+    built = build_reward(spec, context, policy_model)
+    policy = FailurePolicy(spec.on_failure, spec.max_failure_rate)
+    return RewardService(built.source, policy, spec.include_special_tokens, built.health_check)

@@ -1,0 +1,116 @@
+"""The reward keys a stage config shares (PPO, compare): one declaration, validated at load.
+
+``RewardSpec`` is a mixin of flat, LLaMA-Factory-style keys (``reward_model``,
+``reward_model_type`` ...) plus the typed ``reward_api`` block. ``RewardContext`` is what a
+trained reward model needs to know about the stage that scores with it, so the reward builders
+never read a whole stage config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from alignkit.rewards.api_config import LIFTED, AlignkitApi, ApiSettings, RewardApiConfig
+from alignkit.rewards.failures import OnFailure
+from alignkit.rewards.text import DEFAULT_THINK_TAGS
+from alignkit.rewards.transport import check_url
+
+
+@dataclass(frozen=True)
+class RewardContext:
+    """What a trained reward model takes from the stage that scores with it."""
+
+    base_model: str | None = None  # the policy's base: a LoRA reward adapter must match it
+    adapters: tuple[str, ...] = ()  # adapters merged into that base (a mismatch is warned about)
+    template: str = "auto"  # fallbacks where the reward model did not record its own
+    default_system: str | None = None
+    enable_thinking: bool | None = None
+    cutoff_len: int = 1024  # tokens per scored (prompt, response)
+    batch_size: int = 8  # sequences per reward-model forward pass
+    bf16: bool = False
+    fp16: bool = False
+    device: str | None = None  # a full reward model's device when reward_model_device is unset; None: the policy's
+
+
+class RewardSpec(BaseModel):
+    """Where scores come from and what a failed or thinking response does to them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reward_model: str | None = Field(
+        None, description="rule: built-in name, module:NAME or file.py:fn; api: judge URL; lora/full: RM directory."
+    )
+    reward_model_type: Literal["rule", "api", "lora", "full"] = Field(
+        "rule", description="Where scores come from: rule, api (HTTP judge), lora (RM adapter on the policy's base), full."
+    )
+    reward_model_device: str | None = Field(
+        None, description="Device for a full reward model (e.g. cuda:1; default: the policy's, compare: cpu)."
+    )
+    reward_api: RewardApiConfig | None = Field(
+        None, description="HTTP judge settings, by preset (docs/reward_api.md)."
+    )
+    on_failure: OnFailure = Field(
+        "skip", description="A failed score: skip (mask the sample out), zero (use 0.0), or fail (stop the run)."
+    )
+    max_failure_rate: float = Field(
+        0.5, ge=0.0, le=1.0, description="Stop the run when a step's failed fraction exceeds this (0-1)."
+    )
+    strip_think: bool = Field(False, description="Remove the thought (between think_tags) before scoring.")
+    think_tags: tuple[str, str] = Field(DEFAULT_THINK_TAGS, description="Opening and closing tag of a thought.")
+    think_truncated: Literal["score", "fail"] = Field(
+        "score", description="A response cut off inside its thought: give it think_truncated_score, or fail it."
+    )
+    think_truncated_score: float = Field(0.0, description="Score of a response cut off inside its thought.")
+    include_special_tokens: bool = Field(
+        False, description="Keep special tokens (chat-template markers) in the response text that is scored."
+    )
+    reward_cache: str | None = Field(
+        None, description="SQLite file keeping successful scores across steps and runs; null: no cache."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_reward_api_keys(cls, data: Any) -> Any:
+        """Configs written before these keys were shared by every source set them under reward_api."""
+        if not isinstance(data, dict) or not isinstance(data.get("reward_api"), dict):
+            return data
+        data, api = dict(data), dict(data["reward_api"])
+        for old, new in LIFTED.items():
+            if old not in api:
+                continue
+            value = api.pop(old)
+            if new in data and _plain(data[new]) != _plain(value):
+                raise ValueError(
+                    f"reward_api.{old}={value!r} and {new}={data[new]!r} disagree; set only {new}"
+                )
+            data[new] = value
+        data["reward_api"] = api
+        return data
+
+    @model_validator(mode="after")
+    def _check_reward_source(self) -> RewardSpec:
+        api_url = self.reward_api.url if self.reward_api is not None else None
+        if self.reward_model is None and not (self.reward_model_type == "api" and api_url):
+            raise ValueError("key 'reward_model' is required (rule name, judge URL, or reward model directory)")
+        if self.reward_model_type == "api" and not api_url:
+            check_url(self.reward_model, "reward_model")  # the judge URL: fail now, not after models load
+        return self
+
+    def api_settings(self) -> ApiSettings:
+        """The judge's settings, with the URL taken from ``reward_model`` when ``reward_api.url`` is unset."""
+        api = self.reward_api or AlignkitApi()
+        return api if api.url else api.model_copy(update={"url": self.reward_model})
+
+
+def reward_context(cfg: Any) -> RewardContext:
+    """The context of a stage config that scores (PPO, compare): each says what its own is, via
+    its ``reward_context()`` method, since their sizes and devices differ."""
+    return cfg.reward_context()
+
+
+def _plain(value: Any) -> Any:
+    # YAML gives lists where the config holds tuples (think_tags): compare them as equal.
+    return tuple(value) if isinstance(value, list) else value
