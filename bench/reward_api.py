@@ -23,7 +23,8 @@ import time
 
 import httpx
 
-from alignkit.rewards.api import RewardApiConfig, build_api_reward
+from alignkit.rewards.api import build_api_reward
+from alignkit.rewards.api_config import parse_reward_api
 
 # A judge that only waits: HTTP/1.1 keep-alive, Content-Length bodies, {"scores": [1.0, ...]}.
 LEAN_JUDGE = r"""
@@ -112,7 +113,7 @@ async def chunks_of_4(url: str, prompts: list[str], responses: list[str]) -> Non
 
 
 async def alignkit_client(url: str, prompts: list[str], responses: list[str], concurrency: int) -> None:
-    reward = build_api_reward(RewardApiConfig(url=url, max_concurrency=concurrency, batch_size=1))
+    reward = build_api_reward(parse_reward_api({"url": url, "max_concurrency": concurrency, "batch_size": 1}))
     scores = await reward.score(prompts, responses)
     await reward.aclose()
     failed = [s.reason for s in scores if not s.ok]
