@@ -30,16 +30,9 @@ from alignkit.rewards.transport import check_url
 PRESETS = ("alignkit", "llamafactory", "openrlhf", "openai_judge", "custom")
 
 # reward_api.<old key> -> the RewardSpec key it now sets (same meaning for every source).
-LIFTED = {
-    "on_failure": "on_failure",
-    "max_failure_rate": "max_failure_rate",
-    "strip_think": "strip_think",
-    "think_tags": "think_tags",
-    "think_truncated": "think_truncated",
-    "think_truncated_score": "think_truncated_score",
-    "include_special_tokens": "include_special_tokens",
-    "cache": "reward_cache",
-}
+_SAME_NAME = ("on_failure", "max_failure_rate", "strip_think", "think_tags", "think_truncated",
+              "think_truncated_score", "include_special_tokens")
+LIFTED = {key: key for key in _SAME_NAME} | {"cache": "reward_cache"}
 
 
 class ApiSettings(BaseModel):
