@@ -3,20 +3,24 @@ and ScoredBatch from a real local judge server."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
 import torch
 
+from alignkit.config import load_config
 from alignkit.judge.server import start_judge_server
+from alignkit.models.actor_critic import build_actor_critic
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.models.reward_model import RewardModel, save_reward_model
 from alignkit.rewards.api import RewardApiError
 from alignkit.rewards.base import Score, ScoreMeta
 from alignkit.rewards.failures import FailurePolicy, RewardFailureError
+from alignkit.rewards.model import ModelReward
 from alignkit.rewards.rules import count_good
 from alignkit.rewards.service import RewardService, build_reward_service
-from alignkit.rewards.spec import RewardContext, RewardSpec
+from alignkit.rewards.spec import RewardContext, RewardSpec, reward_context
 
 PROMPTS = ["Say hi.", "Describe the day.", "Rate it.", "One word."]
 RESPONSES = ["good", "Good, good day", "not bad", "goodness"]
@@ -108,6 +112,36 @@ def test_think_stripping_and_cache_wrap_a_rule(tmp_path):
         assert batch.metrics["rollout/think_truncated_frac"] == 0.25
         assert batch.metrics["reward/cache_hits"] == 3 * attempt  # the failed one is never cached
         assert service.failure_summary() == {"think truncated": 1}
+
+
+def test_lora_reward_model_on_the_actor_critic(tiny_model_dir, tmp_path):
+    def ppo_config(reward_model):
+        return load_config(None, ["stage=ppo", f"model_name_or_path={tiny_model_dir}", "dataset=unused",
+                                  f"output_dir={tmp_path / 'run'}", "template=chatml", "cutoff_len=64",
+                                  "reward_model_type=lora", f"reward_model={reward_model}"])
+
+    # A LoRA reward model on the same base, with an adapter that changes the base's outputs.
+    rm_lm = build_actor_critic(load_causal_lm(str(tiny_model_dir)), ppo_config("unused")).lm
+    with torch.no_grad():
+        for name, param in rm_lm.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05)
+    rm_dir = tmp_path / "rm"
+    save_reward_model(RewardModel.from_causal_lm(rm_lm), rm_dir, load_tokenizer(str(tiny_model_dir)),
+                      {"base_model": str(tiny_model_dir), "template": "chatml"})
+
+    cfg = ppo_config(rm_dir)
+    ac = build_actor_critic(load_causal_lm(str(tiny_model_dir)), cfg)
+    service = build_reward_service(cfg, reward_context(cfg), policy_model=ac)
+    try:
+        service.start()
+        batch = service.collect([service.submit(PROMPTS, RESPONSES, ScoreMeta())])
+    finally:
+        service.close()
+    alone = asyncio.run(ModelReward.from_dir(rm_dir).score(PROMPTS, RESPONSES))
+    assert batch.valid == [True] * 4 and len(set(batch.values)) == 4
+    torch.testing.assert_close(torch.tensor(batch.values), torch.tensor([s.value for s in alone]))
+    assert ac.lm.active_adapter == "default"  # the policy's adapter is back
 
 
 # -- ScoredBatch from a real judge -------------------------------------------------------
