@@ -69,7 +69,13 @@ UNSUPPORTED_KEYS = {
     "eval_dataset": "use val_size to hold out a split",
 }
 
-ALIASES = {"evaluation_strategy": "eval_strategy", "system_prompt": "default_system"}
+ALIASES = {
+    "evaluation_strategy": "eval_strategy",
+    "system_prompt": "default_system",
+    # Critic-free RL: TRL/verl call the KL coefficient beta, OpenRLHF counts samples per prompt.
+    "beta": "init_kl_coef",
+    "n_samples_per_prompt": "num_generations",
+}
 
 # Key names whose values are secrets. Narrow on purpose: ``max_new_tokens`` is not a secret.
 SECRET_KEY = re.compile(

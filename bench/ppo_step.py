@@ -8,6 +8,11 @@ ppo_epochs 4, max_new_tokens 32, top_k 0 / top_p 1.0, reward = count of the word
 
 With ``--judge-ms N`` the reward comes from the judge server over HTTP with N ms latency
 (``count_good`` on the server), to measure how much latency the overlap hides.
+
+The **compute floor** is timed in the same run on the same model (base + the same LoRA) and
+shapes: a bare KV-cache decode of the rollout batch, the no-grad policy and reference forwards,
+and ppo_epochs x mini-batches of forward/backward/AdamW steps. A step's ratio to it is what
+the trainer adds on top of the unavoidable compute (sampling logic, masking, losses, metrics).
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from alignkit.config import load_config
+from alignkit.data.collators import pad_left
+from alignkit.models.loading import load_tokenizer
 from alignkit.models.tiny import build_tiny
 from alignkit.train import ppo
+from alignkit.train.common import preflight
 from alignkit.train.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +62,64 @@ def run_once(model: Path, steps: int, warmup: int, judge_url: str | None = None,
     return med
 
 
+def time_it(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def compute_floor(model: Path, repeats: int) -> dict[str, float]:
+    """Seconds of the bare compute of one reference step (module docstring), by part."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = reference_config(model, Path(tmp) / "floor", 1, None)
+    tokenizer = load_tokenizer(str(model))
+    ac = ppo.build_models(cfg)
+    queries = ppo.loop.load_prompts(cfg, tokenizer, preflight(cfg, "prompt")).queries[: cfg.rollout_batch_size]
+    q_ids, q_mask = pad_left(queries, tokenizer.pad_token_id)  # (B, Q)
+    B, R = q_ids.shape[0], cfg.max_new_tokens
+    from transformers import DynamicCache
+
+    @torch.inference_mode()
+    def decode():
+        cache, attn = DynamicCache(), q_mask
+        out = ac.lm(input_ids=q_ids, attention_mask=attn, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for _ in range(R - 1):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+            out = ac.lm(input_ids=token, attention_mask=attn, past_key_values=cache, use_cache=True)
+
+    ids = torch.cat([q_ids, torch.randint(3, 500, (B, R))], 1)  # (B, Q+R)
+    attn = torch.ones_like(ids)
+    attn[:, : q_ids.shape[1]] = q_mask
+    q = q_ids.shape[1]
+
+    def forwards():
+        with torch.no_grad():
+            ac(ids, attn, q)
+            ac.reference_logits(ids, attn, q)
+
+    opt = torch.optim.AdamW(ac.trainable_parameters(), lr=1e-7)
+    micro = cfg.per_device_train_batch_size
+
+    def fwd_bwd():
+        for _ in range(cfg.ppo_epochs):
+            for s in range(0, B, micro):
+                logits, values = ac(ids[s : s + micro], attn[s : s + micro], q)
+                (logits.float().logsumexp(-1).mean() + values.mean()).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+    parts = {"decode": time_it(decode, repeats), "no-grad forwards": time_it(forwards, repeats),
+             "forward/backward": time_it(fwd_bwd, repeats)}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 def report(name: str, m: dict[str, float]) -> None:
     print(f"{name}: {m['time/step']:.3f} s/step (median) | rollout {m['time/rollout']:.3f} s "
           f"(generate {m['time/generate']:.3f}) | score wait {m['time/score_wait']:.3f} s | "
@@ -74,6 +141,9 @@ def main() -> None:
         print(f"torch {torch.__version__}, {args.threads} thread(s); {args.steps} steps after {args.warmup} warm-up")
         rule = run_once(model, args.steps, args.warmup)
         report("rule reward (count_good)", rule)
+        floor = compute_floor(model, repeats=5)
+        print("compute floor (median of 5): " + " | ".join(f"{k} {v:.3f} s" for k, v in floor.items()))
+        print(f"ratio s/step / compute floor: {rule['time/step'] / floor['total']:.3f} (target <= 1.15)")
         if args.judge_ms is not None:
             from alignkit.judge.process import JudgeProcess
 

@@ -121,12 +121,27 @@ def ppo_overrides(model_dir, data_dir, out, *extra) -> list[str]:
             "max_steps=2", "lora_dropout=0", *extra]
 
 
-def rollout_log(path: Path) -> dict[int, dict[int, list[int]]]:
-    """step -> rank -> prompt indices that rank rolled out (from ALIGNKIT_DEBUG_ROLLOUTS)."""
-    log: dict[int, dict[int, list[int]]] = {}
+# A rule reward that records, per rank, the prompts it scores (in order): what each rank rolled out,
+# seen from outside the trainer. Ranks score one rollout batch per step, in step order.
+RECORDING_RULE = """import json, os
+def score(prompt, response, label):
+    with open(os.environ["ROLLOUT_LOG"], "a") as f:
+        f.write(json.dumps({"rank": int(os.environ["RANK"]), "prompt": prompt}) + "\\n")
+    return float(response.count("good"))
+"""
+
+
+def rollout_log(path: Path, prompts_dir: Path, per_step: int) -> dict[int, dict[int, list[int]]]:
+    """step -> rank -> prompt indices that rank scored (from the recording rule's log)."""
+    index = {json.loads(ln)["prompt"]: i for i, ln in enumerate((prompts_dir / "prompts.jsonl").read_text().splitlines())}
+    by_rank: dict[int, list[int]] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        log.setdefault(row["step"], {})[row["rank"]] = row["indices"]
+        by_rank.setdefault(row["rank"], []).append(index[row["prompt"]])
+    log: dict[int, dict[int, list[int]]] = {}
+    for rank, seen in by_rank.items():
+        for j in range(0, len(seen), per_step):
+            log.setdefault(j // per_step, {})[rank] = seen[j : j + per_step]
     return log
 
 
@@ -139,10 +154,12 @@ def assert_ranks_split_global_batches(log, steps: int, seed: int = 5) -> None:
 
 
 def test_ppo_ddp_rule_reward_splits_prompts_and_resumes(tiny_model_dir, prompts_dir, tmp_path):
-    out, debug = tmp_path / "ppo", tmp_path / "rollouts.jsonl"
-    launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(tiny_model_dir, prompts_dir, out, "save_steps=1"),
-           env={"ALIGNKIT_DEBUG_ROLLOUTS": str(debug)})
-    assert_ranks_split_global_batches(rollout_log(debug), steps=2)
+    out, debug, rule = tmp_path / "ppo", tmp_path / "rollouts.jsonl", tmp_path / "recording_rule.py"
+    rule.write_text(RECORDING_RULE)
+    launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(tiny_model_dir, prompts_dir, out, "save_steps=1",
+                                                     f"reward_model={rule}:score"),
+           env={"ROLLOUT_LOG": str(debug)})
+    assert_ranks_split_global_batches(rollout_log(debug, prompts_dir, per_step=2), steps=2)
     assert [r["step"] for r in read_metrics(out)] == [1, 2]  # rank 0 alone wrote the log
     assert (out / "checkpoint-1").is_dir() and (out / "value_head.safetensors").is_file()
 
@@ -151,7 +168,8 @@ def test_ppo_ddp_rule_reward_splits_prompts_and_resumes(tiny_model_dir, prompts_
     first = load_file(str(out / "value_head.safetensors"))
     first_rows = read_metrics(out)
     launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(tiny_model_dir, prompts_dir, out, "save_steps=1",
-                                                     "resume_from_checkpoint=true"))
+                                                     f"reward_model={rule}:score", "resume_from_checkpoint=true"),
+           env={"ROLLOUT_LOG": str(tmp_path / "resumed.jsonl")})
     again = load_file(str(out / "value_head.safetensors"))
     for k in first:
         torch.testing.assert_close(again[k], first[k], atol=1e-6, rtol=1e-5)
@@ -162,22 +180,20 @@ def test_ppo_ddp_rule_reward_splits_prompts_and_resumes(tiny_model_dir, prompts_
 
 
 def test_ppo_ddp_api_reward_scores_each_sample_once(tiny_model_dir, prompts_dir, tmp_path):
-    debug = tmp_path / "rollouts.jsonl"
     with start_judge_server(rule="count_good") as judge:
         api = ["reward_model_type=api", "reward_model=null", "reward_api.preset=alignkit",
                f"reward_api.url={judge.url_for('alignkit')}", "reward_api.max_retries=0"]
         launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(tiny_model_dir, prompts_dir, tmp_path / "ppo", *api),
-               env={"ALIGNKIT_DEBUG_ROLLOUTS": str(debug)}, accelerate=True)
+               accelerate=True)
         stats = judge.stats.snapshot(pairs=True)
-    log = rollout_log(debug)
-    assert_ranks_split_global_batches(log, steps=2)
     steps, global_rollout = 2, 2 * WORLD
     prompts = [json.loads(ln)["prompt"] for ln in (prompts_dir / "prompts.jsonl").read_text().splitlines()]
-    rolled = sorted(prompts[i] for by_rank in log.values() for idx in by_rank.values() for i in idx)
+    # The global batches of the run (the rule test shows how ranks split them).
+    rolled = sorted(prompts[i] for step in range(steps) for i in global_batch_indices(N_PROMPTS, step, global_rollout, 5))
     samples = [p for p in stats["pairs"] if p["prompt"] in prompts]
     probes = [p for p in stats["pairs"] if p["prompt"] not in prompts]  # each rank's health check
     assert sum(p["count"] for p in probes) == WORLD
-    # Every rolled-out sample was scored exactly once, by the rank that generated it.
+    # Every rolled-out sample was scored exactly once.
     assert sorted(p["prompt"] for p in samples) == rolled and len(rolled) == steps * global_rollout
     assert all(p["count"] == 1 for p in samples)
     assert stats["items"] == steps * global_rollout + WORLD

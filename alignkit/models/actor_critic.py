@@ -53,20 +53,30 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class ActorCritic(nn.Module):
-    """``forward`` returns policy logits and values; ``reference_logits`` the frozen reference's."""
+    """``forward`` returns policy logits and values; ``reference_logits`` the frozen reference's.
 
-    def __init__(self, lm: nn.Module, ref_lm: nn.Module | None = None, critic_adapter: bool = False):
+    ``value_head=False`` (critic-free estimators such as GRPO) builds no value head at all:
+    ``forward`` returns ``None`` values and skips the hidden states the head would read.
+    """
+
+    def __init__(self, lm: nn.Module, ref_lm: nn.Module | None = None, critic_adapter: bool = False,
+                 value_head: bool = True):
         super().__init__()
         self.lm = lm
         self.ref_lm = ref_lm
         self.critic_adapter = critic_adapter
-        self.v_head = ValueHead(lm.config.hidden_size)
-        self.v_head.to(next(lm.parameters()).device)
+        self.v_head = ValueHead(lm.config.get_text_config().hidden_size) if value_head else None
+        if self.v_head is not None:
+            self.v_head.to(next(lm.parameters()).device)
         # A reward-model adapter on this same base (reward_model_type: lora) is scored on the
         # reward thread; it switches adapters, so it and the trainer's passes take turns.
         self.adapter_lock = threading.Lock()
         if ref_lm is not None:
             ref_lm.requires_grad_(False).eval()
+
+    @property
+    def has_critic(self) -> bool:
+        return self.v_head is not None
 
     @property
     def is_lora(self) -> bool:
@@ -87,16 +97,20 @@ class ActorCritic(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) tokens -> logits (B, R, V) and values (B, R) at the positions that predict the
-        response tokens ``input_ids[:, response_start:]`` (position t predicts token t+1).
+        response tokens ``input_ids[:, response_start:]`` (position t predicts token t+1);
+        values are ``None`` without a value head.
 
         The LM head runs only on those R positions (``logits_to_keep``), not on the prompt.
         """
         R = input_ids.shape[1] - response_start
-        out = self._lm_forward(input_ids, attention_mask, hidden=not self.critic_adapter, keep=R + 1)
+        shared = self.has_critic and not self.critic_adapter  # the value head reads the policy's hidden states
+        out = self._lm_forward(input_ids, attention_mask, hidden=shared, keep=R + 1)
         logits = out.logits[:, :-1]
-        if not self.critic_adapter:
+        if not self.has_critic:
+            return logits, None
+        if shared:
             hidden = out.hidden_states[-1]
         else:
             with self.use_adapter(CRITIC):
@@ -148,7 +162,7 @@ class ActorCritic(nn.Module):
                 self.lm.base_model.set_adapter("default")
 
     def save_policy(self, out: Path) -> None:
-        """Policy weights (adapter or full model) + value head; no critic adapter in the policy dir."""
+        """Policy weights (adapter or full model) + value head (if any); no critic adapter in the policy dir."""
         out.mkdir(parents=True, exist_ok=True)
         if self.is_lora:
             self.lm.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
@@ -156,7 +170,8 @@ class ActorCritic(nn.Module):
                 self.lm.save_pretrained(out / "critic_adapter", selected_adapters=[CRITIC], safe_serialization=True)
         else:
             self.lm.save_pretrained(out, safe_serialization=True)
-        self.v_head.save(out)
+        if self.v_head is not None:
+            self.v_head.save(out)
 
     def load_trainable(self, ckpt: Path) -> None:
         """Restore what ``save_policy`` wrote (policy/critic adapters or full weights, value head)."""
@@ -166,7 +181,8 @@ class ActorCritic(nn.Module):
 
             state = load_file(str(ckpt / "critic_adapter" / CRITIC / "adapter_model.safetensors"))
             set_peft_model_state_dict(self.lm, state, adapter_name=CRITIC)
-        self.v_head.load(ckpt)
+        if self.v_head is not None:
+            self.v_head.load(ckpt)
 
 
 def build_actor_critic(lm: nn.Module, cfg: StageConfig, ref_lm: nn.Module | None = None) -> ActorCritic:
@@ -189,4 +205,4 @@ def build_actor_critic(lm: nn.Module, cfg: StageConfig, ref_lm: nn.Module | None
                 if f".{CRITIC}." in n:
                     p.requires_grad_(True)
             trainable_in_float32(lm)
-    return ActorCritic(lm, ref_lm, critic_adapter=critic_adapter)
+    return ActorCritic(lm, ref_lm, critic_adapter=critic_adapter, value_head=cfg.has_critic)

@@ -3,12 +3,18 @@ hyper-parameters."""
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
+from alignkit.algos.advantages import ESTIMATOR_ALIASES, ESTIMATORS
 from alignkit.config import StageConfig, register_stage
 from alignkit.rewards.spec import RewardContext, RewardSpec
+
+# Estimators whose KL sits in the loss (GRPO style, k3) unless use_kl_loss says otherwise; the
+# others put a per-token KL penalty in the reward (PPO, RLOO, REINFORCE++).
+KL_IN_LOSS = {"grpo", "dr_grpo"}
 
 
 class PPOConfig(StageConfig, RewardSpec):
@@ -24,14 +30,24 @@ class PPOConfig(StageConfig, RewardSpec):
     # PPO
     ppo_buffer_size: int = Field(1, ge=1, description="Mini-batches per rollout batch (rollout = per_device x accum x buffer).")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
-    init_kl_coef: float = Field(0.2, ge=0.0, description="Initial KL penalty coefficient.")
-    adap_kl_ctrl: bool = Field(True, description="Adaptive KL controller (Ziegler et al. 2019) instead of fixed.")
+    init_kl_coef: float = Field(
+        0.2, ge=0.0, description="KL coefficient (alias beta): of the reward penalty, or of the loss term with "
+        "use_kl_loss. Default 0.2 in the reward, 0.04 in the loss. 0 skips the reference pass entirely."
+    )
+    adap_kl_ctrl: bool = Field(
+        True, description="Adaptive KL controller (Ziegler et al. 2019) instead of fixed (default: on for a KL "
+        "in the reward, off for a KL loss)."
+    )
     ppo_target: float = Field(6.0, gt=0.0, description="Adaptive controller's target KL (nats per sequence).")
     kl_horizon: int = Field(10000, ge=1, description="Adaptive controller's horizon (samples).")
     kl_penalty: Literal["kl", "abs", "mse", "full"] = Field("kl", description="Per-token KL estimator.")
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor.")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
     cliprange: float = Field(0.2, gt=0.0, description="Policy ratio clip range.")
+    cliprange_low: float | None = Field(None, gt=0.0, description="Ratio clipped below at 1 - cliprange_low (default cliprange).")
+    cliprange_high: float | None = Field(
+        None, gt=0.0, description="Ratio clipped above at 1 + cliprange_high (default cliprange; DAPO's clip-higher uses 0.28)."
+    )
     cliprange_value: float = Field(0.2, gt=0.0, description="Value clip range.")
     vf_coef: float = Field(0.1, ge=0.0, description="Value loss coefficient.")
     ent_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
@@ -40,6 +56,31 @@ class PPOConfig(StageConfig, RewardSpec):
     ppo_score_norm: bool = Field(False, description="Normalise scores by their running mean/std.")
     score_clip: float | None = Field(None, gt=0.0, description="Clip (normalised) scores to +-score_clip.")
     missing_eos_penalty: float | None = Field(None, description="Subtracted from the score of responses without EOS.")
+    # Advantage estimator and critic-free RL (docs/algorithms.md)
+    advantage_estimator: str = Field(
+        "gae", description="gae (PPO with a critic) | grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline "
+        "(OpenRLHF/verl spellings accepted: group_norm, reinforce, reinforce_baseline, reinforce_plus_plus, ...)."
+    )
+    num_generations: int = Field(
+        1, ge=1, description="Responses sampled per prompt (alias n_samples_per_prompt); group estimators need >= 2."
+    )
+    use_kl_loss: bool = Field(
+        False, description="KL as a loss term (beta * KL estimate) instead of a per-token reward penalty "
+        "(default: true for grpo and dr_grpo)."
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Estimator of the KL loss term (Schulman 2020).")
+    loss_agg_mode: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="How token losses become one: token_mean, seq_mean_token_mean (GRPO), "
+        "seq_mean_token_sum_norm (Dr. GRPO; default for dr_grpo)."
+    )
+    filter_zero_std_groups: bool = Field(
+        False, description="Leave groups whose valid rewards are all equal out of the loss (DAPO dynamic sampling, counted)."
+    )
+    mask_truncated_completions: bool = Field(False, description="Leave responses without EOS out of the loss.")
+    overlong_buffer_len: int | None = Field(
+        None, ge=1, description="DAPO soft overlong penalty: the last N tokens before max_new_tokens lose reward linearly."
+    )
+    overlong_penalty_factor: float = Field(1.0, ge=0.0, description="The overlong penalty at max_new_tokens.")
     critic_adapter: bool = Field(False, description="Give the critic its own LoRA adapter instead of sharing the policy's.")
     # Defaults that suit PPO better than SFT's.
     per_device_eval_batch_size: int = Field(16, ge=1, description="Rows per no-grad forward pass (old/ref log-probs, values).")
@@ -47,6 +88,48 @@ class PPOConfig(StageConfig, RewardSpec):
     save_steps: int = Field(50, ge=1, description="Checkpoint every N PPO steps.")
     logging_steps: int = Field(1, ge=1, description="Log metrics every N PPO steps.")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the prompt set (ignored if max_steps>0).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _estimator_defaults(cls, data: Any) -> Any:
+        """Defaults that depend on the estimator, for keys the config does not set."""
+        if not isinstance(data, dict):
+            return data
+        name = data.get("advantage_estimator", "gae")
+        name = ESTIMATOR_ALIASES.get(name, name) if isinstance(name, str) else name
+        data = {**data, "advantage_estimator": name}
+        kl_loss = data.setdefault("use_kl_loss", name in KL_IN_LOSS)
+        data.setdefault("init_kl_coef", 0.04 if kl_loss else 0.2)
+        data.setdefault("adap_kl_ctrl", not kl_loss)
+        data.setdefault("loss_agg_mode", "seq_mean_token_sum_norm" if name == "dr_grpo" else "token_mean")
+        return data
+
+    @field_validator("advantage_estimator")
+    @classmethod
+    def _known_estimator(cls, name: str) -> str:
+        if name not in ESTIMATORS:
+            close = difflib.get_close_matches(name, sorted(ESTIMATORS) + sorted(ESTIMATOR_ALIASES), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown estimator {name!r}{hint} Known: {', '.join(sorted(ESTIMATORS))}")
+        return name
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> PPOConfig:
+        if self.has_critic:
+            return self
+        if self.critic_adapter:
+            raise ValueError(f"critic_adapter: true needs a critic, but advantage_estimator: "
+                             f"{self.advantage_estimator} has none; remove critic_adapter")
+        grouped = self.advantage_estimator not in ("reinforce_pp",)
+        if grouped and self.num_generations < 2:
+            raise ValueError(f"advantage_estimator: {self.advantage_estimator} compares responses to the same "
+                             "prompt: set num_generations >= 2 (e.g. 4)")
+        return self
+
+    @property
+    def has_critic(self) -> bool:
+        """A value head is built and trained only for estimators that read it (gae)."""
+        return ESTIMATORS[self.advantage_estimator].needs_critic
 
     def reward_context(self) -> RewardContext:
         """What a trained reward model takes from this run: the policy's base and adapters (a LoRA
@@ -59,7 +142,7 @@ class PPOConfig(StageConfig, RewardSpec):
 
     @property
     def rollout_batch_size(self) -> int:
-        """Prompts per rank per PPO step."""
+        """Prompts per rank per step (each sampled num_generations times)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.ppo_buffer_size
 
 

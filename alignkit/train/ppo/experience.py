@@ -1,0 +1,153 @@
+"""One rollout batch as an ``Experience``: sample, submit for scoring, forward passes, collect.
+
+``make_experience`` is phase one of a PPO step (TRL 0.11's ``generate`` + ``batched_forward_pass``):
+it returns plain tensors the later phases (shaping, advantages, update, metrics) read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from alignkit.algos import kl_penalty, logprobs_from_logits
+from alignkit.data.collators import pad_left
+from alignkit.generation import Rollout, RolloutEngine, SamplingParams
+from alignkit.models.actor_critic import ActorCritic
+from alignkit.rewards.base import ScoreMeta
+from alignkit.rewards.service import RewardService
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The dataset's prompts, by row: template-encoded ids, the text the reward sees, labels."""
+
+    queries: list[list[int]]
+    texts: list[str]
+    labels: list[str | None]
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How one rank turns prompts into an Experience."""
+
+    sampling: SamplingParams
+    num_generations: int  # responses per prompt, sampled in the same batch (a group)
+    chunk_size: int  # prompts per engine call; each chunk's scoring starts as soon as it is sampled
+    forward_batch_size: int  # rows per no-grad forward pass (per_device_eval_batch_size)
+    kl_estimator: str  # kl | abs | mse | full
+    pad_token_id: int
+    decode: Callable[[Rollout], list[str]]  # response text as the reward should see it
+    need_reference: bool = True  # False: no reference pass, KL is zero (runs with a KL coefficient of 0)
+
+
+@dataclass
+class Experience:
+    """One rank's rollout batch of B = prompts x num_generations samples, each prompt's group
+    contiguous. Q = padded prompt length, R = longest response."""
+
+    input_ids: torch.Tensor  # (B, Q+R) left-padded prompt, right-padded response
+    attention_mask: torch.Tensor  # (B, Q+R)
+    query_len: int  # Q
+    response_mask: torch.Tensor  # (B, R) float: response tokens up to and including the first EOS
+    no_eos: torch.Tensor  # (B,) bool: hit max_new_tokens without EOS
+    logprobs: torch.Tensor  # (B, R) log-probs of the sampling policy (the trainer's own forward pass)
+    ref_logprobs: torch.Tensor  # (B, R) reference log-probs
+    values: torch.Tensor | None  # (B, R) critic values; None without a critic
+    kl: torch.Tensor  # (B, R) per-token KL estimate, policy vs reference
+    scores: torch.Tensor  # (B,) raw scores; 0.0 placeholders where the score failed
+    valid: torch.Tensor  # (B,) float: 1 where the score may be used (in the update and in any baseline)
+    group_ids: torch.Tensor  # (B,) the prompt's dataset row: samples of one group share it
+    texts: list[str]  # responses as sent to the reward
+    n_failed: int = 0
+    reward_metrics: dict[str, float] = field(default_factory=dict)  # the reward service's counters
+    timing: dict[str, float] = field(default_factory=dict)  # time/generate, time/rollout, time/score_wait
+    keep: torch.Tensor | None = None  # (B,) float: 0 drops a valid sample from the loss only (filters)
+
+    @property
+    def scored_mask(self) -> torch.Tensor:
+        """(B, R) response tokens of samples with a valid score: what estimators and baselines read."""
+        return self.response_mask * self.valid[:, None]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, R) tokens that enter the update: failed samples are masked out, never zero-scored,
+        and samples a filter dropped (``keep``) too."""
+        return self.scored_mask if self.keep is None else self.scored_mask * self.keep[:, None]
+
+
+def pad_right(t: torch.Tensor, length: int, value: float = 0) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+
+@torch.no_grad()
+def response_stats(ac: ActorCritic, roll: Rollout, settings: RolloutSettings) -> tuple[torch.Tensor, ...]:
+    """Old log-probs, values (or an empty tensor), reference log-probs and KL of one chunk, (b, R)
+    each, ``forward_batch_size`` rows at a time so ``full`` KL never holds the chunk's logits."""
+    temperature, q = settings.sampling.temperature, roll.query_len
+    parts = []
+    for m in range(0, roll.input_ids.shape[0], settings.forward_batch_size):
+        ids, attn = roll.input_ids[m : m + settings.forward_batch_size], roll.attention_mask[m : m + settings.forward_batch_size]
+        logits, values = ac(ids, attn, q)  # (b, R, V), (b, R) or None
+        logp = logprobs_from_logits(logits, ids[:, q:], temperature)
+        if settings.need_reference:
+            ref_logits = ac.reference_logits(ids, attn, q)
+            ref_logp = logprobs_from_logits(ref_logits, ids[:, q:], temperature)
+            full = settings.kl_estimator == "full"
+            kl = kl_penalty(logp, ref_logp, settings.kl_estimator, logits if full else None,
+                            ref_logits if full else None, temperature)
+        else:
+            ref_logp, kl = logp, torch.zeros_like(logp)
+        # Without a critic the values slot holds zeros, dropped when the Experience is built.
+        parts.append((logp, values.float() if values is not None else torch.zeros_like(logp), ref_logp, kl))
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+
+def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
+                    prompts: PromptSet, idx: list[int]) -> Experience:
+    """Sample ``num_generations`` responses to each prompt of ``idx`` chunk by chunk, scoring each
+    chunk in the background while the next one samples and the forward passes run; then wait
+    for the scores. A prompt's group never spans two ranks: each rank expands its own prompts."""
+    device = next(ac.parameters()).device
+    idx = [i for i in idx for _ in range(settings.num_generations)]  # (B,) each group contiguous
+    rows = settings.chunk_size * settings.num_generations
+    q_ids, q_mask = pad_left([prompts.queries[i] for i in idx], settings.pad_token_id)
+    q_ids, q_mask = q_ids.to(device), q_mask.to(device)
+    t0 = time.perf_counter()
+    rolls, futures, texts = [], [], []
+    for c in range(0, len(idx), rows):
+        with ac.adapter_lock:  # a LoRA reward model on the same base switches adapters on its thread
+            roll = engine.generate(q_ids[c : c + rows], q_mask[c : c + rows], settings.sampling)
+        chunk_texts = settings.decode(roll)
+        ids = idx[c : c + rows]
+        futures.append(service.submit([prompts.texts[i] for i in ids], chunk_texts,
+                                      ScoreMeta(labels=[prompts.labels[i] for i in ids])))
+        rolls.append(roll)
+        texts += chunk_texts
+    t_gen = time.perf_counter() - t0
+    with ac.adapter_lock:
+        stats = [response_stats(ac, roll, settings) for roll in rolls]
+    t_rollout = time.perf_counter() - t0
+
+    # Gather chunks into (B, R) tensors, each padded to the longest response of the batch.
+    q, R = rolls[0].query_len, max(r.response_mask.shape[1] for r in rolls)
+    logprobs, values, ref_logprobs, kl = (torch.cat([pad_right(s[i], R) for s in stats]) for i in range(4))
+    t0 = time.perf_counter()
+    scored = service.collect(futures)
+    t_wait = time.perf_counter() - t0
+    return Experience(
+        input_ids=torch.cat([pad_right(r.input_ids, q + R, settings.pad_token_id) for r in rolls]),
+        attention_mask=torch.cat([pad_right(r.attention_mask, q + R) for r in rolls]),
+        query_len=q,
+        response_mask=torch.cat([pad_right(r.response_mask, R) for r in rolls]).float(),
+        no_eos=torch.cat([r.no_eos for r in rolls]),
+        logprobs=logprobs, ref_logprobs=ref_logprobs, kl=kl,
+        values=values if ac.has_critic else None,
+        group_ids=torch.tensor(idx, device=device),
+        scores=torch.tensor(scored.values, device=device, dtype=torch.float32),
+        valid=torch.tensor(scored.valid, device=device, dtype=torch.float32),
+        texts=texts, n_failed=scored.n_failed, reward_metrics=scored.metrics,
+        timing={"time/generate": t_gen, "time/rollout": t_rollout, "time/score_wait": t_wait},
+    )

@@ -1,0 +1,236 @@
+"""The PPO loop on one base model with adapters, top to bottom.
+
+One step is four phases over one ``Experience`` (TRL 0.11's ``PPOTrainer.step`` order):
+make_experience (rollout, background scoring, no-grad passes) → shape → advantages (the
+configured estimator) → update (epochs × mini-batches); then metrics, the KL controller, the
+engine's weight sync and the checkpoint. The math lives in ``alignkit.algos``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from alignkit.algos import AdaptiveKLController, FixedKLController, RunningMoments
+from alignkit.algos.advantages import AdvantageParams
+from alignkit.data.encode import encode_prompt
+from alignkit.data.loader import Example
+from alignkit.data.templates import get_template
+from alignkit.generation import HFEngine, RolloutEngine, SamplingParams, decode_responses, stop_token_ids
+from alignkit.models.actor_critic import ActorCritic, build_actor_critic
+from alignkit.models.loading import build_policy_model, load_base, load_tokenizer
+from alignkit.rewards.service import RewardService, build_reward_service
+from alignkit.train.checkpoint import save_checkpoint
+from alignkit.train.common import (
+    build_optimizer,
+    global_batch_indices,
+    preflight,
+    rank_rng_states,
+    reduce_metrics,
+    resume,
+    setup_run,
+    total_steps,
+)
+from alignkit.train.ppo.experience import PromptSet, RolloutSettings, make_experience
+from alignkit.train.ppo.metrics import PLOTTED, step_metrics
+from alignkit.train.ppo.shaping import FilterSettings, ShapingSettings, advantages, apply_filters, shape
+from alignkit.train.ppo.update import Learner, UpdateSettings, update
+from alignkit.train.ppo_config import PPOConfig
+from alignkit.train.tracking import MetricLogger, plot_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PPORun:
+    """Everything one run holds, built once by ``prepare``."""
+
+    cfg: PPOConfig
+    out: Path
+    prompts: PromptSet
+    ac: ActorCritic
+    engine: RolloutEngine
+    service: RewardService
+    learner: Learner
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    kl_ctl: FixedKLController
+    moments: RunningMoments | None
+    rollout: RolloutSettings
+    num_steps: int
+
+    @property
+    def accelerator(self) -> Accelerator:
+        return self.learner.accelerator
+
+
+def run(cfg: PPOConfig, engine: RolloutEngine | None = None) -> Path:
+    """Train; returns the output dir. ``engine`` replaces the default ``hf`` rollout engine."""
+    examples = preflight(cfg, "prompt")  # paths and data checked before anything is written or loaded
+    accelerator, out = setup_run(cfg)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    prompts = load_prompts(cfg, tokenizer, examples)
+    ac = build_models(cfg).to(accelerator.device)
+    service = build_reward_service(cfg, cfg.reward_context(), policy_model=ac)
+    try:  # the service is closed on every exit, errors included: judge session, cache, scoring thread
+        service.start()
+        r = prepare(cfg, accelerator, out, prompts, ac, service, tokenizer, engine)
+        train(r)
+        if accelerator.is_main_process:  # 9. Final save: policy (adapter or full) + value head + tokenizer
+            ac.save_policy(out)
+            tokenizer.save_pretrained(out)
+            if cfg.plot_loss:
+                plot_metrics(out, PLOTTED)
+    finally:
+        service.close()
+    if summary := service.failure_summary():
+        logger.warning("reward failures over the run: %s", summary)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def train(r: PPORun) -> None:
+    cfg, acc, rank, world = r.cfg, r.accelerator, r.accelerator.process_index, r.accelerator.num_processes
+    global_bs = cfg.rollout_batch_size * world
+    # 1. Resume: weights, value head, optimizer, scheduler, KL controller, score moments, RNG.
+    state = resume(acc, r.out, cfg, r.ac.load_trainable, r.learner.optimizer, r.scheduler)
+    start = state["step"] if state else 0
+    if state:
+        r.kl_ctl.load_state_dict(state["kl_ctl"])
+        if r.moments is not None:
+            r.moments.load_state_dict(state["moments"])
+    tracker = MetricLogger(r.out, cfg.report_to, enabled=acc.is_main_process, resume_step=start)
+    bar = tqdm(total=r.num_steps, initial=start, desc="ppo", disable=not acc.is_main_process, dynamic_ncols=True)
+    for step in range(start, r.num_steps):
+        t_step = time.perf_counter()
+        # 2. Rollout: this rank's share of the global batch; scoring overlaps sampling and forward passes.
+        idx = global_batch_indices(len(r.prompts.queries), step, global_bs, cfg.seed)[rank::world]
+        exp = make_experience(r.ac, r.engine, r.service, r.rollout, r.prompts, idx)
+        # 3. Shape rewards (KL penalty per token unless the KL is a loss term, score at the last
+        # token), filter what stays out of the loss, 4. advantages from the configured estimator.
+        t0 = time.perf_counter()
+        shaped = shape(exp, shaping_settings(cfg), 0.0 if cfg.use_kl_loss else r.kl_ctl.value, r.moments)
+        filtered = apply_filters(exp, shaped, FilterSettings(cfg.num_generations > 1, cfg.filter_zero_std_groups,
+                                                             cfg.mask_truncated_completions))
+        adv, returns = advantages(exp, shaped, cfg.advantage_estimator,
+                                  AdvantageParams(cfg.gamma, cfg.lam, cfg.whiten_advantages))
+        # 5. PPO epochs over shuffled mini-batches (skipped on every rank when no score is valid).
+        with r.ac.adapter_lock:
+            stats = update(r.learner, update_settings(cfg, r.kl_ctl.value), exp, adv, returns) \
+                if acc.reduce(exp.mask.sum(), "sum") > 0 else {}
+        r.scheduler.step()
+        r.engine.sync_weights(r.ac)
+        exp.timing["time/update"] = time.perf_counter() - t0
+        # 6. Metrics (reduced over ranks), KL controller, progress, checkpoint.
+        metrics = reduce_metrics(acc, {**step_metrics(exp, shaped, adv, returns), **filtered, **stats})
+        metrics.update(run_metrics(r, exp, time.perf_counter() - t_step))
+        r.kl_ctl.update(metrics["objective/kl"], global_bs * cfg.num_generations)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['env/reward_mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        if done % cfg.logging_steps == 0 or done == r.num_steps:
+            tracker.log(done, metrics)
+        if done % cfg.save_steps == 0 and done < r.num_steps:
+            save(r, done)
+        acc.wait_for_everyone()
+    bar.close()
+    tracker.close()
+
+
+def run_metrics(r: PPORun, exp, t_step: float) -> dict[str, float]:
+    """Reward counters (this rank), failures and tokens (all ranks), KL coefficient, LR, timings."""
+    acc = r.accelerator
+    n_tokens = acc.reduce(exp.response_mask.sum(), "sum").item()
+    n_failed = acc.reduce(torch.tensor(float(exp.n_failed), device=acc.device), "sum").item()
+    return {**exp.reward_metrics, **exp.timing, "reward/failures": n_failed, "objective/kl_coef": r.kl_ctl.value,
+            "ppo/learning_rate": r.scheduler.get_last_lr()[0], "time/step": t_step,
+            "perf/tokens_per_s": n_tokens / t_step}
+
+
+def save(r: PPORun, done: int) -> None:
+    rngs = rank_rng_states(r.accelerator)  # collective; each rank resumes its own sampling stream
+    if r.accelerator.is_main_process:
+        save_checkpoint(r.out, done, r.ac.save_policy, {
+            "optimizer": r.learner.optimizer.state_dict(), "scheduler": r.scheduler.state_dict(),
+            "kl_ctl": r.kl_ctl.state_dict(), "moments": r.moments.state_dict() if r.moments else None,
+            "rng_per_rank": rngs,
+        }, r.cfg.save_total_limit)
+
+
+def load_prompts(cfg: PPOConfig, tokenizer, examples: list[Example]) -> PromptSet:
+    """Template-encoded prompts (room left for max_new_tokens) and the prompt text the reward sees."""
+    template = get_template(cfg.template, tokenizer)
+    prompt_len = max(8, cfg.cutoff_len - cfg.max_new_tokens)
+    return PromptSet(
+        queries=[encode_prompt(tokenizer, template, ex, prompt_len, cfg.default_system, cfg.enable_thinking)
+                 for ex in examples],
+        texts=[ex.last_user_text() for ex in examples],
+        labels=[ex.label for ex in examples],
+    )
+
+
+def build_models(cfg: PPOConfig) -> ActorCritic:
+    """One base in memory for LoRA: every SFT adapter merged, so "adapter off" is the SFT reference
+    and the new policy adapter starts from it. Full fine-tuning keeps a frozen reference copy."""
+    ref = load_base(cfg) if cfg.finetuning_type == "full" else None
+    ac = build_actor_critic(build_policy_model(cfg, merge_all=True), cfg, ref_lm=ref)
+    # Dropout off during rollout *and* update: with dropout, the log-probs of the update would
+    # not be those of the policy that sampled (Huang et al. 2023).
+    ac.eval()
+    return ac
+
+
+def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: PromptSet, ac: ActorCritic,
+            service: RewardService, tokenizer, engine: RolloutEngine | None) -> PPORun:
+    """Sizes, optimizer, scheduler, KL controller, score moments, rollout settings and engine."""
+    global_bs = cfg.rollout_batch_size * accelerator.num_processes
+    if len(prompts.queries) < global_bs:
+        raise ValueError(f"{len(prompts.queries)} prompts cannot fill one rollout batch of {global_bs} "
+                         "(per_device_train_batch_size x gradient_accumulation_steps x ppo_buffer_size x ranks)")
+    num_steps = total_steps(cfg, len(prompts.queries) // global_bs)
+    params = ac.trainable_parameters()
+    optimizer, scheduler = build_optimizer(cfg, params, num_steps)
+    model, optimizer = accelerator.prepare(ac, optimizer)
+    template = get_template(cfg.template, tokenizer)
+    sampling = SamplingParams(cfg.max_new_tokens, tuple(stop_token_ids(tokenizer, template, ac.lm)),
+                              cfg.temperature, cfg.top_k, cfg.top_p)
+    rollout = RolloutSettings(
+        sampling=sampling, num_generations=cfg.num_generations,
+        # One chunk by default: every extra chunk is another full decode loop. The forward passes of
+        # the whole batch already cover a ~100 ms judge; smaller chunks help only slower judges.
+        chunk_size=cfg.rollout_chunk_size or cfg.rollout_batch_size,
+        forward_batch_size=cfg.per_device_eval_batch_size, kl_estimator=cfg.kl_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+        decode=partial(decode_responses, tokenizer, skip_special_tokens=not service.include_special_tokens),
+        # A KL coefficient of 0 stays 0 (the adaptive controller scales it): no reference pass at all.
+        need_reference=cfg.init_kl_coef > 0,
+    )
+    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.ppo_target, cfg.kl_horizon) if cfg.adap_kl_ctrl
+              else FixedKLController(cfg.init_kl_coef))
+    return PPORun(cfg, out, prompts, ac, engine or HFEngine(ac.lm, tokenizer.pad_token_id), service,
+                  Learner(accelerator, model, optimizer, params), scheduler, kl_ctl,
+                  RunningMoments() if cfg.ppo_score_norm else None, rollout, num_steps)
+
+
+def update_settings(cfg: PPOConfig, kl_coef: float) -> UpdateSettings:
+    micro = cfg.per_device_train_batch_size
+    return UpdateSettings(
+        ppo_epochs=cfg.ppo_epochs, mini_batch_size=micro * cfg.gradient_accumulation_steps, micro_batch_size=micro,
+        temperature=cfg.temperature, cliprange_low=cfg.cliprange_low or cfg.cliprange,
+        cliprange_high=cfg.cliprange_high or cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
+        ent_coef=cfg.ent_coef, max_grad_norm=cfg.max_grad_norm, loss_agg_mode=cfg.loss_agg_mode,
+        max_len=cfg.max_new_tokens, kl_loss_coef=kl_coef if cfg.use_kl_loss else 0.0,
+        kl_loss_estimator=cfg.kl_estimator,
+    )
+
+
+def shaping_settings(cfg: PPOConfig) -> ShapingSettings:
+    overlong = (cfg.max_new_tokens, cfg.overlong_buffer_len, cfg.overlong_penalty_factor) \
+        if cfg.overlong_buffer_len else None
+    return ShapingSettings(cfg.missing_eos_penalty, cfg.score_clip, cfg.ppo_whiten_rewards, overlong)

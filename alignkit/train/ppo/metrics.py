@@ -1,0 +1,35 @@
+"""Per-step metrics of a PPO step, named as in DESIGN.md (TensorBoard, JSONL, plots)."""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.algos import masked_mean
+from alignkit.train.ppo.experience import Experience
+from alignkit.train.ppo.shaping import Shaped
+
+PLOTTED = ["env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/policy", "ppo/loss/value",
+           "ppo/loss/total", "rollout/response_len_mean"]
+
+
+def step_metrics(exp: Experience, shaped: Shaped, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
+    """This rank's metrics of one step; sequence sums are averaged over valid samples.
+    The caller reduces them over ranks (the same keys on every rank)."""
+    valid, mask = exp.valid, exp.mask
+    n_valid = valid.sum().clamp(min=1)
+    reward_mean = (exp.scores * valid).sum() / n_valid
+    out = {
+        "env/reward_mean": reward_mean,
+        "env/reward_std": torch.sqrt(((exp.scores - reward_mean) ** 2 * valid).sum() / n_valid),
+        "objective/kl": (exp.kl * mask).sum() / n_valid,  # sequence KL, nats
+        "objective/entropy": (-exp.logprobs * mask).sum() / n_valid,  # sequence, sampled-token estimate
+        "ppo/mean_scores": (shaped.scores * valid).sum() / n_valid,
+        "ppo/mean_non_score_reward": (shaped.non_score * mask).sum() / n_valid,
+        "ppo/returns/mean": masked_mean(returns, mask),
+        "ppo/advantages_mean": masked_mean(advantages, mask),
+        "rollout/response_len_mean": exp.response_mask.sum(1).mean(),
+        "rollout/no_eos_frac": exp.no_eos.float().mean(),
+    }
+    if exp.values is not None:
+        out["ppo/val/mean"] = masked_mean(exp.values, mask)
+    return out
