@@ -57,13 +57,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
     """Every config key of a stage with its type, default and help text."""
     import importlib as _il
 
-    from alignkit.config import LAZY_STAGES, STAGES
+    from alignkit.config import LAZY_STAGES, STAGES, nested_models
 
     if args.stage in LAZY_STAGES:
         _il.import_module(LAZY_STAGES[args.stage])
     for name, field in STAGES[args.stage].model_fields.items():
         ann = field.annotation
         kind = str(ann).replace("typing.", "") if get_origin(ann) else getattr(ann, "__name__", str(ann))
+        if nested_models(ann):  # a nested block (reward_api): its keys are in the docs the help names
+            kind = "mapping"
         default = "required" if field.is_required() else f"default {field.default!r}"
         print(f"{name}: {kind} ({default})\n    {field.description or ''}")
     return 0

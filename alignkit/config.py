@@ -244,16 +244,16 @@ def _did_you_mean(key: str, known: set[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _models_in(annotation: Any) -> dict[str | None, type[BaseModel]]:
+def nested_models(annotation: Any) -> dict[str | None, type[BaseModel]]:
     """The pydantic models a field's type holds, by union tag (``None``: an untagged model)."""
     origin = get_origin(annotation)
     if origin is Annotated:
         inner, *metadata = get_args(annotation)
-        found = _models_in(inner)
+        found = nested_models(inner)
         tags = [m.tag for m in metadata if isinstance(m, Tag)]
         return {tags[0]: found[None]} if tags and None in found else found
     if origin in (Union, types.UnionType):
-        return {k: v for arg in get_args(annotation) for k, v in _models_in(arg).items()}
+        return {k: v for arg in get_args(annotation) for k, v in nested_models(arg).items()}
     return {None: annotation} if isinstance(annotation, type) and issubclass(annotation, BaseModel) else {}
 
 
@@ -271,7 +271,7 @@ def _walk(cls: type[BaseModel] | None, loc: tuple) -> tuple[list[str], type[Base
             continue
         path.append(str(part))
         field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
-        tagged = _models_in(field.annotation) if field is not None else {}
+        tagged = nested_models(field.annotation) if field is not None else {}
         model = tagged.pop(None, None)
     return path, model
 
