@@ -293,7 +293,7 @@ class CustomPreset(Preset):
 
 
 def make_preset(cfg: Any) -> Preset:
-    """The preset named by ``cfg.preset`` (a ``RewardApiConfig``), configured from its keys."""
+    """The preset named by ``cfg.preset`` (its ``reward_api`` settings), configured from its keys."""
     if cfg.preset == "alignkit":
         return AlignkitPreset()
     if cfg.preset == "llamafactory":
