@@ -1,0 +1,112 @@
+"""Critic-free RL on the tiny real model: GRPO and RLOO learn a verifiable task without
+degenerate text, build no value head, skip the reference pass at beta 0, and resume exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from safetensors.torch import load_file
+
+from alignkit.config import load_config
+from alignkit.models.actor_critic import ActorCritic
+from alignkit.train import ppo, sft
+from alignkit.train.checkpoint import save_checkpoint
+from alignkit.train.tracking import read_metrics
+from tests.conftest import EXAMPLES
+
+# Verifiable reward: success iff the answer mentions a friend. The SFT model does so in about
+# one answer in eight; the word exists in its vocabulary, so the task is learnable.
+FRIEND_RULE = "def score(prompt, response, label):\n    return 1.0 if 'friend' in response.lower() else 0.0\n"
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    cfg = load_config(EXAMPLES / "sft_tiny.yaml", [f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
+                                                  f"dataset_dir={EXAMPLES / 'data'}", "report_to=none",
+                                                  "plot_loss=false", "eval_strategy=no", "val_size=0"])
+    return sft.run(cfg)
+
+
+@pytest.fixture(scope="module")
+def friend_rule(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rule") / "friend.py"
+    path.write_text(FRIEND_RULE)
+    return f"{path}:score"
+
+
+def grpo_config(model_dir, adapter, out, rule, *overrides):
+    return load_config(EXAMPLES / "grpo_tiny.yaml", [
+        f"model_name_or_path={model_dir}", f"adapter_name_or_path={adapter}", f"output_dir={out}",
+        f"dataset_dir={EXAMPLES / 'data'}", "report_to=none", "plot_loss=false", f"reward_model={rule}",
+        *overrides])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_learns_a_verifiable_task(tiny_model_dir, sft_adapter, friend_rule, tmp_path, estimator):
+    out = ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / estimator, friend_rule,
+                              f"advantage_estimator={estimator}", "max_steps=40", "seed=0"))
+    rows = read_metrics(out)
+    first = sum(r["env/reward_mean"] for r in rows[:5]) / 5  # the SFT model's success rate, as sampled
+    last = sum(r["env/reward_mean"] for r in rows[-10:]) / 10
+    assert last >= min(2 * first, first + 0.3) and last >= first + 0.2, (first, last)
+    # ... and not by degenerate text: no length blow-up, no repetition, bounded KL.
+    len_first = sum(r["rollout/response_len_mean"] for r in rows[:5]) / 5
+    assert max(r["rollout/response_len_mean"] for r in rows[-10:]) <= 2 * len_first
+    assert max(r["rollout/repeat_3gram_frac"] for r in rows[-10:]) < 0.2
+    assert all(math.isfinite(r["objective/kl"]) and r["objective/kl"] < 20 for r in rows)
+    assert "ppo/loss/value" not in rows[-1] and "group/zero_std_frac" in rows[-1]
+
+
+def test_critic_free_builds_no_value_head(tiny_model_dir, sft_adapter, friend_rule, tmp_path):
+    args = (tiny_model_dir, sft_adapter, tmp_path / "x", friend_rule)
+    grpo = ppo.build_models(grpo_config(*args))
+    gae = ppo.build_models(grpo_config(*args, "advantage_estimator=gae", "num_generations=1"))
+    hidden = gae.lm.config.hidden_size
+    assert grpo.v_head is None
+    n_grpo, n_gae = (sum(p.numel() for p in m.trainable_parameters()) for m in (grpo, gae))
+    assert n_gae - n_grpo == hidden + 1  # exactly the value head's weight and bias
+
+
+def test_beta_zero_runs_no_reference_pass_and_saves_no_value_head(tiny_model_dir, sft_adapter, friend_rule, tmp_path,
+                                                                monkeypatch):
+    def no_reference(*a, **kw):
+        raise AssertionError("reference forward pass with beta 0")
+
+    monkeypatch.setattr(ActorCritic, "reference_logits", no_reference)
+    out = ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "b0", friend_rule, "beta=0", "max_steps=2"))
+    rows = read_metrics(out)
+    assert [r["objective/kl"] for r in rows] == [0.0, 0.0]
+    assert "ppo/loss/kl" not in rows[0]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "value_head.safetensors").exists()
+
+
+def test_grpo_resume_reproduces_uninterrupted_run(tiny_model_dir, sft_adapter, friend_rule, tmp_path, monkeypatch):
+    args = ["max_steps=4", "save_steps=2", "max_new_tokens=10", "per_device_train_batch_size=2",
+            "gradient_accumulation_steps=2", "ppo_epochs=2"]
+    full = ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "full", friend_rule, *args))
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(*a, **kw):
+        save_checkpoint(*a, **kw)
+        raise Crash
+
+    monkeypatch.setattr(ppo.loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", friend_rule, *args))
+    monkeypatch.undo()
+    resumed = ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", friend_rule, *args,
+                                  "resume_from_checkpoint=true"))
+    keys = ["env/reward_mean", "objective/kl", "ppo/loss/total", "group/reward_std", "rollout/response_len_mean"]
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6, nan_ok=True), (k, ra, rb)
+    wa, wb = load_file(str(full / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
+    for k in wa:
+        assert wa[k].allclose(wb[k], rtol=1e-4, atol=1e-6), k
