@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from alignkit.config import load_config
+from alignkit.judge.server import start_judge_server
 from alignkit.models.actor_critic import ActorCritic
 from alignkit.train import ppo, sft
 from alignkit.train.checkpoint import save_checkpoint
@@ -110,3 +112,31 @@ def test_grpo_resume_reproduces_uninterrupted_run(tiny_model_dir, sft_adapter, f
     wa, wb = load_file(str(full / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
     for k in wa:
         assert wa[k].allclose(wb[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_grpo_against_a_faulty_judge_learns_and_keeps_failures_out_of_baselines(tiny_model_dir, sft_adapter, tmp_path,
+                                                                               monkeypatch):
+    seen = []  # (advantages, valid) of every step, through the loop's own phase function
+
+    def spy(exp, shaped, estimator, params):
+        adv, returns = real(exp, shaped, estimator, params)
+        seen.append((adv.detach().clone(), exp.valid.clone()))
+        return adv, returns
+
+    real = ppo.loop.advantages
+    monkeypatch.setattr(ppo.loop, "advantages", spy)
+    with start_judge_server(rule="count_good", fault_rate=0.2, fault_kinds=("500",), seed=0) as judge:
+        out = ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "judge", "count_good", "reward_model_type=api",
+                                  f"reward_model={judge.url_for('alignkit')}", "reward_api.max_retries=0",
+                                  "max_failure_rate=1.0", "max_steps=30", "seed=0"))
+        faults = sum(judge.stats.snapshot()["faults"].values())
+    rows = read_metrics(out)
+    first = sum(r["env/reward_mean"] for r in rows[:5]) / 5
+    last = sum(r["env/reward_mean"] for r in rows[-10:]) / 10
+    assert last >= 1.3 * first, (first, last)
+    assert sum(r["reward/failures"] for r in rows) == faults > 0
+    failed = [(adv, valid) for adv, valid in seen if not valid.all()]
+    assert failed, "the judge injected faults, so some samples must have failed"
+    for adv, valid in failed:  # a failed sample never gets an advantage (test_algos_advantages: nor a baseline)
+        assert torch.all(adv[~valid.bool()] == 0)
