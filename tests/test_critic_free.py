@@ -3,6 +3,7 @@ degenerate text, build no value head, skip the reference pass at beta 0, and res
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from alignkit.config import load_config
 from alignkit.judge.server import start_judge_server
 from alignkit.models.actor_critic import ActorCritic
+from alignkit.report import write_report
 from alignkit.train import ppo, sft
 from alignkit.train.checkpoint import save_checkpoint
 from alignkit.train.tracking import read_metrics
@@ -60,6 +62,10 @@ def test_critic_free_learns_a_verifiable_task(tiny_model_dir, sft_adapter, frien
     assert max(r["rollout/repeat_3gram_frac"] for r in rows[-10:]) < 0.2
     assert all(math.isfinite(r["objective/kl"]) and r["objective/kl"] < 20 for r in rows)
     assert "ppo/loss/value" not in rows[-1] and "group/zero_std_frac" in rows[-1]
+    # The report adapts: no value-loss check without a critic, a group-signal check instead.
+    write_report(out)
+    checks = {c["name"]: c["verdict"] for c in json.loads((out / "report" / "health.json").read_text())["checks"]}
+    assert "value_loss" not in checks and checks["group_signal"] in ("ok", "warn")
 
 
 def test_critic_free_builds_no_value_head(tiny_model_dir, sft_adapter, friend_rule, tmp_path):

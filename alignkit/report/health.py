@@ -29,6 +29,7 @@ ENTROPY_FAIL_RATIO, ENTROPY_WARN_RATIO, ENTROPY_FLOOR = 0.1, 0.25, 0.01
 VALUE_LOSS_WARN, VALUE_LOSS_FAIL = 3.0, 10.0  # last-third median / first-third median, while growing
 LENGTH_MIN_TOKENS, LENGTH_MAX_FRAC, LENGTH_RATIO = 2.0, 0.95, 3.0
 FRAC_WARN, FRAC_FAIL = 0.2, 0.5  # no-EOS and truncated-thought fractions
+GROUP_ZERO_WARN, GROUP_ZERO_FAIL = 0.5, 0.9  # share of groups whose rewards are all equal
 FAILURE_WARN, FAILURE_FAIL, FAILURE_WORST_STEP = 0.05, 0.2, 0.5
 LOSS_DIVERGE = 2.0  # SFT/RM: last-decile loss over first-decile loss
 RM_CHANCE, RM_OVERFIT_GAP = 0.55, 0.15
@@ -161,9 +162,11 @@ def check_entropy(m: Metrics, settings: dict[str, float]) -> Check:
     return Check(name, OK, nums)
 
 
-def check_value_loss(m: Metrics, settings: dict[str, float]) -> Check:
+def check_value_loss(m: Metrics, settings: dict[str, float]) -> Check | None:
     name = "value_loss"
     vl = _vals(m, "ppo/loss/value")
+    if vl is None and "group/zero_std_frac" in m:
+        return None  # a critic-free run has no value head to check
     if vl is None:
         return _missing(name, "ppo/loss/value")
     if len(vl) < MIN_TREND_POINTS:
@@ -210,16 +213,17 @@ def check_response_length(m: Metrics, settings: dict[str, float]) -> Check:
     return Check(name, OK, nums)
 
 
-def _fraction_check(name: str, key: str, what: str, hint: str) -> Callable[[Metrics, dict[str, float]], Check]:
+def _fraction_check(name: str, key: str, what: str, hint: str, warn: float = FRAC_WARN, fail: float = FRAC_FAIL
+                    ) -> Callable[[Metrics, dict[str, float]], Check]:
     def check(m: Metrics, settings: dict[str, float]) -> Check:
         v = _vals(m, key)
         if v is None:
             return _missing(name, key)
         med = median(_last_third(v))
         detail = f"median {what} {med:.0%} over the last third"
-        if med > FRAC_WARN:
-            return Check(name, FAIL if med > FRAC_FAIL else WARN, f"{detail} (> {FRAC_WARN:.0%}); {hint}")
-        return Check(name, OK, f"{detail} (<= {FRAC_WARN:.0%})")
+        if med > warn:
+            return Check(name, FAIL if med > fail else WARN, f"{detail} (> {warn:.0%}); {hint}")
+        return Check(name, OK, f"{detail} (<= {warn:.0%})")
 
     check.__name__ = f"check_{name}"
     return check
@@ -228,6 +232,15 @@ def _fraction_check(name: str, key: str, what: str, hint: str) -> Callable[[Metr
 check_no_eos = _fraction_check(
     "no_eos", "rollout/no_eos_frac", "share of responses without EOS",
     "responses run into max_new_tokens: raise it or set missing_eos_penalty")
+_group_signal = _fraction_check(
+    "group_signal", "group/zero_std_frac", "share of groups with equal rewards (no learning signal)",
+    "the task is too easy or too hard for the policy: raise num_generations or temperature, or change the reward",
+    warn=GROUP_ZERO_WARN, fail=GROUP_ZERO_FAIL)
+
+
+def check_group_signal(m: Metrics, settings: dict[str, float]) -> Check | None:
+    """Critic-free runs: a group whose responses all score the same has zero advantage (no signal)."""
+    return _group_signal(m, settings) if "group/zero_std_frac" in m else None
 check_think_truncated = _fraction_check(
     "think_truncated", "rollout/think_truncated_frac", "share of responses cut inside <think>",
     "thoughts use up the token budget: raise max_new_tokens or turn thinking off")
@@ -301,17 +314,20 @@ def check_rm_accuracy(m: Metrics, settings: dict[str, float]) -> Check:
     return Check(name, OK, nums)
 
 
-STAGE_CHECKS: dict[str, list[Callable[[Metrics, dict[str, float]], Check]]] = {
+STAGE_CHECKS: dict[str, list[Callable[[Metrics, dict[str, float]], Check | None]]] = {
     "ppo": [check_kl_band, check_clipfrac, check_reward_trend, check_entropy, check_value_loss,
-            check_response_length, check_no_eos, check_think_truncated, check_reward_failures, check_non_finite],
+            check_response_length, check_no_eos, check_think_truncated, check_reward_failures, check_group_signal,
+            check_non_finite],
     "sft": [check_loss_trend, check_non_finite],
     "rm": [check_loss_trend, check_rm_accuracy, check_non_finite],
 }
 
 
 def run_checks(metrics: Metrics, settings: dict[str, float], stage: str) -> list[Check]:
-    """The checks that apply to ``stage``, in report order. ``settings``: the run's numeric config keys."""
-    return [check(metrics, settings) for check in STAGE_CHECKS.get(stage, [check_non_finite])]
+    """The checks that apply to ``stage`` and to this run (a check returns None where it does not,
+    e.g. the value loss of a critic-free run), in report order. ``settings``: numeric config keys."""
+    results = (check(metrics, settings) for check in STAGE_CHECKS.get(stage, [check_non_finite]))
+    return [c for c in results if c is not None]
 
 
 def worst(checks: list[Check]) -> str:
