@@ -4,6 +4,7 @@ against the unmerged base + adapters, and an optional vLLM load."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -121,18 +122,75 @@ def verify_export(
     return checks
 
 
+# First-token log-prob tolerance (vLLM vs transformers, absolute) per dtype: fp32 differs only by
+# kernels' summation order (~1e-5 measured on the tiny model); half precision rounds every matmul.
+VLLM_LOGPROB_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
+VLLM_CHECK_NEW_TOKENS = 16
+
+
 def vllm_check(out: Path) -> dict[str, Any]:
-    """Load the export in vLLM and generate; skipped (never faked) without a GPU or vllm."""
+    """Load the export in vLLM and compare it with transformers on ``VERIFY_PROMPTS`` (rendered
+    with the export's own chat template): greedy tokens, and the log-probs vLLM reports for the
+    first response token (its top 5). Skipped, with the reason, only when vLLM is not importable."""
+    from alignkit.generation.vllm_engine import CPU_KVCACHE_GB, INSTALL_HINT
+
     try:
         import vllm
-    except ImportError:
-        return {"status": "skipped: no GPU/vLLM (vllm is not installed; pip install vllm)"}
+    except ImportError as e:
+        return {"status": f"skipped: no GPU/vLLM: vllm is not importable here ({e}); {INSTALL_HINT}"}
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompts = [_vllm_check_prompt(tokenizer, p) for p in VERIFY_PROMPTS]
+    want_tokens, want_logp, stop, dtype = _hf_greedy(out, tokenizer, prompts)
     if not torch.cuda.is_available():
-        return {"status": "skipped: no GPU/vLLM (no CUDA device)"}
-    llm = vllm.LLM(model=str(out), dtype="auto", enforce_eager=True, gpu_memory_utilization=0.5)
-    params = vllm.SamplingParams(temperature=0.0, max_tokens=16)
-    messages = [[{"role": "user", "content": p}] for p in VERIFY_PROMPTS]
-    outputs = llm.chat(messages, params)
-    texts = [o.outputs[0].text for o in outputs]
-    return {"status": "ran", "ok": len(texts) == len(VERIFY_PROMPTS), "vllm_version": vllm.__version__,
-            "samples": texts}
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GB)
+    llm = vllm.LLM(model=str(out), dtype=str(dtype).removeprefix("torch."), enforce_eager=True, seed=0,
+                   max_model_len=max(len(p) for p in prompts) + VLLM_CHECK_NEW_TOKENS + 8,
+                   **({"gpu_memory_utilization": 0.5} if torch.cuda.is_available() else {}))
+    try:
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=VLLM_CHECK_NEW_TOKENS, stop_token_ids=stop,
+                                     ignore_eos=True, logprobs=5)
+        samples = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    got_tokens = [list(s.token_ids) for s in samples]
+    diff = max(abs(lp.logprob - float(w[t])) for s, w in zip(samples, want_logp, strict=True) for t, lp in s.logprobs[0].items())
+    tol = VLLM_LOGPROB_TOLERANCE.get(dtype, 1e-1)
+    same = [g == w for g, w in zip(got_tokens, want_tokens, strict=True)]
+    # Half precision may flip a near-tie late in a greedy run; its first token must still agree.
+    tokens_ok = all(same) if dtype == torch.float32 else all(g[0] == w[0] for g, w in zip(got_tokens, want_tokens, strict=True))
+    return {
+        "status": "ran", "ok": tokens_ok and diff <= tol, "vllm_version": vllm.__version__,
+        "dtype": str(dtype).removeprefix("torch."), "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "greedy_tokens_equal": f"{sum(same)}/{len(same)} prompts ({VLLM_CHECK_NEW_TOKENS} new tokens max)",
+        "first_token_logprob_max_abs_diff": diff, "tolerance": tol,
+        "mismatches": [{"prompt": VERIFY_PROMPTS[i], "vllm": got_tokens[i], "transformers": want_tokens[i]}
+                       for i, ok in enumerate(same) if not ok],
+        "samples": [tokenizer.decode(t, skip_special_tokens=True) for t in got_tokens],
+    }
+
+
+def _vllm_check_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids as a vLLM user would build them: the export's chat template, if it has one."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=tokenizer.chat_template is None)
+
+
+def _hf_greedy(out: Path, tokenizer, prompts: list[list[int]]):
+    """transformers' greedy tokens and first-token log-probs (V,), the stop ids, the dtype."""
+    from alignkit.generation import stop_token_ids
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    stop = stop_token_ids(tokenizer, None, model)
+    tokens, logps = [], []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p], device=model.device)
+            logps.append(model(ids).logits[0, -1].float().log_softmax(-1).cpu())
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=stop,
+                                 max_new_tokens=VLLM_CHECK_NEW_TOKENS, pad_token_id=tokenizer.pad_token_id or stop[0])
+            tokens.append(gen[0, len(p):].tolist())
+    return tokens, logps, stop, model.dtype

@@ -16,6 +16,10 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first EOS
     no_eos: torch.Tensor  # (B,) bool: the response hit max_new_tokens without EOS
     query_len: int  # Q
+    # (B, R) engine's log-prob of each sampled token under the distribution it sampled from
+    # (softmax of logits / temperature, renormalised over top-k/top-p); 0 off the response mask.
+    # For the sync check only: losses always use the trainer's own forward pass. None: not computed.
+    logprobs: torch.Tensor | None = None
 
 
 def first_eos_mask(response: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

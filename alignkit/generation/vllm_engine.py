@@ -1,0 +1,282 @@
+"""vLLM as the rollout engine, colocated with the trainer, its weights pushed after every update.
+
+The engine only samples: the trainer's own forward pass gives every log-prob a loss uses. What
+vLLM reports for the sampled tokens comes back as ``Rollout.logprobs`` for the sync check.
+
+Weight sync (``sync_weights``): the policy as one plain model (LoRA adapter "default" merged as
+``W + B @ A * scale`` on copies; the trainer's modules are never touched) goes to vLLM's workers as
+safetensors bytes through ``collective_rpc`` -- tensors passed directly kill the engine -- and
+``reload_weights`` loads them in place, re-running the per-layer post-processing (the CPU backend
+repacks every linear weight for oneDNN, so writing into the parameters is not enough). The first
+sync sends everything; later ones only the modules the optimizer can change, widened to whole
+vLLM layers (``q_proj`` goes with ``k_proj`` and ``v_proj`` into one fused ``qkv_proj``): a layer
+reloaded from part of its weights would keep garbage in the rest. Then the prefix cache is reset,
+or cached prompt prefixes keep the old weights' keys and values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.generation.engine import SamplingParams
+from alignkit.generation.sampling import Rollout, first_eos_mask
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = ("install vLLM: on a GPU `pip install 'alignkit[vllm]'` next to your CUDA torch; on CPU "
+                "`./scripts/setup_vllm.sh` and run with .venv-vllm/bin/python (docs/vllm.md)")
+POLICY_ADAPTER = "default"
+# The CPU backend sizes its KV cache from this (GiB) instead of gpu_memory_utilization; vLLM's
+# default takes a large share of the machine's memory, which the trainer needs.
+CPU_KVCACHE_GB = "1"
+
+
+def import_vllm():
+    """``import vllm`` with an error that says how to install it."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"rollout_engine: vllm needs the vllm package ({e}); {INSTALL_HINT}") from e
+    return vllm
+
+
+class WeightSyncExtension:
+    """Mixed into each vLLM worker (``LLM(worker_extension_cls=...)``); called by ``collective_rpc``."""
+
+    def alignkit_load_weights(self, data: bytes) -> int:
+        """Load HF-named weights (safetensors bytes) in place; returns how many tensors."""
+        from safetensors.torch import load
+
+        state = load(data)
+        with _quiet_partial_reload():
+            self.model_runner.reload_weights(weights_iterator=iter(state.items()))
+        return len(state)
+
+    def alignkit_packed_modules(self) -> dict[str, list[str]]:
+        """vLLM's fused layers and the HF modules in each (``qkv_proj: [q_proj, k_proj, v_proj]``)."""
+        return {k: list(v) for k, v in getattr(self.model_runner.get_model(), "packed_modules_mapping", {}).items()}
+
+
+@contextmanager
+def _quiet_partial_reload():
+    """A partial reload logs "Failed to load weights" for every layer it was not sent (vLLM then
+    keeps that layer's current tensors, which is what a partial sync wants)."""
+    names = ["vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _policy_lm(policy: nn.Module) -> nn.Module:
+    """The language model inside an ``ActorCritic`` (its ``lm``), or the model itself."""
+    return getattr(policy, "lm", policy)
+
+
+def _plain_model(lm: nn.Module) -> tuple[nn.Module, bool]:
+    from peft import PeftModel
+
+    return (lm.get_base_model(), True) if isinstance(lm, PeftModel) else (lm, False)
+
+
+def trainable_modules(lm: nn.Module) -> set[str]:
+    """Names (plain-model naming) of the modules whose weights an optimizer step can change:
+    the policy adapter's LoRA layers, or for full fine-tuning every module with a trainable
+    parameter. LoRA is decided by adapter, not ``requires_grad``, which peft toggles when other
+    adapters (critic, reward) are switched in."""
+    from peft.tuners.lora import LoraLayer
+
+    model, is_lora = _plain_model(lm)
+    if is_lora:
+        return {name for name, m in model.named_modules() if isinstance(m, LoraLayer) and POLICY_ADAPTER in _adapters(m)}
+    return {name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+
+
+def _adapters(layer) -> set[str]:
+    return set(layer.lora_A) | set(getattr(layer, "lora_embedding_A", {}))
+
+
+def merged_weights(lm: nn.Module, modules: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The policy as a plain HF state dict (contiguous CPU copies), LoRA adapter "default" merged:
+    ``W + delta`` with peft's own ``get_delta_weight`` (scale, fan-in/fan-out), computed out of
+    place. ``modules``: only these modules' parameters. Tied weights appear once (the input
+    embedding), since both names must carry identical values."""
+    from peft.tuners.lora import LoraLayer
+
+    model, _ = _plain_model(lm)
+    out: dict[str, torch.Tensor] = {}
+    lora_prefixes = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        lora_prefixes.append(name + ".")
+        if modules is not None and name not in modules:
+            continue
+        if getattr(module, "use_dora", {}).get(POLICY_ADAPTER, False):
+            raise NotImplementedError(f"weight sync of DoRA adapters ({name}); use plain LoRA with rollout_engine: vllm")
+        for pname, p in module.get_base_layer().named_parameters(recurse=False):
+            value = p.detach()
+            if pname == "weight" and POLICY_ADAPTER in _adapters(module) and not module.merged:
+                value = (value.float() + module.get_delta_weight(POLICY_ADAPTER).float()).to(p.dtype)
+            out[f"{name}.{pname}"] = value
+    for name, p in model.named_parameters():  # deduplicated: a tied lm_head is not listed
+        if any(name.startswith(pre) for pre in lora_prefixes):
+            continue
+        if "modules_to_save" in name or "original_module" in name:
+            raise NotImplementedError(f"weight sync of peft modules_to_save ({name})")
+        if modules is None or name.rpartition(".")[0] in modules:
+            out[name] = p.detach()
+    return {k: v.to("cpu", copy=True).contiguous() for k, v in out.items()}
+
+
+def widen_to_fused(modules: set[str], packed: dict[str, list[str]]) -> set[str]:
+    """Add the siblings that vLLM fuses with each module into one layer (``packed``: its
+    ``packed_modules_mapping``), so a reload never gets part of a layer's weights."""
+    groups = [members for members in packed.values() if len(members) > 1]
+    out = set(modules)
+    for name in modules:
+        parent, _, leaf = name.rpartition(".")
+        for members in groups:
+            if leaf in members:
+                out.update(f"{parent}.{m}" if parent else m for m in members)
+    return out
+
+
+def logprob_diff(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Sync check: mean |engine - trainer| log-prob over response tokens, (B, R) each -> float.
+
+    Compare like with like: ``Rollout.logprobs`` are under the sampling distribution, so with
+    top-k/top-p on, the trainer's side must be computed from ``filter_logits(logits / T, ...)``.
+    """
+    m = mask.bool()
+    # where, not a product: off the mask a filtered distribution can give -inf (and -inf * 0 = nan).
+    diff = torch.where(m, (engine_logprobs.float() - trainer_logprobs.float()).abs(), 0.0)
+    return float(diff.sum() / m.sum().clamp(min=1))
+
+
+class VLLMEngine:
+    """Samples with a vLLM ``LLM`` in this node, sharing its devices with the trainer.
+
+    ``model``: a HF model directory with the policy's architecture and tokenizer (the base); its
+    weights are replaced by the policy's at the first ``sync_weights``. Until then vLLM samples
+    from the weights in ``model``, so call ``sync_weights(policy)`` once before the first
+    ``generate`` whenever they differ (SFT adapters merged into the base, a resumed run).
+    """
+
+    def __init__(self, model: str | Path, pad_token_id: int, *, dtype: str = "auto", max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1,
+                 enable_sleep_mode: bool = False, enforce_eager: bool | None = None, seed: int = 0,
+                 **llm_kwargs: Any):
+        vllm = import_vllm()
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            if enable_sleep_mode:
+                raise ValueError("vllm_enable_sleep_mode: vLLM's sleep mode needs a GPU; set it to false on CPU")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GB)
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
+        self._vllm = vllm
+        self.pad_token_id = pad_token_id
+        self.sleep_mode = enable_sleep_mode
+        self.llm = vllm.LLM(
+            model=str(model), dtype=dtype, max_model_len=max_model_len, seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            enable_sleep_mode=enable_sleep_mode,
+            # torch.compile on CPU recompiles at every start (minutes); CUDA graphs pay off on GPUs.
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            # Log-probs under the distribution sampled from (temperature, top-k/top-p), as the
+            # trainer computes them with the same temperature; vLLM's default is the raw model's.
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=f"{__name__}.WeightSyncExtension",
+            **llm_kwargs,
+        )
+        self.packed = self.llm.collective_rpc("alignkit_packed_modules")[0]
+        self.synced_lm: weakref.ref | None = None  # the model the engine's weights came from
+        self.warned = False
+        self.asleep = False
+        self.last_sync: dict[str, float] = {}  # seconds, bytes, tensors of the latest sync (for logs)
+
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams) -> Rollout:
+        """(B, Q) left-padded prompts -> a ``Rollout`` with ``sample``'s conventions: response
+        right-padded to the longest, tokens after the first EOS replaced by pad, mask up to and
+        including the first EOS; plus the engine's log-probs of the sampled tokens."""
+        if self.synced_lm is None and not self.warned:
+            logger.warning("vLLM samples from the weights it loaded from disk: sync_weights(policy) was never called")
+            self.warned = True
+        self._wake()
+        B = query_ids.shape[0]
+        prompts = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(query_ids.cpu(), query_mask.cpu(), strict=True)]
+        # Per-request seeds drawn from torch's RNG: a seeded (or resumed) run samples the same
+        # tokens, however vLLM batches the requests.
+        seeds = torch.randint(0, 2**31 - 1, (B,)).tolist()
+        params = [self._vllm.SamplingParams(
+            max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1, top_p=sampling.top_p,
+            # Exactly these stop tokens (the template's end-of-turn included), as the hf engine.
+            stop_token_ids=list(sampling.eos_ids), ignore_eos=True,
+            logprobs=0, detokenize=False, seed=seed) for seed in seeds]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self._sleep()
+        samples = [o.outputs[0] for o in outputs]
+        R = max(len(s.token_ids) for s in samples)
+        response = torch.full((B, R), self.pad_token_id, dtype=torch.long)  # (B, R)
+        logprobs = torch.zeros(B, R)  # (B, R)
+        for i, s in enumerate(samples):
+            n = len(s.token_ids)
+            response[i, :n] = torch.tensor(s.token_ids)
+            logprobs[i, :n] = torch.tensor([lp[t].logprob for t, lp in zip(s.token_ids, s.logprobs, strict=True)])
+        response_mask, no_eos = first_eos_mask(response, list(sampling.eos_ids))
+        response = torch.where(response_mask.bool(), response, torch.full_like(response, self.pad_token_id))
+        device = query_ids.device
+        return Rollout(
+            input_ids=torch.cat([query_ids, response.to(device)], 1),
+            attention_mask=torch.cat([query_mask, response_mask.to(device, query_mask.dtype)], 1),
+            response_mask=response_mask.to(device),
+            no_eos=no_eos.to(device),
+            query_len=query_ids.shape[1],
+            logprobs=(logprobs * response_mask).to(device),
+        )
+
+    def sync_weights(self, policy: nn.Module) -> None:
+        """Push ``policy``'s current weights (an ``ActorCritic`` or a causal LM) into vLLM."""
+        from safetensors.torch import save
+
+        t0 = time.perf_counter()
+        lm = _policy_lm(policy)
+        # A model's first sync sends everything (its frozen weights may differ from what vLLM holds).
+        same = self.synced_lm is not None and self.synced_lm() is lm
+        modules = widen_to_fused(trainable_modules(lm), self.packed) if same else None
+        data = save(merged_weights(lm, modules))
+        self._wake()  # level-1 sleep keeps the weights in host memory: bring them back first
+        n = self.llm.collective_rpc("alignkit_load_weights", args=(data,))[0]
+        self.llm.reset_prefix_cache()
+        self.synced_lm = weakref.ref(lm)
+        self.last_sync = {"seconds": time.perf_counter() - t0, "bytes": float(len(data)), "tensors": float(n)}
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def _sleep(self) -> None:
+        # Level 1: weights to host memory, KV cache dropped, so the update has the device to itself.
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes and free their memory."""
+        self.llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,195 @@
+"""vLLM as the rollout engine, on the tiny real model and a real vLLM (CPU build): the same tokens
+as the hf engine, weight sync that a log-prob check confirms (and that catches a skipped sync),
+a PPO run that learns, and ``alignkit export --vllm-check``.
+
+Runs under .venv-vllm (``./scripts/setup_vllm.sh``); skipped where vLLM is not importable.
+One engine serves the whole module: vLLM takes ~20-30 s to start on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed: run ./scripts/setup_vllm.sh and use .venv-vllm/bin/python")
+
+from alignkit.algos import logprobs_from_logits  # noqa: E402
+from alignkit.cli import main as cli_main  # noqa: E402
+from alignkit.config import load_config  # noqa: E402
+from alignkit.data.collators import pad_left  # noqa: E402
+from alignkit.generation import HFEngine, SamplingParams, filter_logits, stop_token_ids  # noqa: E402
+from alignkit.generation.vllm_engine import VLLMEngine, logprob_diff  # noqa: E402
+from alignkit.models.loading import load_tokenizer  # noqa: E402
+from alignkit.train import ppo, sft  # noqa: E402
+from alignkit.train.tracking import read_metrics  # noqa: E402
+from tests.conftest import EXAMPLES  # noqa: E402
+
+QUESTIONS = ["What colour is the sky?", "Say something good.", "Who are you?", "Where is Paris?", "hi"]
+SYNC_TOLERANCE = 1e-3  # mean |log-prob diff| per token; fp32 sync measured ~1e-6, a stale policy ~1
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    cfg = load_config(EXAMPLES / "sft_tiny.yaml", [f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
+                                                  f"dataset_dir={EXAMPLES / 'data'}", "report_to=none",
+                                                  "plot_loss=false", "eval_strategy=no", "val_size=0"])
+    return sft.run(cfg)
+
+
+def ppo_config(model_dir, adapter, out, *overrides):
+    return load_config(EXAMPLES / "ppo_tiny.yaml", [
+        f"model_name_or_path={model_dir}", f"adapter_name_or_path={adapter}", f"output_dir={out}",
+        f"dataset_dir={EXAMPLES / 'data'}", "report_to=none", "plot_loss=false", *overrides])
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    # Started on the bare base: the first sync_weights of each policy replaces every weight.
+    eng = VLLMEngine(tiny_model_dir, load_tokenizer(str(tiny_model_dir)).pad_token_id, dtype="float32",
+                     max_model_len=512)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def policy(tiny_model_dir, sft_adapter, tmp_path):
+    """The PPO policy exactly as a run builds it: SFT adapter merged into the base, a new LoRA on top."""
+    return ppo.build_models(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "unused"))
+
+
+def prompts(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True) for q in QUESTIONS]
+    return pad_left([tokenizer.encode(t, add_special_tokens=False) for t in texts], tokenizer.pad_token_id)
+
+
+def trainer_logprobs(ac, roll, sampling: SamplingParams) -> torch.Tensor:
+    """(B, R) the trainer's log-probs of the sampled tokens under the sampling distribution."""
+    with torch.no_grad():
+        logits, _ = ac(roll.input_ids, roll.attention_mask, roll.query_len)  # (B, R, V)
+    B, R, V = logits.shape
+    filtered = filter_logits(logits.reshape(B * R, V).float() / sampling.temperature, sampling.top_k, sampling.top_p)
+    return logprobs_from_logits(filtered.view(B, R, V), roll.input_ids[:, roll.query_len:])
+
+
+def perturb_lora(ac, scale: float = 0.3) -> None:
+    """Stand-in for an optimizer step: move the policy adapter's weights."""
+    with torch.no_grad():
+        for name, p in ac.lm.named_parameters():
+            if "lora_B.default" in name:
+                p.add_(torch.randn_like(p) * scale)
+
+
+@pytest.mark.parametrize("max_new_tokens", [32, 4])  # rows ending with EOS, and rows cut without one
+def test_greedy_tokens_and_masks_equal_the_hf_engine(engine, policy, tiny_model_dir, max_new_tokens):
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids, mask = prompts(tok)
+    engine.sync_weights(policy)
+    greedy = SamplingParams(max_new_tokens, tuple(stop_token_ids(tok, None, policy.lm)), top_k=1)
+    with torch.no_grad():
+        want = HFEngine(policy.lm, tok.pad_token_id).generate(ids, mask, greedy)
+    got = engine.generate(ids, mask, greedy)
+    assert got.query_len == want.query_len
+    for field in ("input_ids", "attention_mask", "response_mask", "no_eos"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert bool(want.no_eos.all()) == (max_new_tokens == 4)
+
+
+def test_sync_makes_engine_logprobs_match_the_trainer_and_a_skipped_sync_is_caught(engine, policy, tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids, mask = prompts(tok)
+    eos = tuple(stop_token_ids(tok, None, policy.lm))
+    plain = SamplingParams(24, eos, temperature=0.7)
+    filtered = SamplingParams(24, eos, temperature=0.7, top_k=20, top_p=0.9)
+    engine.sync_weights(policy)  # first sync of this policy: every weight
+    assert engine.last_sync["tensors"] > 30
+    for step in range(2):  # each later sync sends only the fused layers the adapter touches
+        perturb_lora(policy)
+        stale = engine.generate(ids, mask, plain)
+        assert logprob_diff(stale.logprobs, trainer_logprobs(policy, stale, plain), stale.response_mask) > 0.05
+        engine.sync_weights(policy)
+        # q_proj and v_proj carry the adapter; k_proj is fused with them: 3 x (weight, bias) x 4 layers.
+        assert engine.last_sync["tensors"] == 24, engine.last_sync
+        for sampling in (plain, filtered):
+            roll = engine.generate(ids, mask, sampling)
+            diff = logprob_diff(roll.logprobs, trainer_logprobs(policy, roll, sampling), roll.response_mask)
+            assert diff < SYNC_TOLERANCE, (step, sampling, diff)
+            assert torch.all(roll.logprobs[roll.response_mask == 0] == 0)
+
+
+def test_same_torch_seed_same_samples(engine, policy, tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids, mask = prompts(tok)
+    engine.sync_weights(policy)
+    sampling = SamplingParams(16, tuple(stop_token_ids(tok, None, policy.lm)), temperature=1.0)
+    torch.manual_seed(3)
+    a = engine.generate(ids, mask, sampling)
+    torch.manual_seed(3)
+    b = engine.generate(ids, mask, sampling)
+    c = engine.generate(ids, mask, sampling)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(b.input_ids, c.input_ids)
+
+
+class CheckedEngine:
+    """The engine under test, plus the sync check the loop will run: after each update it compares
+    the engine's log-probs of its next rollout with the trainer's forward pass."""
+
+    def __init__(self, engine: VLLMEngine, skip_sync: bool = False):
+        self.engine, self.skip_sync, self.policy, self.diffs = engine, skip_sync, None, []
+
+    def generate(self, query_ids, query_mask, sampling):
+        roll = self.engine.generate(query_ids, query_mask, sampling)
+        if self.policy is not None:
+            self.diffs.append(logprob_diff(roll.logprobs, trainer_logprobs(self.policy, roll, sampling),
+                                           roll.response_mask))
+        return roll
+
+    def sync_weights(self, policy):
+        self.policy = policy
+        if not self.skip_sync:
+            self.engine.sync_weights(policy)
+
+
+@pytest.fixture(scope="module")
+def ppo_run(engine, tiny_model_dir, sft_adapter, tmp_path_factory):
+    cfg = ppo_config(tiny_model_dir, sft_adapter, tmp_path_factory.mktemp("ppo") / "run", "max_steps=30", "seed=0")
+    # ppo.run builds its policy itself; this copy equals it at step 0 (SFT merged, LoRA B = 0).
+    engine.sync_weights(ppo.build_models(cfg))
+    checked = CheckedEngine(engine)
+    return ppo.run(cfg, engine=checked), checked
+
+
+@pytest.mark.slow
+def test_ppo_with_the_vllm_engine_learns_and_stays_in_sync(ppo_run):
+    out, checked = ppo_run
+    rewards = [r["env/reward_mean"] for r in read_metrics(out)]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last >= 2 * first, (first, last)
+    assert len(checked.diffs) == 29 and max(checked.diffs) < SYNC_TOLERANCE, max(checked.diffs)
+
+
+@pytest.mark.slow
+def test_ppo_with_a_skipped_sync_is_caught(engine, tiny_model_dir, sft_adapter, tmp_path):
+    cfg = ppo_config(tiny_model_dir, sft_adapter, tmp_path / "ppo", "max_steps=3", "seed=0", "max_new_tokens=16")
+    engine.sync_weights(ppo.build_models(cfg))
+    checked = CheckedEngine(engine, skip_sync=True)
+    rows = read_metrics(ppo.run(cfg, engine=checked))
+    assert all(math.isfinite(r["ppo/loss/total"]) for r in rows)
+    assert min(checked.diffs) > 10 * SYNC_TOLERANCE, checked.diffs
+
+
+@pytest.mark.slow
+def test_export_vllm_check_passes_on_a_ppo_export(ppo_run, tmp_path):
+    out, _ = ppo_run
+    export = tmp_path / "export"
+    assert cli_main(["export", "--from", str(out), "--export_dir", str(export), "--vllm-check"]) == 0
+    report = json.loads((export / "export_report.json").read_text())
+    vllm = report["vllm"]
+    assert vllm["status"] == "ran" and vllm["ok"], vllm
+    assert vllm["greedy_tokens_equal"].startswith("3/3") and vllm["first_token_logprob_max_abs_diff"] < 1e-3
+    assert report["passed"] is True
