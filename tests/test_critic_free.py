@@ -92,8 +92,8 @@ def test_beta_zero_runs_no_reference_pass_and_saves_no_value_head(tiny_model_dir
 
 
 def test_grpo_resume_reproduces_uninterrupted_run(tiny_model_dir, sft_adapter, friend_rule, tmp_path, monkeypatch):
-    args = ["max_steps=4", "save_steps=2", "max_new_tokens=10", "per_device_train_batch_size=2",
-            "gradient_accumulation_steps=2", "ppo_epochs=2"]
+    args = ["max_steps=4", "save_steps=2", "max_new_tokens=10", "per_device_train_batch_size=1",
+            "gradient_accumulation_steps=2", "ppo_buffer_size=2", "ppo_epochs=2"]
     full = ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "full", friend_rule, *args))
 
     class Crash(Exception):
@@ -141,7 +141,8 @@ def test_grpo_against_a_faulty_judge_learns_and_keeps_failures_out_of_baselines(
     first = sum(r["env/reward_mean"] for r in rows[:5]) / 5
     last = sum(r["env/reward_mean"] for r in rows[-10:]) / 10
     assert last >= 1.3 * first, (first, last)
-    assert sum(r["reward/failures"] for r in rows) == faults > 0
+    # Identical (prompt, response) pairs share one request, so one fault can fail several samples.
+    assert sum(r["reward/failures"] for r in rows) >= faults > 0
     failed = [(adv, valid) for adv, valid in seen if not valid.all()]
     assert failed, "the judge injected faults, so some samples must have failed"
     for adv, valid in failed:  # a failed sample never gets an advantage (test_algos_advantages: nor a baseline)

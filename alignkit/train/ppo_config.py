@@ -28,7 +28,10 @@ class PPOConfig(StageConfig, RewardSpec):
         None, ge=1, description="Sample in chunks of this many prompts so scoring starts before the whole batch is done (default: one chunk)."
     )
     # PPO
-    ppo_buffer_size: int = Field(1, ge=1, description="Mini-batches per rollout batch (rollout = per_device x accum x buffer).")
+    ppo_buffer_size: int = Field(
+        1, ge=1, description="Mini-batches per rollout batch: rollout = per_device x accum x buffer prompts per rank, "
+        "each sampled num_generations times; per_device_train_batch_size counts prompts (with their groups)."
+    )
     ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
     init_kl_coef: float = Field(
         0.2, ge=0.0, description="KL coefficient (alias beta): of the reward penalty, or of the loss term with "

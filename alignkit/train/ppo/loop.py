@@ -219,7 +219,9 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
 
 
 def update_settings(cfg: PPOConfig, kl_coef: float) -> UpdateSettings:
-    micro = cfg.per_device_train_batch_size
+    # per_device_train_batch_size counts prompts: a micro-batch holds their whole groups, so a
+    # rollout batch is ppo_buffer_size mini-batches whatever num_generations is.
+    micro = cfg.per_device_train_batch_size * cfg.num_generations
     return UpdateSettings(
         ppo_epochs=cfg.ppo_epochs, mini_batch_size=micro * cfg.gradient_accumulation_steps, micro_batch_size=micro,
         temperature=cfg.temperature, cliprange_low=cfg.cliprange_low or cfg.cliprange,
