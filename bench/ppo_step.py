@@ -52,13 +52,18 @@ def reference_config(model: Path, out: Path, steps: int, judge_url: str | None, 
     return load_config(None, [f"{k}={v}" for k, v in args.items()])
 
 
+def build_reference_model(root: Path) -> Path:
+    return build_tiny(root / "tiny", hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+                      num_kv_heads=2, vocab_size=512)
+
+
 def run_once(model: Path, steps: int, warmup: int, judge_url: str | None = None, **extra) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = ppo.run(reference_config(model, Path(tmp) / "run", steps + warmup, judge_url, **extra))
         rows = read_metrics(out)[warmup:]
     med = {k: statistics.median(r[k] for r in rows) for k in
            ("time/step", "time/rollout", "time/generate", "time/score_wait", "time/update", "perf/tokens_per_s",
-            "perf/peak_rss_mb")}
+            "perf/peak_rss_mb", "rollout/response_len_max")}
     return med
 
 
@@ -73,15 +78,20 @@ def time_it(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def compute_floor(model: Path, repeats: int) -> dict[str, float]:
-    """Seconds of the bare compute of one reference step (module docstring), by part."""
+def compute_floor(model: Path, repeats: int, response_len: int, **extra) -> dict[str, float]:
+    """Seconds of the bare compute of one step of ``reference_config(**extra)`` (module docstring),
+    by part: rollout batch x num_generations rows decoded for ``response_len`` tokens (the run's
+    median longest response: sampling stops when every row has ended), one no-grad policy
+    pass (and a reference pass when the KL coefficient is not 0), and ppo_epochs x micro-batches of
+    forward/backward with an AdamW step per mini-batch."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = reference_config(model, Path(tmp) / "floor", 1, None)
-    tokenizer = load_tokenizer(str(model))
-    ac = ppo.build_models(cfg)
-    queries = ppo.loop.load_prompts(cfg, tokenizer, preflight(cfg, "prompt")).queries[: cfg.rollout_batch_size]
+        cfg = reference_config(model, Path(tmp) / "floor", 1, None, **extra)
+        tokenizer = load_tokenizer(str(model))
+        ac = ppo.build_models(cfg)
+        prompts = ppo.loop.load_prompts(cfg, tokenizer, preflight(cfg, "prompt")).queries[: cfg.rollout_batch_size]
+    queries = [q for q in prompts for _ in range(cfg.num_generations)]
     q_ids, q_mask = pad_left(queries, tokenizer.pad_token_id)  # (B, Q)
-    B, R = q_ids.shape[0], cfg.max_new_tokens
+    B, R = q_ids.shape[0], response_len
     from transformers import DynamicCache
 
     @torch.inference_mode()
@@ -101,16 +111,20 @@ def compute_floor(model: Path, repeats: int) -> dict[str, float]:
     def forwards():
         with torch.no_grad():
             ac(ids, attn, q)
-            ac.reference_logits(ids, attn, q)
+            if cfg.init_kl_coef > 0:
+                ac.reference_logits(ids, attn, q)
 
     opt = torch.optim.AdamW(ac.trainable_parameters(), lr=1e-7)
-    micro = cfg.per_device_train_batch_size
+    micro = cfg.per_device_train_batch_size * cfg.num_generations
+    mini = micro * cfg.gradient_accumulation_steps
 
     def fwd_bwd():
         for _ in range(cfg.ppo_epochs):
-            for s in range(0, B, micro):
-                logits, values = ac(ids[s : s + micro], attn[s : s + micro], q)
-                (logits.float().logsumexp(-1).mean() + values.mean()).backward()
+            for s in range(0, B, mini):
+                for m in range(s, min(s + mini, B), micro):
+                    logits, values = ac(ids[m : m + micro], attn[m : m + micro], q)
+                    loss = logits.float().logsumexp(-1).mean() + (values.mean() if values is not None else 0)
+                    loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
@@ -136,12 +150,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_tiny(Path(tmp) / "tiny", hidden_size=128, intermediate_size=256, num_layers=4,
-                           num_heads=4, num_kv_heads=2, vocab_size=512)
+        model = build_reference_model(Path(tmp))
         print(f"torch {torch.__version__}, {args.threads} thread(s); {args.steps} steps after {args.warmup} warm-up")
         rule = run_once(model, args.steps, args.warmup)
         report("rule reward (count_good)", rule)
-        floor = compute_floor(model, repeats=5)
+        floor = compute_floor(model, 5, round(rule["rollout/response_len_max"]))
         print("compute floor (median of 5): " + " | ".join(f"{k} {v:.3f} s" for k, v in floor.items()))
         print(f"ratio s/step / compute floor: {rule['time/step'] / floor['total']:.3f} (target <= 1.15)")
         if args.judge_ms is not None:

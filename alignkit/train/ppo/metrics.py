@@ -40,6 +40,7 @@ def step_metrics(exp: Experience, shaped: Shaped, advantages: torch.Tensor, retu
         "ppo/returns/mean": masked_mean(returns, mask),
         "ppo/advantages_mean": masked_mean(advantages, mask),
         "rollout/response_len_mean": exp.response_mask.sum(1).mean(),
+        "rollout/response_len_max": exp.response_mask.sum(1).max(),  # the decode loop's length
         "rollout/no_eos_frac": exp.no_eos.float().mean(),
         "rollout/repeat_3gram_frac": repeated_ngram_frac(exp.input_ids[:, exp.query_len :], exp.response_mask).mean(),
     }
