@@ -70,7 +70,7 @@ class ModelSpec:
 def resolve_run(run_dir: str | Path) -> ModelSpec:
     """What an SFT/PPO ``output_dir`` (or one of its checkpoints) consists of, from its config.
 
-    LoRA SFT continues the *last* listed adapter (``load_for_training``), so the run's adapter
+    LoRA SFT continues the *last* listed adapter (``models.loading.build_policy_model``), so the run's adapter
     replaces it; PPO merges *every* listed adapter and trains a new one on top
     (``alignkit.train.ppo.build_models``). A full fine-tune saved a whole model: it is the base.
     """
