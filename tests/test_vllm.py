@@ -174,6 +174,20 @@ def test_ppo_with_the_vllm_engine_learns_and_stays_in_sync(ppo_run):
 
 
 @pytest.mark.slow
+def test_grpo_with_the_vllm_engine_learns_and_stays_in_sync(engine, tiny_model_dir, sft_adapter, tmp_path):
+    cfg = load_config(EXAMPLES / "grpo_tiny.yaml", [
+        f"model_name_or_path={tiny_model_dir}", f"adapter_name_or_path={sft_adapter}", f"output_dir={tmp_path / 'g'}",
+        f"dataset_dir={EXAMPLES / 'data'}", "report_to=none", "plot_loss=false", "max_steps=30", "seed=0"])
+    engine.sync_weights(ppo.build_models(cfg))
+    checked = CheckedEngine(engine)
+    rewards = [r["env/reward_mean"] for r in read_metrics(ppo.run(cfg, engine=checked))]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    # The hf engine over seeds 0 and 1 on this config: x3.3 and x2.0; vLLM: x1.8 and x2.6.
+    assert last >= 1.5 * first, (first, last)
+    assert max(checked.diffs) < SYNC_TOLERANCE, max(checked.diffs)
+
+
+@pytest.mark.slow
 def test_ppo_with_a_skipped_sync_is_caught(engine, tiny_model_dir, sft_adapter, tmp_path):
     cfg = ppo_config(tiny_model_dir, sft_adapter, tmp_path / "ppo", "max_steps=3", "seed=0", "max_new_tokens=16")
     engine.sync_weights(ppo.build_models(cfg))
