@@ -34,12 +34,8 @@ def _tokenize(tokenizer: Any, segments: Segments) -> tuple[list[int], list[int]]
 
 
 def encode_supervised(
-    tokenizer: Any,
-    template: Any,
-    example: Example,
-    cutoff_len: int,
-    default_system: str | None,
-    enable_thinking: bool | None,
+    tokenizer: Any, template: Any, example: Example,
+    cutoff_len: int, default_system: str | None, enable_thinking: bool | None,
 ) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` for a conversation ending with an assistant turn.
 
@@ -54,12 +50,8 @@ def encode_supervised(
 
 
 def encode_supervised_examples(
-    tokenizer: Any,
-    template: Any,
-    examples: list[Example],
-    cutoff_len: int,
-    default_system: str | None,
-    enable_thinking: bool | None,
+    tokenizer: Any, template: Any, examples: list[Example],
+    cutoff_len: int, default_system: str | None, enable_thinking: bool | None,
 ) -> list[dict[str, list[int]]]:
     """``encode_supervised`` over a dataset, dropping (with a warning) examples that
     ``cutoff_len`` leaves without a single supervised token."""
@@ -82,12 +74,8 @@ def encode_supervised_examples(
 
 
 def encode_prompt(
-    tokenizer: Any,
-    template: Any,
-    example: Example,
-    cutoff_len: int,
-    default_system: str | None,
-    enable_thinking: bool | None,
+    tokenizer: Any, template: Any, example: Example,
+    cutoff_len: int, default_system: str | None, enable_thinking: bool | None,
 ) -> list[int]:
     """Prompt ids ending with the generation prompt; too-long prompts keep their END, since
     the latest user turn and the generation prompt are what the response depends on."""
@@ -100,12 +88,7 @@ def encode_prompt(
 
 
 def _prompt_response(
-    tokenizer: Any,
-    template: Any,
-    example: Example,
-    response: str,
-    system: str | None,
-    enable_thinking: bool | None,
+    tokenizer: Any, template: Any, example: Example, response: str, system: str | None, enable_thinking: bool | None
 ) -> tuple[list[int], list[int]]:
     """Prompt ids (through the generation prompt) and response ids (through end-of-turn)."""
     messages = [*example.messages, {"role": "assistant", "content": response}]
@@ -117,12 +100,8 @@ def _prompt_response(
 
 
 def encode_pair(
-    tokenizer: Any,
-    template: Any,
-    example: Example,
-    cutoff_len: int,
-    default_system: str | None,
-    enable_thinking: bool | None,
+    tokenizer: Any, template: Any, example: Example,
+    cutoff_len: int, default_system: str | None, enable_thinking: bool | None,
 ) -> tuple[list[int], list[int]]:
     """Full ``(chosen_ids, rejected_ids)`` sequences: prompt + response + end-of-turn.
 

@@ -23,8 +23,38 @@ EMPTY_THINK = "<think>\n\n</think>\n\n"
 _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
+class _ChatTemplate:
+    """What every template shares: the call signature, a leading system message taken as the
+    system prompt, and empty pieces dropped. A subclass renders already-split messages."""
+
+    def segments(
+        self, messages: list[dict], system: str | None = None,
+        add_generation_prompt: bool = False, enable_thinking: bool | None = None, tokenizer: Any = None,
+    ) -> Segments:
+        """Render to ``(text, supervised)`` pieces, none of them empty."""
+        messages, system = _split_system(messages, system)
+        out = self._segments(messages, system, add_generation_prompt, enable_thinking, tokenizer)
+        return [(text, sup) for text, sup in out if text]
+
+    def render(
+        self, messages: list[dict], system: str | None = None,
+        add_generation_prompt: bool = False, enable_thinking: bool | None = None,
+    ) -> str:
+        """The conversation as one string."""
+        messages, system = _split_system(messages, system)
+        return self._render(messages, system, add_generation_prompt, enable_thinking)
+
+    def _segments(
+        self, messages: list[dict], system: str | None, gen: bool, enable_thinking: bool | None, tokenizer: Any
+    ) -> Segments:
+        raise NotImplementedError
+
+    def _render(self, messages: list[dict], system: str | None, gen: bool, enable_thinking: bool | None) -> str:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Template:
+class Template(_ChatTemplate):
     """A chat format as data. ``{content}`` in a slot is replaced by the message text.
 
     An assistant turn renders as ``assistant_start + content + eot + turn_sep``; the content
@@ -43,20 +73,11 @@ class Template:
     default_system: str | None = None
     thinking: bool = False  # Qwen3-style <think> handling
 
-    def segments(
-        self,
-        messages: list[dict],
-        system: str | None = None,
-        add_generation_prompt: bool = False,
-        enable_thinking: bool | None = None,
-        tokenizer: Any = None,
+    def _segments(
+        self, messages: list[dict], system: str | None, gen: bool, enable_thinking: bool | None, tokenizer: Any
     ) -> Segments:
-        """Render to ``(text, supervised)`` pieces.
-
-        ``system=None`` uses the template's default; ``""`` renders no system block. With
-        ``tokenizer`` given and ``eot is None``, each response is followed by its eos token.
-        """
-        messages, system = _split_system(messages, system)
+        """``system=None`` uses the template's default; ``""`` renders no system block. With
+        ``tokenizer`` given and ``eot is None``, each response is followed by its eos token."""
         system = self.default_system if system is None else system
         eot = self.eot if self.eot is not None else (tokenizer.eos_token if tokenizer is not None else "")
         last_user = max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1)
@@ -82,34 +103,29 @@ class Template:
                 prompt = self.turn_sep
             else:
                 raise ValueError(f"template {self.name!r}: unsupported role {role!r} at message {i}")
-        if add_generation_prompt:
+        if gen:
             prompt += self.assistant_start
             if self.thinking and enable_thinking is False:
                 prompt += EMPTY_THINK
         out.append((prompt, False))
-        return [(text, sup) for text, sup in out if text]
+        return out
 
-    def render(
-        self,
-        messages: list[dict],
-        system: str | None = None,
-        add_generation_prompt: bool = False,
-        enable_thinking: bool | None = None,
-    ) -> str:
-        """The conversation as one string (for ``empty``, without eos tokens)."""
-        return "".join(
-            text for text, _ in self.segments(messages, system, add_generation_prompt, enable_thinking)
-        )
+    def _render(self, messages: list[dict], system: str | None, gen: bool, enable_thinking: bool | None) -> str:
+        # Without a tokenizer: for ``empty`` (eot None), no eos tokens.
+        return "".join(text for text, _ in self._segments(messages, system, gen, enable_thinking, None))
 
 
-CHATML = dict(
-    system="<|im_start|>system\n{content}<|im_end|>\n",
-    user="<|im_start|>user\n{content}<|im_end|>\n",
-    tool="<|im_start|>tool\n{content}<|im_end|>\n",
-    assistant_start="<|im_start|>assistant\n",
-    eot="<|im_end|>",
-    turn_sep="\n",
-)
+def _turn_slots(header: str, end: str, tool_role: str = "tool") -> dict[str, str]:
+    """The role slots of a format whose every turn is ``header`` (naming the role) + content + ``end``."""
+
+    def turn(role: str) -> str:
+        return header.format(role=role) + "{content}" + end
+
+    return dict(system=turn("system"), user=turn("user"), tool=turn(tool_role),
+                assistant_start=header.format(role="assistant"))
+
+
+CHATML = dict(**_turn_slots("<|im_start|>{role}\n", "<|im_end|>\n"), eot="<|im_end|>", turn_sep="\n")
 QWEN_TOOL = "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n"
 
 TEMPLATES: dict[str, Template] = {
@@ -123,10 +139,7 @@ TEMPLATES: dict[str, Template] = {
     "llama3": Template(
         name="llama3",
         prefix="<|begin_of_text|>",
-        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
-        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
-        tool="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
-        assistant_start="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        **_turn_slots("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", tool_role="ipython"),
         eot="<|eot_id|>",
     ),
     "empty": Template(
@@ -135,7 +148,7 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
-class AutoTemplate:
+class AutoTemplate(_ChatTemplate):
     """The tokenizer's own ``chat_template``, rendered with ``tokenizer.apply_chat_template``."""
 
     name = "auto"
@@ -154,25 +167,13 @@ class AutoTemplate:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
         )
 
-    def render(
-        self,
-        messages: list[dict],
-        system: str | None = None,
-        add_generation_prompt: bool = False,
-        enable_thinking: bool | None = None,
-    ) -> str:
-        messages, system = _split_system(messages, system)
+    def _render(self, messages: list[dict], system: str | None, gen: bool, enable_thinking: bool | None) -> str:
         # system=None leaves the tokenizer template's own default in place.
         msgs = ([{"role": "system", "content": system}] if system else []) + messages
-        return self._apply(msgs, add_generation_prompt, enable_thinking)
+        return self._apply(msgs, gen, enable_thinking)
 
-    def segments(
-        self,
-        messages: list[dict],
-        system: str | None = None,
-        add_generation_prompt: bool = False,
-        enable_thinking: bool | None = None,
-        tokenizer: Any = None,
+    def _segments(
+        self, messages: list[dict], system: str | None, gen: bool, enable_thinking: bool | None, tokenizer: Any
     ) -> Segments:
         """Assistant spans found by diffing: ``render(msgs[:i], gen)`` is the prompt of turn i.
 
@@ -180,9 +181,8 @@ class AutoTemplate:
         end-of-turn marker is not supervised. Templates that rewrite earlier turns (Qwen3
         strips old reasoning) fall back to the tokenizer's eos token as the end of the turn.
         """
-        messages, system = _split_system(messages, system)
         head = [{"role": "system", "content": system}] if system else []
-        full = self.render(head + messages, None, add_generation_prompt, enable_thinking)
+        full = self.render(head + messages, None, gen, enable_thinking)
         out: Segments = []
         pos = 0
         for i, m in enumerate(messages):
@@ -204,7 +204,7 @@ class AutoTemplate:
             out.append((response, True))
             pos = len(prompt) + len(response)
         out.append((full[pos:], False))
-        return [(text, sup) for text, sup in out if text]
+        return out
 
     def _turn_end(self, upto: list[dict], full: str, start: int, enable_thinking: bool | None) -> int:
         text = self._apply(upto, False, enable_thinking)

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,8 @@ PATHS = {
 _RUBRIC_SECTIONS = re.compile(
     r"\[Prompt\]\n(.*?)\n\n\[Response\]\n(.*?)\n\n\[Reference answer\]\n(.*?)\n\nGive ", re.DOTALL
 )
+
+Shape = Callable[[list[Any]], Any]  # scores -> the JSON body of one request shape
 
 
 @dataclass
@@ -182,12 +184,21 @@ def create_app(
     set ``scorer_in_thread`` for a slow scorer (a reward model) so it does not block the loop."""
     settings = settings or JudgeSettings()
     stats = JudgeStats()
-    rng = random.Random(settings.seed)
     app = FastAPI(
         title="alignkit judge", description="Scores (prompt, response) pairs; see docs/reward_api.md."
     )
     app.state.settings = settings
     app.state.stats = stats
+    # One POST route per preset's request shape (PATHS), all scoring through one judge.
+    judge, scoring = _Judge(scorer, settings, stats, scorer_in_thread), [Depends(_bearer_check(settings))]
+    _add_reward_model_routes(app, judge, scoring)
+    _add_evaluation_routes(app, judge, scoring)
+    _add_stats_routes(app, stats, scoring)
+    return app
+
+
+def _bearer_check(settings: JudgeSettings) -> Callable[[Request], Awaitable[None]]:
+    """A dependency refusing requests without ``Authorization: Bearer <settings.token>`` (when set)."""
 
     async def check_token(request: Request) -> None:
         if settings.token is None:
@@ -196,81 +207,109 @@ def create_app(
         if not secrets.compare_digest(sent.encode(), f"Bearer {settings.token}".encode()):
             raise HTTPException(status_code=401, detail="missing or wrong bearer token")
 
-    def pick_fault(n_request: int) -> str | None:
-        kinds = settings.fault_kinds
-        if n_request <= settings.fault_first and kinds:
-            return kinds[(n_request - 1) % len(kinds)]
-        if settings.fault_rate > 0 and kinds and rng.random() < settings.fault_rate:
-            return rng.choice(kinds)
-        return None
+    return check_token
 
-    async def judge(
-        path: str,
-        prompts: list[str],
-        responses: list[str],
-        labels: list[str | None],
-        shape: Callable[[list[Any]], Any],
+
+class _Judge:
+    """Scores one request: counts it, picks its fault (if any), calls the scorer, shapes the reply."""
+
+    def __init__(self, scorer: Scorer, settings: JudgeSettings, stats: JudgeStats, scorer_in_thread: bool):
+        self.scorer = scorer
+        self.settings = settings
+        self.stats = stats
+        self.scorer_in_thread = scorer_in_thread
+        self.rng = random.Random(settings.seed)
+
+    async def __call__(
+        self, path: str, prompts: list[str], responses: list[str], labels: list[str | None], shape: Shape
     ) -> Response:
-        fault = pick_fault(stats.record(path, prompts, responses))
+        stats = self.stats
+        fault = self.pick_fault(stats.record(path, prompts, responses))
         with stats.lock:
             stats.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
             if fault:
                 stats.faults[fault] += 1
         try:
-            return await answer(fault, prompts, responses, labels, shape)
+            return await self.answer(fault, prompts, responses, labels, shape)
         finally:
             with stats.lock:
                 stats.in_flight -= 1
 
+    def pick_fault(self, n_request: int) -> str | None:
+        """The first ``fault_first`` requests cycle through ``fault_kinds``; later ones fault at ``fault_rate``."""
+        settings, kinds = self.settings, self.settings.fault_kinds
+        if n_request <= settings.fault_first and kinds:
+            return kinds[(n_request - 1) % len(kinds)]
+        if settings.fault_rate > 0 and kinds and self.rng.random() < settings.fault_rate:
+            return self.rng.choice(kinds)
+        return None
+
     async def answer(
-        fault: str | None,
-        prompts: list[str],
-        responses: list[str],
-        labels: list[str | None],
-        shape: Callable[[list[Any]], Any],
+        self, fault: str | None, prompts: list[str], responses: list[str], labels: list[str | None], shape: Shape
     ) -> Response:
-        if settings.latency_ms:
-            await asyncio.sleep(settings.latency_ms / 1000)
+        """The reply, with ``fault`` injected where a real server would go wrong: before scoring
+        (HTTP errors, a hang), in the scores, or in the body."""
+        if self.settings.latency_ms:
+            await asyncio.sleep(self.settings.latency_ms / 1000)
         if fault == "timeout":
-            await asyncio.sleep(settings.hang_s)
-        elif fault == "500":
-            return Response("injected fault: internal server error", status_code=500)
-        elif fault == "429":
-            return Response(
-                "injected fault: too many requests",
-                status_code=429,
-                headers={"Retry-After": f"{settings.retry_after_s:g}"},
-            )
-        elif fault == "malformed":
-            return Response(b'{"scores": [1.0, ', media_type="application/json")
+            await asyncio.sleep(self.settings.hang_s)
+        elif (error := _error_reply(fault, self.settings)) is not None:
+            return error
         try:
-            if scorer_in_thread:
-                raw = await run_in_threadpool(scorer, prompts, responses, labels)
+            if self.scorer_in_thread:
+                raw = await run_in_threadpool(self.scorer, prompts, responses, labels)
             else:
-                raw = scorer(prompts, responses, labels)
+                raw = self.scorer(prompts, responses, labels)
             values: list[Any] = [float(v) for v in raw]  # numpy / torch scalars are not JSON
         except Exception as e:  # the scorer is user code; report, do not crash the server
             return Response(f"scorer raised {type(e).__name__}: {e}", status_code=500)
-        if fault == "wrong_count":
-            values = values[:-1] if len(values) > 1 else values * 2
-        elif fault == "nan" and values:
-            values[0] = math.nan
-        elif fault == "non_numeric" and values:
-            values[0] = "n/a"
-        body = shape(values)
-        if fault == "oversize":
-            body["padding"] = "x" * settings.oversize_bytes
-        elif fault == "unsuccessful":
-            body = {
-                "success": False,
-                "code": 503,
-                "message": "injected fault: evaluation failed",
-                "data": None,
-            }
+        body = _spoil_body(fault, shape(_spoil_scores(fault, values)), self.settings)
         return Response(json.dumps(body).encode(), media_type="application/json")
 
-    scoring = [Depends(check_token)]
+
+def _error_reply(fault: str | None, settings: JudgeSettings) -> Response | None:
+    """The reply of a fault that answers without scoring, or None."""
+    if fault == "500":
+        return Response("injected fault: internal server error", status_code=500)
+    if fault == "429":
+        return Response(
+            "injected fault: too many requests",
+            status_code=429,
+            headers={"Retry-After": f"{settings.retry_after_s:g}"},
+        )
+    if fault == "malformed":
+        return Response(b'{"scores": [1.0, ', media_type="application/json")
+    return None
+
+
+def _spoil_scores(fault: str | None, values: list[Any]) -> list[Any]:
+    """Scores as a fault in the scores leaves them (one too few or many, NaN, not a number)."""
+    if fault == "wrong_count":
+        return values[:-1] if len(values) > 1 else values * 2
+    if fault == "nan" and values:
+        values[0] = math.nan
+    elif fault == "non_numeric" and values:
+        values[0] = "n/a"
+    return values
+
+
+def _spoil_body(fault: str | None, body: Any, settings: JudgeSettings) -> Any:
+    """The JSON body as a fault in the body leaves it (padded past size limits, or a failure envelope)."""
+    if fault == "oversize":
+        body["padding"] = "x" * settings.oversize_bytes
+    elif fault == "unsuccessful":
+        body = {
+            "success": False,
+            "code": 503,
+            "message": "injected fault: evaluation failed",
+            "data": None,
+        }
+    return body
+
+
+def _add_reward_model_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) -> None:
+    """Remote reward-model shapes: a batch of texts in, a list of scores out."""
 
     @app.post(PATHS["alignkit"], dependencies=scoring, summary="alignkit shape: items -> scores")
     async def score_alignkit(req: AlignkitRequest) -> Response:
@@ -304,6 +343,11 @@ def create_app(
             lambda v: {"rewards": v, "scores": v, "extra_logs": {"response_chars": lengths}},
         )
 
+
+
+def _add_evaluation_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) -> None:
+    """LLM-judge and evaluation-platform shapes: the score wrapped in the service's own envelope."""
+
     @app.post(PATHS["openai_judge"], dependencies=scoring, summary="OpenAI chat completion judging a rubric")
     async def chat_completions(req: ChatRequest) -> Response:
         content = req.messages[-1].content if req.messages else ""
@@ -313,7 +357,7 @@ def create_app(
         def shape(values: list[Any]) -> dict[str, Any]:
             text = f"The response was checked. Score: {values[0]}" if len(values) == 1 else "I cannot decide."
             return {
-                "id": f"chatcmpl-{stats.requests}",
+                "id": f"chatcmpl-{judge.stats.requests}",
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": req.model,
@@ -345,6 +389,10 @@ def create_app(
             shape,
         )
 
+
+def _add_stats_routes(app: FastAPI, stats: JudgeStats, scoring: list[Any]) -> None:
+    """``/stats`` and its reset (behind the token, like scoring) and the ``/health`` probe."""
+
     @app.get("/stats", dependencies=scoring, summary="Requests, items and per-pair counts seen")
     async def get_stats(pairs: bool = False) -> dict[str, Any]:
         return stats.snapshot(pairs)
@@ -357,8 +405,6 @@ def create_app(
     @app.get("/health", summary="Liveness probe (no auth)")
     async def health() -> dict[str, Any]:
         return {"ok": True}
-
-    return app
 
 
 def make_scorer(rule: str = "count_good") -> Scorer:

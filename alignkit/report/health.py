@@ -72,17 +72,34 @@ def _too_short(name: str, n: int) -> Check:
     return Check(name, NA, f"only {n} logged point(s); a trend needs {MIN_TREND_POINTS}")
 
 
+def _series(m: Metrics, name: str, key: str, trend: bool = False, logged: tuple[str, ...] = ()
+            ) -> list[float] | Check:
+    """The finite values of ``key``, or check ``name``'s n/a verdict: none logged (naming ``logged``,
+    what ``key`` is derived from, if given) or, for a ``trend``, fewer than MIN_TREND_POINTS."""
+    v = _vals(m, key)
+    if v is None:
+        return _missing(name, *(logged or (key,)))
+    if trend and len(v) < MIN_TREND_POINTS:
+        return _too_short(name, len(v))
+    return v
+
+
+def _decile_medians(v: list[float]) -> tuple[float, float]:
+    """Medians of the first and of the last decile."""
+    k = _decile(v)
+    return median(v[:k]), median(v[-k:])
+
+
 def _frac(v: list[float], pred: Callable[[float], bool]) -> float:
     return sum(map(pred, v)) / len(v)
 
 
 def check_kl_band(m: Metrics, settings: dict[str, float]) -> Check:
     name, (lo, hi) = "kl_band", KL_BAND
-    kl = _vals(m, "objective/kl_per_token")
-    if kl is None:
-        return _missing(name, "objective/kl", "rollout/response_len_mean")
-    if len(kl) < MIN_TREND_POINTS:  # step 1 has KL 0 by construction (policy == reference)
-        return _too_short(name, len(kl))
+    # Judged as a trend: step 1 has KL 0 by construction (policy == reference).
+    kl = _series(m, name, "objective/kl_per_token", trend=True, logged=("objective/kl", "rollout/response_len_mean"))
+    if isinstance(kl, Check):
+        return kl
     tail = _last_third(kl)
     med, above, below = median(tail), _frac(tail, lambda x: x > hi), _frac(tail, lambda x: x < lo)
     where = f"median {med:.3g} nats/token over the last third"
@@ -97,26 +114,10 @@ def check_kl_band(m: Metrics, settings: dict[str, float]) -> Check:
     return Check(name, OK, f"{where}, within {lo}-{hi}")
 
 
-def check_clipfrac(m: Metrics, settings: dict[str, float]) -> Check:
-    name = "clipfrac"
-    cf = _vals(m, "ppo/policy/clipfrac")
-    if cf is None:
-        return _missing(name, "ppo/policy/clipfrac")
-    med = median(_last_third(cf))
-    detail = f"median policy clip fraction {med:.3g} over the last third"
-    if med > CLIPFRAC_WARN:
-        return Check(name, FAIL if med > CLIPFRAC_FAIL else WARN,
-                     f"{detail} (> {CLIPFRAC_WARN}): updates are too large; lower learning_rate, ppo_epochs or cliprange")
-    return Check(name, OK, f"{detail} (<= {CLIPFRAC_WARN})")
-
-
 def check_reward_trend(m: Metrics, settings: dict[str, float]) -> Check:
     name = "reward_trend"
-    r = _vals(m, "env/reward_mean")
-    if r is None:
-        return _missing(name, "env/reward_mean")
-    if len(r) < MIN_TREND_POINTS:
-        return _too_short(name, len(r))
+    if isinstance(r := _series(m, name, "env/reward_mean", trend=True), Check):
+        return r
     k = _decile(r)
     first, last = fmean(r[:k]), fmean(r[-k:])
     peak = max(fmean(r[i:i + k]) for i in range(len(r) - k + 1))
@@ -148,8 +149,7 @@ def check_entropy(m: Metrics, settings: dict[str, float]) -> Check:
             return _missing(name, "ppo/policy/entropy")
     if len(ent) < MIN_TREND_POINTS:
         return _too_short(name, len(ent))
-    k = _decile(ent)
-    start, end = median(ent[:k]), median(ent[-k:])
+    start, end = _decile_medians(ent)
     if start <= 0:
         return Check(name, NA, f"starting entropy {start:.3g} is not positive")
     ratio = end / start
@@ -164,13 +164,10 @@ def check_entropy(m: Metrics, settings: dict[str, float]) -> Check:
 
 def check_value_loss(m: Metrics, settings: dict[str, float]) -> Check | None:
     name = "value_loss"
-    vl = _vals(m, "ppo/loss/value")
-    if vl is None and "group/zero_std_frac" in m:
+    if _vals(m, "ppo/loss/value") is None and "group/zero_std_frac" in m:
         return None  # a critic-free run has no value head to check
-    if vl is None:
-        return _missing(name, "ppo/loss/value")
-    if len(vl) < MIN_TREND_POINTS:
-        return _too_short(name, len(vl))
+    if isinstance(vl := _series(m, name, "ppo/loss/value", trend=True), Check):
+        return vl
     early, late = median(_first_third(vl)), median(_last_third(vl))
     ratio = late / max(early, 1e-12)
     growing = _slope(_last_third(vl)) > 0
@@ -192,9 +189,8 @@ def _slope(v: list[float]) -> float:
 
 def check_response_length(m: Metrics, settings: dict[str, float]) -> Check:
     name = "response_length"
-    length = _vals(m, "rollout/response_len_mean")
-    if length is None:
-        return _missing(name, "rollout/response_len_mean")
+    if isinstance(length := _series(m, name, "rollout/response_len_mean"), Check):
+        return length
     late, max_new = median(_last_third(length)), settings.get("max_new_tokens")
     nums = f"mean response length {late:.3g} tokens over the last third"
     if late < LENGTH_MIN_TOKENS:
@@ -213,37 +209,44 @@ def check_response_length(m: Metrics, settings: dict[str, float]) -> Check:
     return Check(name, OK, nums)
 
 
-def _fraction_check(name: str, key: str, what: str, hint: str, warn: float = FRAC_WARN, fail: float = FRAC_FAIL
-                    ) -> Callable[[Metrics, dict[str, float]], Check]:
+def _threshold_check(name: str, key: str, what: str, hint: str, warn: float = FRAC_WARN, fail: float = FRAC_FAIL,
+                     fmt: str = ".0%") -> Callable[[Metrics, dict[str, float]], Check]:
+    """A check of ``key``'s median over the last third: above ``warn`` warns, above ``fail`` fails.
+    ``hint`` follows the numbers (with its own lead-in punctuation); ``fmt`` formats the values."""
     def check(m: Metrics, settings: dict[str, float]) -> Check:
-        v = _vals(m, key)
-        if v is None:
-            return _missing(name, key)
+        if isinstance(v := _series(m, name, key), Check):
+            return v
         med = median(_last_third(v))
-        detail = f"median {what} {med:.0%} over the last third"
+        detail = f"median {what} {med:{fmt}} over the last third"
         if med > warn:
-            return Check(name, FAIL if med > fail else WARN, f"{detail} (> {warn:.0%}); {hint}")
-        return Check(name, OK, f"{detail} (<= {warn:.0%})")
+            return Check(name, FAIL if med > fail else WARN, f"{detail} (> {warn:{fmt}}){hint}")
+        return Check(name, OK, f"{detail} (<= {warn:{fmt}})")
 
     check.__name__ = f"check_{name}"
     return check
 
 
-check_no_eos = _fraction_check(
+check_clipfrac = _threshold_check(
+    "clipfrac", "ppo/policy/clipfrac", "policy clip fraction",
+    ": updates are too large; lower learning_rate, ppo_epochs or cliprange",
+    warn=CLIPFRAC_WARN, fail=CLIPFRAC_FAIL, fmt=".3g")
+check_no_eos = _threshold_check(
     "no_eos", "rollout/no_eos_frac", "share of responses without EOS",
-    "responses run into max_new_tokens: raise it or set missing_eos_penalty")
-_group_signal = _fraction_check(
+    "; responses run into max_new_tokens: raise it or set missing_eos_penalty")
+_group_signal = _threshold_check(
     "group_signal", "group/zero_std_frac", "share of groups with equal rewards (no learning signal)",
-    "the task is too easy or too hard for the policy: raise num_generations or temperature, or change the reward",
+    "; the task is too easy or too hard for the policy: raise num_generations or temperature, or change the reward",
     warn=GROUP_ZERO_WARN, fail=GROUP_ZERO_FAIL)
 
 
 def check_group_signal(m: Metrics, settings: dict[str, float]) -> Check | None:
     """Critic-free runs: a group whose responses all score the same has zero advantage (no signal)."""
     return _group_signal(m, settings) if "group/zero_std_frac" in m else None
-check_think_truncated = _fraction_check(
+
+
+check_think_truncated = _threshold_check(
     "think_truncated", "rollout/think_truncated_frac", "share of responses cut inside <think>",
-    "thoughts use up the token budget: raise max_new_tokens or turn thinking off")
+    "; thoughts use up the token budget: raise max_new_tokens or turn thinking off")
 
 
 def check_reward_failures(m: Metrics, settings: dict[str, float]) -> Check:
@@ -284,13 +287,9 @@ def check_non_finite(m: Metrics, settings: dict[str, float]) -> Check:
 
 def check_loss_trend(m: Metrics, settings: dict[str, float]) -> Check:
     name = "loss_trend"
-    loss = _vals(m, "train/loss")
-    if loss is None:
-        return _missing(name, "train/loss")
-    if len(loss) < MIN_TREND_POINTS:
-        return _too_short(name, len(loss))
-    k = _decile(loss)
-    start, end = median(loss[:k]), median(loss[-k:])
+    if isinstance(loss := _series(m, name, "train/loss", trend=True), Check):
+        return loss
+    start, end = _decile_medians(loss)
     nums = f"train/loss {start:.3g} (first decile) -> {end:.3g} (last decile)"
     if end > LOSS_DIVERGE * start:
         return Check(name, FAIL, f"loss diverging: {nums}; lower learning_rate or raise warmup")
