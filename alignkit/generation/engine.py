@@ -38,6 +38,10 @@ class RolloutEngine(Protocol):
         """Make the next ``generate`` sample from ``policy``'s current weights."""
         ...
 
+    def close(self) -> None:
+        """Free what the engine holds (processes, device memory)."""
+        ...
+
 
 class HFEngine:
     """alignkit's own KV-cache sampler on the trained model itself (``sampling.sample``).
@@ -54,4 +58,7 @@ class HFEngine:
                       sampling.temperature, sampling.top_k, sampling.top_p, list(sampling.eos_ids))
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
+        return None
+
+    def close(self) -> None:
         return None

@@ -27,6 +27,19 @@ class PPOConfig(StageConfig, RewardSpec):
     rollout_chunk_size: int | None = Field(
         None, ge=1, description="Sample in chunks of this many prompts so scoring starts before the whole batch is done (default: one chunk)."
     )
+    # Rollout engine (docs/vllm.md)
+    rollout_engine: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: alignkit's KV-cache sampler on the trained model; vllm: a colocated vLLM engine, "
+        "weights synced after every update (needs vLLM installed)."
+    )
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="vllm: share of device memory vLLM may take.")
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vllm: devices one engine shards the model over.")
+    vllm_enable_sleep_mode: bool = Field(False, description="vllm: release vLLM's memory during the update (GPU only).")
+    vllm_max_model_len: int | None = Field(None, ge=8, description="vllm: longest sequence (default: cutoff_len).")
+    vllm_sync_tolerance: float = Field(
+        0.05, gt=0.0, description="vllm: stop when the engine's and the trainer's log-probs of the sampled tokens "
+        "differ by more than this (mean |diff| per token, checked every step with top_k 0 and top_p 1)."
+    )
     # PPO
     ppo_buffer_size: int = Field(
         1, ge=1, description="Mini-batches per rollout batch: rollout = per_device x accum x buffer prompts per rank, "

@@ -105,6 +105,18 @@ def response_stats(ac: ActorCritic, roll: Rollout, settings: RolloutSettings) ->
     return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
 
+def sync_check(rolls: list[Rollout], stats: list[tuple[torch.Tensor, ...]], sampling: SamplingParams
+               ) -> dict[str, float]:
+    """``rollout/engine_logprob_diff``: mean |engine - trainer| log-prob of the sampled tokens, when
+    the engine reports its own (vLLM). A stale or wrong weight sync shows here first. Compared only
+    without top-k/top-p, where both are log-softmax(logits / temperature) of the same weights."""
+    if any(r.logprobs is None for r in rolls) or sampling.top_k > 0 or sampling.top_p < 1.0:
+        return {}
+    diff = sum(((r.logprobs - s[0]).abs() * r.response_mask).sum() for r, s in zip(rolls, stats, strict=True))
+    n = sum(r.response_mask.sum() for r in rolls)
+    return {"rollout/engine_logprob_diff": float(diff / n.clamp(min=1))}
+
+
 def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
                     prompts: PromptSet, idx: list[int]) -> Experience:
     """Sample ``num_generations`` responses to each prompt of ``idx`` chunk by chunk, scoring each
@@ -134,6 +146,7 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
     # Gather chunks into (B, R) tensors, each padded to the longest response of the batch.
     q, R = rolls[0].query_len, max(r.response_mask.shape[1] for r in rolls)
     logprobs, values, ref_logprobs, kl = (torch.cat([pad_right(s[i], R) for s in stats]) for i in range(4))
+    engine_metrics = sync_check(rolls, stats, settings.sampling)
     t0 = time.perf_counter()
     scored = service.collect(futures)
     t_wait = time.perf_counter() - t0
@@ -148,6 +161,6 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
         group_ids=torch.tensor(idx, device=device),
         scores=torch.tensor(scored.values, device=device, dtype=torch.float32),
         valid=torch.tensor(scored.valid, device=device, dtype=torch.float32),
-        texts=texts, n_failed=scored.n_failed, reward_metrics=scored.metrics,
+        texts=texts, n_failed=scored.n_failed, reward_metrics={**scored.metrics, **engine_metrics},
         timing={"time/generate": t_gen, "time/rollout": t_rollout, "time/score_wait": t_wait},
     )

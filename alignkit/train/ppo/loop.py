@@ -38,7 +38,7 @@ from alignkit.train.common import (
     setup_run,
     total_steps,
 )
-from alignkit.train.ppo.experience import PromptSet, RolloutSettings, make_experience
+from alignkit.train.ppo.experience import Experience, PromptSet, RolloutSettings, make_experience
 from alignkit.train.ppo.metrics import PLOTTED, step_metrics
 from alignkit.train.ppo.shaping import FilterSettings, ShapingSettings, advantages, apply_filters, shape
 from alignkit.train.ppo.update import Learner, UpdateSettings, update
@@ -78,8 +78,10 @@ def run(cfg: PPOConfig, engine: RolloutEngine | None = None) -> Path:
     prompts = load_prompts(cfg, tokenizer, examples)
     ac = build_models(cfg).to(accelerator.device)
     service = build_reward_service(cfg, cfg.reward_context(), policy_model=ac)
-    try:  # the service is closed on every exit, errors included: judge session, cache, scoring thread
+    own_engine = engine is None  # an engine passed in belongs to the caller, who closes it
+    try:  # closed on every exit, errors included: judge session, cache, scoring thread, engine
         service.start()
+        engine = engine or build_engine(cfg, ac, tokenizer.pad_token_id)
         r = prepare(cfg, accelerator, out, prompts, ac, service, tokenizer, engine)
         train(r)
         if accelerator.is_main_process:  # 9. Final save: policy (adapter or full) + value head + tokenizer
@@ -89,6 +91,8 @@ def run(cfg: PPOConfig, engine: RolloutEngine | None = None) -> Path:
                 plot_metrics(out, PLOTTED)
     finally:
         service.close()
+        if own_engine and engine is not None:
+            engine.close()
     if summary := service.failure_summary():
         logger.warning("reward failures over the run: %s", summary)
     accelerator.wait_for_everyone()
@@ -112,6 +116,7 @@ def train(r: PPORun) -> None:
         # 2. Rollout: this rank's share of the global batch; scoring overlaps sampling and forward passes.
         idx = global_batch_indices(len(r.prompts.queries), step, global_bs, cfg.seed)[rank::world]
         exp = make_experience(r.ac, r.engine, r.service, r.rollout, r.prompts, idx)
+        check_engine_sync(exp, cfg.vllm_sync_tolerance)  # an engine sampling from stale weights stops the run
         # 3. Shape rewards (KL penalty per token unless the KL is a loss term, score at the last
         # token), filter what stays out of the loss, 4. advantages from the configured estimator.
         t0 = time.perf_counter()
@@ -153,6 +158,31 @@ def run_metrics(r: PPORun, exp, t_step: float) -> dict[str, float]:
             "perf/tokens_per_s": n_tokens / t_step}
 
 
+def build_engine(cfg: PPOConfig, ac: ActorCritic, pad_token_id: int) -> RolloutEngine:
+    """The configured rollout engine, holding the policy's current weights."""
+    if cfg.rollout_engine == "hf":
+        return HFEngine(ac.lm, pad_token_id)
+    from alignkit.generation.vllm_engine import VLLMEngine  # optional dependency, imported on use
+
+    engine = VLLMEngine(
+        cfg.model_name_or_path, pad_token_id, dtype="bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else "float32",
+        max_model_len=cfg.vllm_max_model_len or cfg.cutoff_len, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_enable_sleep_mode, seed=cfg.seed,
+    )
+    engine.sync_weights(ac)  # the base on disk lacks the merged SFT adapters (and a resumed run's weights)
+    return engine
+
+
+def check_engine_sync(exp: Experience, tolerance: float) -> None:
+    diff = exp.reward_metrics.get("rollout/engine_logprob_diff")
+    if diff is not None and diff > tolerance:
+        raise RuntimeError(
+            f"the rollout engine's log-probs differ from the trainer's by {diff:.4f} per token (vllm_sync_tolerance "
+            f"{tolerance}): its weights are not the policy's. Check that the weight sync ran after every update; "
+            "a dtype mismatch (bf16 engine, fp32 trainer) needs a larger vllm_sync_tolerance."
+        )
+
+
 def save(r: PPORun, done: int) -> None:
     rngs = rank_rng_states(r.accelerator)  # collective; each rank resumes its own sampling stream
     if r.accelerator.is_main_process:
@@ -187,7 +217,7 @@ def build_models(cfg: PPOConfig) -> ActorCritic:
 
 
 def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: PromptSet, ac: ActorCritic,
-            service: RewardService, tokenizer, engine: RolloutEngine | None) -> PPORun:
+            service: RewardService, tokenizer, engine: RolloutEngine) -> PPORun:
     """Sizes, optimizer, scheduler, KL controller, score moments, rollout settings and engine."""
     global_bs = cfg.rollout_batch_size * accelerator.num_processes
     if len(prompts.queries) < global_bs:
@@ -213,7 +243,7 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
     )
     kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.ppo_target, cfg.kl_horizon) if cfg.adap_kl_ctrl
               else FixedKLController(cfg.init_kl_coef))
-    return PPORun(cfg, out, prompts, ac, engine or HFEngine(ac.lm, tokenizer.pad_token_id), service,
+    return PPORun(cfg, out, prompts, ac, engine, service,
                   Learner(accelerator, model, optimizer, params), scheduler, kl_ctl,
                   RunningMoments() if cfg.ppo_score_norm else None, rollout, num_steps)
 
