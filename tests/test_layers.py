@@ -155,3 +155,23 @@ def test_layers_point_down(layer, above):
 
     bad = [f"{e.where}: imports {e.target}" for e in EDGES if inside(e.source, layer) and inside(e.target, above)]
     assert not bad, f"{layer} must not import {above}:\n" + "\n".join(bad)
+
+
+def test_training_functions_stay_small():
+    """STYLE.md: the PPO loop reads in ~80 lines, and no training function takes more than ~8
+    parameters (a phase takes a typed settings object, not sixteen loose tensors)."""
+    too_many, too_long = [], []
+    for path in sorted((ROOT / "train").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            args = node.args
+            n = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs) - (args.args[:1] != [] and
+                                                                                  args.args[0].arg in ("self", "cls"))
+            where = f"{path.relative_to(ROOT)}:{node.name}"
+            if n > 8:
+                too_many.append((where, n))
+            if node.end_lineno - node.lineno + 1 > 80:
+                too_long.append((where, node.end_lineno - node.lineno + 1))
+    assert not too_many, f"functions with more than 8 parameters: {too_many}"
+    assert not too_long, f"functions longer than 80 lines: {too_long}"
