@@ -140,7 +140,7 @@ def merged_weights(lm: nn.Module, modules: set[str] | None = None) -> dict[str, 
             raise NotImplementedError(f"weight sync of peft modules_to_save ({name})")
         if modules is None or name.rpartition(".")[0] in modules:
             out[name] = p.detach()
-    return {k: v.to("cpu", copy=True).contiguous() for k, v in out.items()}
+    return {k: v.to("cpu").contiguous() for k, v in out.items()}  # safetensors.save copies them
 
 
 def widen_to_fused(modules: set[str], packed: dict[str, list[str]]) -> set[str]:
