@@ -17,12 +17,15 @@ Train one stage from a YAML config. The config's `stage:` key picks it:
   sft  supervised fine-tuning (LoRA or full)
   rm   pairwise reward model
   ppo  PPO with a value head (reward: rule, trained RM, or HTTP judge)
+  dpo  offline preference pairs: DPO, IPO, hinge, ORPO, SimPO (pref_loss)
+  kto  KTO on desirable/undesirable answers (kto_tag) or on pairs
 Keys follow LLaMA-Factory's names. Overrides are typed like YAML:
   alignkit train sft.yaml learning_rate=1e-4 lora_target=q_proj,v_proj
 """
 
 # stage name -> module with ``run(cfg)``; a stage is listed once its module exists.
-STAGE_MODULES = {"sft": "alignkit.train.sft", "rm": "alignkit.train.rm", "ppo": "alignkit.train.ppo"}
+STAGE_MODULES = {"sft": "alignkit.train.sft", "rm": "alignkit.train.rm", "ppo": "alignkit.train.ppo",
+                 "dpo": "alignkit.train.dpo", "kto": "alignkit.train.kto"}
 
 
 def available_stages() -> list[str]:
@@ -105,6 +108,7 @@ COMMAND_MODULES = [
     "alignkit.export",  # export
     "alignkit.infer",  # chat, predict
     "alignkit.compare",  # compare
+    "alignkit.pairs",  # pairs
     "alignkit.report",  # report
     "alignkit.demo",  # demo
     "alignkit.models.tiny_cli",  # tiny

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import json
 import logging
 import re
@@ -27,47 +28,14 @@ class ConfigError(ValueError):
     """A config problem, phrased for the user: which file, which key, what was expected."""
 
 
-# LLaMA-Factory keys with no meaning in alignkit: accepted, one warning each.
-IGNORED_KEYS = {
-    "overwrite_cache": "alignkit tokenizes in memory; there is no dataset cache",
-    "preprocessing_num_workers": "tokenization runs in-process",
-    "dataloader_num_workers": "data is tokenized up front; no loader workers are used",
-    "ddp_timeout": "set the timeout through accelerate/torchrun instead",
-    "flash_attn": "the attention implementation is chosen by transformers",
-    "plot_loss_keys": "all logged metrics are plotted",
-    "packing": "sequences are not packed",
-    "ddp_find_unused_parameters": "handled by accelerate",
-    "report_to_wandb": "use report_to",
-    "trust_remote_code_tokenizer": "trust_remote_code covers both",
-    "tokenized_path": "alignkit tokenizes in memory",
-    "streaming": "datasets are loaded in memory",
-    "buffer_size": "datasets are loaded in memory",
-    "mix_strategy": "datasets are concatenated",
-    "new_special_tokens": "the tokenizer is used as saved",
-}
-
-# LLaMA-Factory keys whose behaviour alignkit does not provide: an error, never ignored.
-UNSUPPORTED_KEYS = {
-    "quantization_bit": "quantized (QLoRA) training is not supported yet",
-    "quantization_method": "quantized (QLoRA) training is not supported yet",
-    "use_unsloth": "unsloth kernels are not supported",
-    "use_galore": "GaLore is not supported",
-    "use_badam": "BAdam is not supported",
-    "use_apollo": "APOLLO is not supported",
-    "pissa_init": "PiSSA initialisation is not supported",
-    "use_dora": "DoRA is not supported",
-    "use_rslora": "rsLoRA is not supported",
-    "additional_target": "extra trainable modules are not supported",
-    "freeze_trainable_layers": "finetuning_type: freeze is not supported; use lora or full",
-    "rope_scaling": "RoPE scaling overrides are not supported",
-    "neftune_noise_alpha": "NEFTune is not supported",
-    "deepspeed": "DeepSpeed is configured through `accelerate launch --config_file` (see README)",
-    "mask_history": "every assistant turn is supervised",
-    "train_on_prompt": "prompt tokens are never supervised",
-    "pref_loss": "the RM stage trains a pairwise (Bradley-Terry) reward model; DPO-style losses are not provided",
-    "reward_model_adapters": "use reward_model with reward_model_type: lora",
-    "eval_dataset": "use val_size to hold out a split",
-}
+# Every LLaMA-Factory training key and its answer here (assets/llamafactory_keys.json): keys with no
+# meaning in alignkit are accepted with one warning each (IGNORED_KEYS); keys whose behaviour alignkit
+# does not provide are errors that say why (UNSUPPORTED_KEYS); the rest are config fields or ALIASES.
+LLAMAFACTORY_KEYS = json.loads((Path(__file__).parent / "assets" / "llamafactory_keys.json").read_text())
+IGNORED_KEYS: dict[str, str] = dict(LLAMAFACTORY_KEYS["ignored"])
+UNSUPPORTED_KEYS: dict[str, str] = dict(LLAMAFACTORY_KEYS["unsupported"])
+# Ignored keys that mean something only at one value: any other value is an error.
+IGNORED_ONLY_AT = {"do_sample": True}
 
 ALIASES = {
     "evaluation_strategy": "eval_strategy",
@@ -75,6 +43,9 @@ ALIASES = {
     # Critic-free RL: TRL/verl call the KL coefficient beta, OpenRLHF counts samples per prompt.
     "beta": "init_kl_coef",
     "n_samples_per_prompt": "num_generations",
+    # LLaMA-Factory's vLLM keys.
+    "vllm_maxlen": "vllm_max_model_len",
+    "vllm_gpu_util": "vllm_gpu_memory_utilization",
 }
 
 # Key names whose values are secrets. Narrow on purpose: ``max_new_tokens`` is not a secret.
@@ -83,6 +54,8 @@ SECRET_KEY = re.compile(
     re.IGNORECASE,
 )
 REDACTED = "***REDACTED***"
+# ``${ENV_VAR}`` in a value: a template naming where the secret comes from, not the secret itself.
+ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class StageConfig(BaseModel):
@@ -108,7 +81,10 @@ class StageConfig(BaseModel):
     # Data
     dataset: list[str] = Field(description="Dataset names from dataset_info.json, or .json/.jsonl paths (comma list).")
     dataset_dir: str = Field("data", description="Directory holding dataset_info.json and the data files.")
-    template: str = Field("auto", description="Chat template: auto (tokenizer's own), qwen, qwen3, llama3, chatml, empty.")
+    template: str = Field(
+        "auto", description="Chat template: auto (tokenizer's own), qwen, qwen3, llama3, chatml, empty, or a "
+        "LLaMA-Factory template name (llama2, mistral, gemma, glm4, ...: mapped, see docs/data.md)."
+    )
     default_system: str | None = Field(None, description="Replaces the template's default system prompt.")
     enable_thinking: bool | None = Field(None, description="Qwen3-style templates: false renders with thinking off.")
     cutoff_len: int = Field(1024, ge=8, description="Maximum tokens per example (prompt + response).")
@@ -128,7 +104,9 @@ class StageConfig(BaseModel):
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule after warm-up."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (overrides warmup_ratio when > 0).")
+    warmup_steps: float = Field(
+        0, ge=0, description="Linear warm-up steps (overrides warmup_ratio when >= 1); a value below 1 is a ratio."
+    )
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Warm-up as a fraction of total steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
@@ -161,6 +139,12 @@ class StageConfig(BaseModel):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
 
+    @field_validator("warmup_steps", mode="after")
+    @classmethod
+    def _whole_steps(cls, v: float) -> float | int:
+        # Below 1 it is a ratio (moved to warmup_ratio in _check); at or above 1 a step count.
+        return v if v < 1 else int(v)
+
     @field_validator("eval_strategy", mode="before")
     @classmethod
     def _yaml_no(cls, v: Any) -> Any:
@@ -174,6 +158,9 @@ class StageConfig(BaseModel):
             raise ValueError("bf16 and fp16 are both true; choose one")
         if self.eval_strategy != "no" and self.val_size <= 0:
             raise ValueError(f"eval_strategy: {self.eval_strategy} needs val_size > 0")
+        if 0 < self.warmup_steps < 1:  # as in current transformers: a fraction of the total steps
+            object.__setattr__(self, "warmup_ratio", self.warmup_steps)
+            object.__setattr__(self, "warmup_steps", 0)
         return self
 
     @property
@@ -191,7 +178,8 @@ class RMConfig(StageConfig):
 
 STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig}
 # Stages whose config lives next to their trainer; imported on first use.
-LAZY_STAGES = {"ppo": "alignkit.train.ppo_config"}
+LAZY_STAGES = {"ppo": "alignkit.train.ppo_config", "dpo": "alignkit.train.dpo_config",
+               "kto": "alignkit.train.dpo_config"}
 
 
 def register_stage(name: str, cls: type[StageConfig]) -> None:
@@ -222,26 +210,50 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
 
 
 def normalise_keys(raw: dict, cls: type[BaseModel], where: str) -> dict:
-    """``raw`` with aliases renamed and ignored keys dropped; an unknown key is a ``ConfigError``
-    naming ``where`` with a "did you mean" suggestion."""
+    """``raw`` with aliases renamed and ignored keys dropped (one warning each). Unknown and
+    unsupported keys are one ``ConfigError`` naming ``where`` and every such key at once, an
+    unknown key with a "did you mean" suggestion."""
     out: dict[str, Any] = {}
     known = set(cls.model_fields)
+    problems: list[str] = []
     for key, value in raw.items():
         key = ALIASES.get(key, key)
         if key in known:
             out[key] = value
-        elif key in IGNORED_KEYS:
+        elif key in IGNORED_KEYS and IGNORED_ONLY_AT.get(key, value) == value:
             logger.warning("%s: key %r has no effect in alignkit (%s); ignoring it", where, key, IGNORED_KEYS[key])
-        elif key in UNSUPPORTED_KEYS:
-            raise ConfigError(f"{where}: key {key!r} is not supported: {UNSUPPORTED_KEYS[key]}. Remove it.")
+        elif key in IGNORED_KEYS or key in UNSUPPORTED_KEYS:
+            problems.append(f"key {key!r} is not supported ({UNSUPPORTED_KEYS.get(key) or IGNORED_KEYS[key]})")
+        elif (owner := _stage_of(key)) and not issubclass(cls, StageConfig):
+            # A training YAML reused for a tool (export, predict): its training keys mean nothing here.
+            logger.warning("%s: key %r is a training key (stage %s); ignoring it here", where, key, owner)
+        elif owner:
+            problems.append(f"key {key!r} belongs to stage {owner}, not to this {cls.__name__}")
         else:
-            raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, known | set(ALIASES))}")
+            problems.append(f"unknown key {key!r}{_did_you_mean(key, known | set(ALIASES))}")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems) + ". Remove or rename "
+                          + ("this key" if len(problems) == 1 else f"these {len(problems)} keys")
+                          + " (`alignkit keys <stage>` lists every key).")
     return out
 
 
+def _stage_of(key: str) -> str | None:
+    """The first registered stage whose config has ``key`` (PPO's keys in an SFT config)."""
+    for stage, module in LAZY_STAGES.items():
+        if stage not in STAGES and importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+    return next((name for name, c in STAGES.items() if key in c.model_fields), None)
+
+
 def _did_you_mean(key: str, known: set[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """The closest known key, only if every word of ``key`` is close to a word of it: a typo
+    (``learning_rat``), not an unrelated key that shares a suffix (``ref_model`` is not ``reward_model``)."""
+    for cand in difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6):
+        words = cand.split("_")
+        if all(difflib.get_close_matches(w, words, n=1, cutoff=0.75) for w in key.split("_")):
+            return f"; did you mean {cand!r}?"
+    return ""
 
 
 def nested_models(annotation: Any) -> dict[str | None, type[BaseModel]]:
@@ -332,22 +344,47 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **e
         raise ConfigError(f"{where}: key 'stage' must be one of {sorted(STAGES)}, got {stage!r}")
     cls = STAGES[stage]
     try:
-        return cls(**normalise_keys(raw, cls, where))
+        cfg = cls(**normalise_keys(raw, cls, where))
     except ValidationError as err:
         raise explain_validation_error(err, where, cls) from None
+    warn_slow_precision(cfg, where)
+    return cfg
+
+
+def warn_slow_precision(cfg: StageConfig, where: str) -> None:
+    """bf16/fp16 without an accelerator is emulated on most CPUs: the run works but is slow."""
+    if not (cfg.bf16 or cfg.fp16):
+        return
+    import torch  # only when a half-precision key is set
+
+    if torch.accelerator.is_available():
+        return
+    key = "bf16" if cfg.bf16 else "fp16"
+    # CPUs with AVX512-BF16 or AMX compute bf16 natively; none computes fp16 matmuls natively.
+    native = cfg.bf16 and any(getattr(torch.cpu, f, lambda: False)() for f in
+                              ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    if not native:
+        logger.warning("%s: %s: true on a CPU without native %s support: training will be slow. "
+                       "Set %s: false (or pass %s=false) to train in float32.", where, key, key, key, key)
 
 
 def redact(obj: Any, _key: str = "") -> Any:
     """A copy with values under secret-looking keys (and header values) replaced."""
     if isinstance(obj, dict):
         return {
-            k: (REDACTED if (SECRET_KEY.search(str(k)) or _key == "headers") and v is not None and not isinstance(v, dict)
+            k: (REDACTED if (SECRET_KEY.search(str(k)) or _key == "headers") and _is_secret_value(v)
                 else redact(v, str(k)))
             for k, v in obj.items()
         }
     if isinstance(obj, list):
         return [redact(v, _key) for v in obj]
     return obj
+
+
+def _is_secret_value(v: Any) -> bool:
+    """A value to mask under a secret-looking key: anything but ``None``, a mapping, or a
+    ``${ENV_VAR}`` template (kept as written, so a saved config still says where the secret comes from)."""
+    return v is not None and not isinstance(v, dict) and not (isinstance(v, str) and ENV_VAR.search(v))
 
 
 def save_config(cfg: BaseModel, out_dir: str | Path, name: str = "alignkit_config.yaml") -> Path:

@@ -99,27 +99,38 @@ def _prompt_response(
     return prompt_ids, response_ids
 
 
-def encode_pair(
-    tokenizer: Any, template: Any, example: Example,
+def encode_responses(
+    tokenizer: Any, template: Any, example: Example, responses: list[str],
     cutoff_len: int, default_system: str | None, enable_thinking: bool | None,
-) -> tuple[list[int], list[int]]:
-    """Full ``(chosen_ids, rejected_ids)`` sequences: prompt + response + end-of-turn.
+) -> tuple[list[int], list[list[int]]]:
+    """The prompt's ids (through the generation prompt) and each response's ids (through end-of-turn).
 
     Over ``cutoff_len``, the responses get at least half of it and the shared prompt keeps
     its end; a cut response keeps its last (end-of-turn) token, because a reward model reads
     its score there.
     """
-    if example.chosen is None or example.rejected is None:
-        raise ValueError(f"{example.source}: encode_pair needs an example with chosen and rejected")
     system = _system(example, default_system)
-    prompt, chosen = _prompt_response(tokenizer, template, example, example.chosen, system, enable_thinking)
-    _, rejected = _prompt_response(tokenizer, template, example, example.rejected, system, enable_thinking)
-    longest = max(len(chosen), len(rejected))
+    parts = [_prompt_response(tokenizer, template, example, r, system, enable_thinking) for r in responses]
+    prompt, answers = parts[0][0], [ids for _, ids in parts]
+    longest = max(len(a) for a in answers)
     if len(prompt) + longest > cutoff_len:
         response_budget = min(longest, max(cutoff_len - len(prompt), cutoff_len // 2))
         prompt_budget = cutoff_len - response_budget
         prompt = prompt[-prompt_budget:] if prompt_budget else []
-        chosen, rejected = (_cut(r, response_budget) for r in (chosen, rejected))
+        answers = [_cut(a, response_budget) for a in answers]
+    return prompt, answers
+
+
+def encode_pair(
+    tokenizer: Any, template: Any, example: Example,
+    cutoff_len: int, default_system: str | None, enable_thinking: bool | None,
+) -> tuple[list[int], list[int]]:
+    """Full ``(chosen_ids, rejected_ids)`` sequences: prompt + response + end-of-turn, cut to
+    ``cutoff_len`` as ``encode_responses`` does."""
+    if example.chosen is None or example.rejected is None:
+        raise ValueError(f"{example.source}: encode_pair needs an example with chosen and rejected")
+    prompt, (chosen, rejected) = encode_responses(tokenizer, template, example, [example.chosen, example.rejected],
+                                                  cutoff_len, default_system, enable_thinking)
     return prompt + chosen, prompt + rejected
 
 

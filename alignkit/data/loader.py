@@ -5,6 +5,8 @@ A dataset is a name registered in ``<dataset_dir>/dataset_info.json`` or a path 
 ``alpaca`` (instruction/input/output, history, system), ``sharegpt`` (a message list with
 configurable tags), preference rows of either shape (chosen/rejected strings or message
 objects, optional margin), or prompt-only rows (prompt/query, optional reference answer).
+KTO reads either preference rows or conversations whose last (assistant) turn is labelled
+desirable or not by a ``kto_tag`` column (LLaMA-Factory's name).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["sft", "pairwise", "prompt"]
+Kind = Literal["sft", "pairwise", "prompt", "kto"]
 
 ALPACA_COLUMNS = {
     "prompt": "instruction",
@@ -30,6 +32,7 @@ ALPACA_COLUMNS = {
     "rejected": "rejected",
     "margin": "margin",
     "label": "label",
+    "kto_tag": "kto_tag",
 }
 SHAREGPT_COLUMNS = {
     "messages": "conversations",
@@ -37,6 +40,7 @@ SHAREGPT_COLUMNS = {
     "chosen": "chosen",
     "rejected": "rejected",
     "margin": "margin",
+    "kto_tag": "kto_tag",
 }
 SHAREGPT_TAGS = {
     "role_tag": "from",
@@ -55,7 +59,7 @@ OPENAI_TAGS = {
     "assistant_tag": "assistant",
     "observation_tag": "tool",
 }
-UNSUPPORTED_COLUMNS = {"images", "videos", "audios", "tools", "kto_tag"}
+UNSUPPORTED_COLUMNS = {"images", "videos", "audios", "tools"}
 REGISTRY_KEYS = {"file_name", "formatting", "columns", "tags", "ranking", "split", "num_samples"}
 
 
@@ -78,6 +82,7 @@ class Example:
     rejected: str | None = None
     margin: float | None = None
     label: str | None = None
+    kto_tag: bool | None = None  # kind "kto", unpaired rows: the last assistant turn is desirable (True) or not
     source: str = ""
 
     def last_user_text(self) -> str:
@@ -119,8 +124,8 @@ def load_examples(
     ``max_samples`` caps each dataset (the first valid rows are kept). A malformed row raises
     ``DataError``; with ``skip_bad_rows`` it is skipped and the count is logged as a warning.
     """
-    if kind not in ("sft", "pairwise", "prompt"):
-        raise ValueError(f"kind must be 'sft', 'pairwise' or 'prompt', got {kind!r}")
+    if kind not in ("sft", "pairwise", "prompt", "kto"):
+        raise ValueError(f"kind must be 'sft', 'pairwise', 'prompt' or 'kto', got {kind!r}")
     names = [n.strip() for n in (dataset.split(",") if isinstance(dataset, str) else dataset) if n.strip()]
     if not names:
         raise DataError("no dataset given")
@@ -337,6 +342,14 @@ def _margin(row: dict, key: str) -> float | None:
     return float(value)
 
 
+def _kto_tag(row: dict, key: str) -> bool:
+    value = row.get(key)
+    if not isinstance(value, bool):
+        raise RowError(f"{key!r} (kto_tag) must be true (desirable) or false (undesirable), got {value!r}; "
+                       "or give chosen/rejected pairs")
+    return value
+
+
 def _label(row: dict, keys: list[str]) -> str | None:
     for key in keys:
         value = row.get(key)
@@ -378,7 +391,7 @@ def _finish(messages: list[dict], system: str | None, row: dict, spec: DatasetSp
         if not messages or messages[-1]["role"] == "assistant":
             raise RowError("the prompt of a preference row must end with a user turn")
         ex = Example(messages, system, margin=_margin(row, c["margin"]))
-        if kind == "pairwise":
+        if kind in ("pairwise", "kto"):
             ex.chosen = _response(row.get(c["chosen"]), c["chosen"], spec)
             ex.rejected = _response(row.get(c["rejected"]), c["rejected"], spec)
         return ex
@@ -386,6 +399,10 @@ def _finish(messages: list[dict], system: str | None, row: dict, spec: DatasetSp
         if not messages or messages[-1]["role"] != "assistant":
             raise RowError("conversation must end with an assistant turn for sft")
         return Example(messages, system)
+    if kind == "kto":
+        if not messages or messages[-1]["role"] != "assistant":
+            raise RowError("conversation must end with the assistant turn its kto_tag labels")
+        return Example(messages, system, kto_tag=_kto_tag(row, c["kto_tag"]))
     if messages and messages[-1]["role"] == "assistant":
         return Example(messages[:-1], system, label=messages[-1]["content"])
     return Example(messages, system)

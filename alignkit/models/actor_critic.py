@@ -21,6 +21,7 @@ from torch import nn
 from alignkit.config import StageConfig
 from alignkit.models.io import restore_model
 from alignkit.models.loading import attach_lora, lora_config, trainable_in_float32
+from alignkit.models.reference import adapters_disabled, keep_grad_flags
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC = "critic"
@@ -126,7 +127,7 @@ class ActorCritic(nn.Module):
         if self.ref_lm is not None:
             model, ctx = self.ref_lm, nullcontext()
         else:
-            model, ctx = self.lm, self._disabled_adapters()
+            model, ctx = self.lm, adapters_disabled(self.lm)
         with ctx:
             return model(
                 input_ids=input_ids, attention_mask=attention_mask,
@@ -135,26 +136,9 @@ class ActorCritic(nn.Module):
             ).logits[:, :-1]
 
     @contextmanager
-    def _keep_grad_flags(self):
-        """peft's ``set_adapter`` (also called when ``disable_adapter`` re-enables adapters)
-        sets ``requires_grad`` on the active adapter only, which would silently freeze every
-        other adapter (the critic's, after the first reference pass); restore the flags."""
-        flags = [(p, p.requires_grad) for p in self.lm.parameters()]
-        try:
-            yield
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
-
-    @contextmanager
-    def _disabled_adapters(self):
-        with self._keep_grad_flags(), self.lm.disable_adapter():
-            yield
-
-    @contextmanager
     def use_adapter(self, name: str):
         """Run with another adapter active (critic, reward), keeping every adapter trainable."""
-        with self._keep_grad_flags():
+        with keep_grad_flags(self.lm):
             self.lm.base_model.set_adapter(name)
             try:
                 yield
