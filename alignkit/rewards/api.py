@@ -80,6 +80,7 @@ class ApiReward:
     async def score(
         self, prompts: Sequence[str], responses: Sequence[str], meta: ScoreMeta | None = None
     ) -> list[Score]:
+        prompts, responses = self._texts(prompts, responses, meta)
         samples = list(zip(prompts, responses, labels_for(meta, len(responses)), strict=True))
         # Identical samples within the call are sent once.
         items, bs = list(dict.fromkeys(samples)), self.cfg.batch_size
@@ -89,6 +90,15 @@ class ApiReward:
         for batch, scores in zip(batches, outcomes, strict=True):
             scored.update(zip(batch, scores, strict=True))
         return [scored[item] for item in samples]
+
+    def _texts(
+        self, prompts: Sequence[str], responses: Sequence[str], meta: ScoreMeta | None
+    ) -> tuple[Sequence[str], Sequence[str]]:
+        """What the preset sends: the templated prompt and the response with its special tokens for
+        presets that imitate a trainer (llamafactory, openrlhf) when the trainer passed them."""
+        if self.preset.full_text and meta is not None and meta.templated_prompts is not None:
+            return meta.templated_prompts, meta.full_responses if meta.full_responses is not None else responses
+        return prompts, responses
 
     async def aclose(self) -> None:
         if self._state is not None and self._state.loop is asyncio.get_running_loop():
@@ -111,37 +121,39 @@ class ApiReward:
         return out
 
     async def health_check(self) -> Score:
-        """Send one probe request; raise ``RewardApiError`` showing request and reply if it fails."""
+        """Send one probe request, retried like any scoring request; raise ``RewardApiError``
+        showing request and reply if it still fails. Its counters are not step 1's metrics."""
         body = json.dumps(self.preset.build([_HEALTH_ITEM])).encode()
         sent = f"POST {self.url}\n  headers: {redact_headers(self.cfg.headers)}\n  body: {_clip(body.decode(), 800)}"
-        start = time.perf_counter()
-        try:
-            reply = await post(self._loop_state().session, self.url, body, self.cfg.max_body_bytes)
-        except RequestFailure as f:
-            raise self._health_error(f.reason, sent, "(no reply)") from None
-        got = f"HTTP {reply.status}\n  body: {_clip(reply.content.decode(errors='replace'), 800)}"
-        outcome = self._interpret(reply, 1)
+        outcome, reply, latency = await self._send(body, 1)
+        self.metrics()  # drop the probe's requests, latency and extra_logs
+        got = "(no reply)" if reply is None else (
+            f"HTTP {reply.status}\n  body: {_clip(reply.content.decode(errors='replace'), 800)}")
         if isinstance(outcome, RequestFailure):
-            problem = "auth failure" if reply.status in (401, 403) else outcome.reason
-            raise self._health_error(problem, sent, got)
+            raise self._health_error(outcome.reason, sent, got)
         score = outcome[0]
         if not score.ok:
             raise self._health_error(score.reason or "", sent, got)
-        logger.info(
-            "reward_api health check passed: %s answered %.3g in %.2f s",
-            self.url,
-            score.value,
-            time.perf_counter() - start,
-        )
+        logger.info("reward_api health check passed: %s answered %.3g in %.2f s", self.url, score.value, latency)
         return score
 
     # -- one request ---------------------------------------------------------------------
 
     async def _score_batch(self, items: list[Item]) -> list[Score]:
         body = json.dumps(self.preset.build(items), ensure_ascii=False).encode()
+        outcome, _, latency = await self._send(body, len(items))
+        if isinstance(outcome, RequestFailure):
+            return [Score.failure(self._redact(outcome.reason), latency_s=latency)] * len(items)
+        with self._lock:
+            self._latencies.append(latency)
+        return [Score(s.value, s.reason and self._redact(s.reason), latency_s=latency) for s in outcome]
+
+    async def _send(self, body: bytes, n: int) -> tuple[list[Score] | RequestFailure, Reply | None, float]:
+        """POST ``body`` (``n`` items) with the retry policy: the last attempt's outcome, its reply
+        (``None`` when none came) and the time taken over all attempts, seconds."""
         state = self._loop_state()
         start = time.perf_counter()
-        failure = RequestFailure("not sent", "no attempt made")
+        failure, reply = RequestFailure("not sent", "no attempt made"), None
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
                 await asyncio.sleep(self._retry_delay(attempt, failure.retry_after))
@@ -150,23 +162,17 @@ class ApiReward:
                 self._count("requests")
                 try:
                     reply = await post(state.session, self.url, body, self.cfg.max_body_bytes)
-                    outcome = self._interpret(reply, len(items))
+                    outcome = self._interpret(reply, n)
                 except RequestFailure as f:
-                    outcome = f
+                    reply, outcome = None, f
             if not isinstance(outcome, RequestFailure):
-                latency = time.perf_counter() - start
-                with self._lock:
-                    self._latencies.append(latency)
-                return [
-                    Score(s.value, s.reason and self._redact(s.reason), latency_s=latency) for s in outcome
-                ]
+                return outcome, reply, time.perf_counter() - start
             failure = outcome
             if not failure.retryable or attempt == self.cfg.max_retries:
                 break
             self._count("retries")
             logger.debug("reward_api retry %d after %s", attempt + 1, self._redact(failure.reason))
-        latency = time.perf_counter() - start
-        return [Score.failure(self._redact(failure.reason), latency_s=latency)] * len(items)
+        return failure, reply, time.perf_counter() - start
 
     def _interpret(self, reply: Reply, n: int) -> list[Score] | RequestFailure:
         """Turn a reply into ``n`` scores (each validated), or a failure of the whole request."""

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from alignkit.rewards.headers import redact_headers
-from alignkit.rewards.presets import DEFAULT_RUBRIC, make_preset
+from alignkit.rewards.presets import DEFAULT_RUBRIC, DEFAULT_SCORE_REGEX, make_preset
 from alignkit.rewards.transport import check_url
 
 PRESETS = ("alignkit", "llamafactory", "openrlhf", "openai_judge", "custom")
@@ -125,7 +125,8 @@ class OpenAIJudgeApi(ApiSettings):
     model: str = Field(description="The judge model's name, sent in the body.")
     rubric: str = Field(DEFAULT_RUBRIC, description="The judge prompt; {prompt}, {response}, {label} are filled in.")
     score_regex: str = Field(
-        r"-?\d+(?:\.\d+)?", description="Regex for the score in the reply (last match; group 1 if any)."
+        DEFAULT_SCORE_REGEX, description="Regex for the score in the reply (last match; group 1 if any); "
+        "a match written as a fraction (3/10) scores its numerator."
     )
 
     @model_validator(mode="after")

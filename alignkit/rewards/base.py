@@ -35,15 +35,24 @@ class Score:
 
 @dataclass
 class ScoreMeta:
-    """Per-sample side information: the dataset label (reference answer) and free extras."""
+    """Per-sample side information: the dataset label (reference answer), the texts exactly as
+    the policy saw and wrote them (for judges that read chat markers or the system prompt, such
+    as LLaMA-Factory's and OpenRLHF's), and free extras. The texts are ``None`` outside training."""
 
     labels: Sequence[str | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The prompt as the policy saw it: chat template, system prompt, special tokens (decoded query ids).
+    templated_prompts: Sequence[str] | None = None
+    # The response decoded with its special tokens, the end-of-turn token included.
+    full_responses: Sequence[str] | None = None
 
     def select(self, indices: Sequence[int]) -> ScoreMeta:
         """The meta of the samples at ``indices`` (a wrapper passes only some samples on)."""
-        labels = None if self.labels is None else [self.labels[i] for i in indices]
-        return ScoreMeta(labels, self.extra)
+
+        def pick(values: Sequence[Any] | None) -> list[Any] | None:
+            return None if values is None else [values[i] for i in indices]
+
+        return ScoreMeta(pick(self.labels), self.extra, pick(self.templated_prompts), pick(self.full_responses))
 
 
 def labels_for(meta: ScoreMeta | None, n: int) -> list[str | None]:

@@ -60,4 +60,4 @@ def _bare_source(
     from alignkit.rewards.model import build_model_reward  # torch and transformers: only when an RM is used
 
     rm = build_model_reward(spec, context, policy_model)
-    return rm, identity_of({"reward_model": str(Path(spec.reward_model).resolve()), "type": kind}), None
+    return rm, identity_of({"reward_model": str(Path(spec.reward_dir).resolve()), "type": kind}), None

@@ -135,7 +135,8 @@ def build_model_reward(spec: RewardSpec, context: RewardContext, policy_model=No
 
     ``policy_model`` is the trainer's ``ActorCritic`` (a ``lora`` reward model needs it).
     """
-    path = check_model_dir(spec.reward_model, "reward_model")
+    key = "reward_model_adapters" if spec.reward_model_adapters else "reward_model"
+    path = check_model_dir(spec.reward_dir, key)
     meta = read_meta(path)
     dtype = model_dtype(context.bf16, context.fp16)
     batch_size = context.batch_size
@@ -143,8 +144,8 @@ def build_model_reward(spec: RewardSpec, context: RewardContext, policy_model=No
         device = spec.reward_model_device or context.device or (
             str(next(policy_model.parameters()).device) if policy_model is not None else None
         )
-        return ModelReward.from_dir(path, device=device, dtype=dtype, cutoff_len=context.cutoff_len,
-                                    batch_size=batch_size)
+        return ModelReward.from_dir(path, spec.reward_base, device=device, dtype=dtype,
+                                    cutoff_len=context.cutoff_len, batch_size=batch_size)
     if spec.reward_model_type != "lora":
         raise ValueError(f"reward_model_type {spec.reward_model_type!r} is not a trained reward model")
     if policy_model is None or not getattr(policy_model, "is_lora", False):

@@ -32,6 +32,9 @@ DEFAULT_RUBRIC = """You are a strict judge. Rate how well the response answers t
 
 Give a one-sentence justification, then the score as the last number of your reply."""
 
+# A number, optionally written as a fraction of the scale ("3/10"): the score is the numerator.
+DEFAULT_SCORE_REGEX = r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
+
 
 class ReplyError(Exception):
     """The reply as a whole is unusable; every item of the request fails with this reason."""
@@ -132,7 +135,13 @@ class Condition:
 
 
 class Preset:
-    """Build a body for a batch and read the raw values (and OpenRLHF ``extra_logs``) back."""
+    """Build a body for a batch and read the raw values (and OpenRLHF ``extra_logs``) back.
+
+    A ``full_text`` preset is given, where the trainer has them, the templated prompt (chat
+    markers, system prompt) and the response with its special tokens, as the tool it imitates
+    sends them; elsewhere (``alignkit score``, compare) the plain prompt and response."""
+
+    full_text = False
 
     def __init__(self, name: str, max_batch: int | None = None):
         self.name = name
@@ -168,7 +177,10 @@ class AlignkitPreset(Preset):
 
 
 class LlamaFactoryPreset(Preset):
-    """LLaMA-Factory's API reward: the decoded prompt+response text of each sample."""
+    """LLaMA-Factory's API reward (``get_rewards_from_server``): each sample's query + response
+    token ids decoded with special tokens kept, i.e. the full templated text through the EOS."""
+
+    full_text = True
 
     def __init__(self, model: str) -> None:
         super().__init__("llamafactory")
@@ -182,7 +194,10 @@ class LlamaFactoryPreset(Preset):
 
 
 class OpenRLHFPreset(Preset):
-    """OpenRLHF's remote reward model (``--remote_rm_url``)."""
+    """OpenRLHF's remote reward model (``--remote_rm_url``): ``query`` is the whole decoded
+    sequence (templated prompt + response, special tokens kept), ``prompts`` the templated prompt."""
+
+    full_text = True
 
     def __init__(self) -> None:
         super().__init__("openrlhf")
@@ -231,7 +246,7 @@ class OpenAIJudgePreset(Preset):
         if not matches:
             raise ReplyError("no score", f"no match for {self.pattern.pattern!r} in reply {text[-200:]!r}")
         last = matches[-1]
-        number = last.group(1) if last.re.groups else last.group(0)
+        number = (last.group(1) if last.re.groups else last.group(0)).split("/", 1)[0].strip()
         try:
             return [float(number)], {}
         except ValueError:

@@ -16,6 +16,7 @@ from alignkit.rewards.factory import HealthCheck, build_reward
 from alignkit.rewards.failures import FailurePolicy
 from alignkit.rewards.runner import BackgroundScorer
 from alignkit.rewards.spec import RewardContext, RewardSpec
+from alignkit.rewards.text import decode_for_reward
 from alignkit.rewards.wrappers import CountFailures
 
 
@@ -40,12 +41,23 @@ class RewardService:
         policy: FailurePolicy,
         include_special_tokens: bool = False,
         health_check: HealthCheck | None = None,
+        keep_tokens: tuple[str, ...] = (),
     ) -> None:
         self.include_special_tokens = include_special_tokens  # how the trainer decodes responses
+        self.keep_tokens = keep_tokens  # special tokens kept in the response text anyway (think tags)
         self._source = source
         self._policy = policy
         self._health_check = health_check
         self._scorer = BackgroundScorer(source)
+
+    def response_texts(self, tokenizer, rows: list[list[int]]) -> list[str]:
+        """Response token ids (one row per sample, no padding) as the text this source scores."""
+        return decode_for_reward(tokenizer, rows, self.include_special_tokens, self.keep_tokens)
+
+    @staticmethod
+    def full_texts(tokenizer, rows: list[list[int]]) -> list[str]:
+        """Token ids with every special token kept: ``ScoreMeta``'s templated prompts and full responses."""
+        return decode_for_reward(tokenizer, rows, include_special_tokens=True)
 
     def start(self) -> None:
         """Probe the judge once before training, when it has a start-up check and it is enabled;
@@ -84,4 +96,5 @@ def build_reward_service(spec: RewardSpec, context: RewardContext, policy_model=
     reward model puts its adapter on that model's base and takes turns with it)."""
     built = build_reward(spec, context, policy_model)
     policy = FailurePolicy(spec.on_failure, spec.max_failure_rate)
-    return RewardService(built.source, policy, spec.include_special_tokens, built.health_check)
+    keep = tuple(spec.think_tags) if spec.strip_think else ()
+    return RewardService(built.source, policy, spec.include_special_tokens, built.health_check, keep)

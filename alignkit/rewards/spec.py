@@ -8,15 +8,22 @@ never read a whole stage config.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignkit.rewards.api_config import LIFTED, AlignkitApi, ApiSettings, RewardApiConfig
+from alignkit.rewards.api_config import LIFTED, ApiSettings, LlamaFactoryApi, RewardApiConfig
 from alignkit.rewards.failures import OnFailure
+from alignkit.rewards.headers import check_env
+from alignkit.rewards.rules import BUILTIN_RULES
 from alignkit.rewards.text import DEFAULT_THINK_TAGS
-from alignkit.rewards.transport import check_url
+from alignkit.rewards.transport import check_url, is_http_url
+
+logger = logging.getLogger(__name__)
+RewardType = Literal["rule", "api", "lora", "full"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,12 @@ class RewardSpec(BaseModel):
     reward_model: str | None = Field(
         None, description="rule: built-in name, module:NAME or file.py:fn; api: judge URL; lora/full: RM directory."
     )
-    reward_model_type: Literal["rule", "api", "lora", "full"] = Field(
-        "rule", description="Where scores come from: rule, api (HTTP judge), lora (RM adapter on the policy's base), full."
+    reward_model_type: RewardType | None = Field(
+        None, description="Where scores come from: rule, api (HTTP judge), lora (RM adapter on the policy's base), "
+        "full. Unset: inferred from reward_model (URL: api; RM directory: lora, or full with full fine-tuning; rule name)."
+    )
+    reward_model_adapters: str | None = Field(
+        None, description="LLaMA-Factory style: the RM adapter directory (with its score head); reward_model is then its base."
     )
     reward_model_device: str | None = Field(
         None, description="Device for a full reward model (e.g. cuda:1; default: the policy's, compare: cpu)."
@@ -73,6 +84,18 @@ class RewardSpec(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _infer_reward_type(cls, data: Any) -> Any:
+        """LLaMA-Factory configs name a reward model without its type (their default is lora)."""
+        if not isinstance(data, dict) or data.get("reward_model_type") is not None:
+            return data
+        kind, why = infer_reward_type(data.get("reward_model_adapters") or data.get("reward_model"),
+                                      isinstance(data.get("reward_api"), dict) and bool(data["reward_api"].get("url")),
+                                      data.get("finetuning_type", "lora"))
+        logger.info("reward_model_type not set: using %s (%s)", kind, why)
+        return {**data, "reward_model_type": kind}
+
+    @model_validator(mode="before")
+    @classmethod
     def _lift_reward_api_keys(cls, data: Any) -> Any:
         """Configs written before these keys were shared by every source set them under reward_api."""
         if not isinstance(data, dict) or not isinstance(data.get("reward_api"), dict):
@@ -97,12 +120,54 @@ class RewardSpec(BaseModel):
             raise ValueError("key 'reward_model' is required (rule name, judge URL, or reward model directory)")
         if self.reward_model_type == "api" and not api_url:
             check_url(self.reward_model, "reward_model")  # the judge URL: fail now, not after models load
+        if self.reward_model_type == "api" and self.reward_api is not None:
+            check_env(self.reward_api.headers)  # a missing ${VAR}: fail now, not after models load
         return self
 
     def api_settings(self) -> ApiSettings:
-        """The judge's settings, with the URL taken from ``reward_model`` when ``reward_api.url`` is unset."""
-        api = self.reward_api or AlignkitApi()
+        """The judge's settings, with the URL taken from ``reward_model`` when ``reward_api.url`` is unset.
+
+        Only a URL and no ``reward_api`` block is a LLaMA-Factory config (``reward_model_type: api``
+        there sends its own request shape), so it gets the ``llamafactory`` preset."""
+        api = self.reward_api
+        if api is None:
+            logger.info("reward_api not set: scoring with the llamafactory request shape (set reward_api.preset "
+                        "to alignkit, openrlhf, openai_judge or custom for another)")
+            api = LlamaFactoryApi(preset="llamafactory")
         return api if api.url else api.model_copy(update={"url": self.reward_model})
+
+    @property
+    def reward_dir(self) -> str | None:
+        """The trained reward model's directory (the one holding its score head)."""
+        return self.reward_model_adapters or self.reward_model
+
+    @property
+    def reward_base(self) -> str | None:
+        """The base model under ``reward_model_adapters`` (LLaMA-Factory style), else ``None`` (recorded)."""
+        return self.reward_model if self.reward_model_adapters else None
+
+
+def infer_reward_type(reward_model: Any, has_api_url: bool, finetuning_type: Any = "lora") -> tuple[RewardType, str]:
+    """The ``reward_model_type`` a ``reward_model`` value means, and why (for the log line)."""
+    if reward_model is None:
+        return ("api", "reward_api.url is set") if has_api_url else ("rule", "no reward_model")
+    text = str(reward_model)
+    if is_http_url(text):
+        return "api", "reward_model is an http(s) URL"
+    path = Path(text)
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            if finetuning_type == "lora":
+                return "lora", f"{text} holds a reward adapter; it goes on the policy's base"
+            return "full", f"{text} holds a reward adapter and finetuning_type is {finetuning_type}"
+        if (path / "config.json").is_file():
+            return "full", f"{text} is a full model directory"
+        raise ValueError(f"reward_model {text!r} is a directory but holds neither adapter_config.json (a LoRA reward "
+                         "model) nor config.json (a full one); point it at the output_dir of an RM run")
+    if text in BUILTIN_RULES or ":" in text:
+        return "rule", f"{text!r} names a rule"
+    raise ValueError(f"reward_model {text!r} is not an http(s) URL, an existing directory or a rule "
+                     f"({', '.join(BUILTIN_RULES)}, module:NAME or file.py:fn); fix it or set reward_model_type")
 
 
 def reward_context(cfg: Any) -> RewardContext:

@@ -9,10 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from alignkit.rewards.base import Score
 
 DEFAULT_THINK_TAGS = ("<think>", "</think>")
+
+
+def decode_for_reward(
+    tokenizer: Any, rows: Sequence[Sequence[int]], include_special_tokens: bool = False, keep: Sequence[str] = ()
+) -> list[str]:
+    """Response token ids as the text a reward scores.
+
+    Special tokens are dropped unless ``include_special_tokens``, except the tokens in ``keep``
+    (the think tags): a tokenizer that marks ``<think>``/``</think>`` as special would otherwise
+    lose the tags, and a thought cut off by the token budget would be scored as the answer.
+    """
+    if include_special_tokens:
+        return [tokenizer.decode(list(r), skip_special_tokens=False) for r in rows]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    drop = special - {tokenizer.convert_tokens_to_ids(t) for t in keep}
+    return [tokenizer.decode([i for i in r if i not in drop], skip_special_tokens=False) for r in rows]
 
 
 def strip_think(text: str, tags: Sequence[str] = DEFAULT_THINK_TAGS) -> tuple[str, bool]:

@@ -37,11 +37,15 @@ class Reply:
     retry_after: str | None  # the Retry-After header, as sent
 
 
+def is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def check_url(url: str, key: str = "reward_api.url") -> None:
     """Raise ``ValueError`` now, not mid-run, if ``url`` (the value of ``key``) is not an http(s) URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{key} must be an http(s) URL, got {url!r}")
+    if not is_http_url(url):
+        raise ValueError(f"{key} must be an http(s) URL such as http://127.0.0.1:8000/score, got {url!r}")
 
 
 def open_session(max_concurrency: int, timeout_s: float, headers: dict[str, str]) -> aiohttp.ClientSession:

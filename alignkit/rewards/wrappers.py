@@ -10,6 +10,7 @@ the locks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import Counter
@@ -76,6 +77,8 @@ class StripThink(SourceWrapper):
         self, prompts: Sequence[str], responses: Sequence[str], meta: ScoreMeta | None = None
     ) -> list[Score]:
         texts, results = self.think.apply(responses)
+        if meta is not None and meta.full_responses is not None:  # what full-text presets send: stripped too
+            meta = dataclasses.replace(meta, full_responses=self.think.apply(meta.full_responses)[0])
         todo = [i for i, settled in enumerate(results) if settled is None]
         with self._lock:
             self._seen += len(responses)
@@ -110,7 +113,9 @@ class CacheScores(SourceWrapper):
         self, prompts: Sequence[str], responses: Sequence[str], meta: ScoreMeta | None = None
     ) -> list[Score]:
         labels = labels_for(meta, len(responses))
-        keys = [cache_key(self.identity, p, r, lb) for p, r, lb in zip(prompts, responses, labels, strict=True)]
+        # The templated prompt, where the trainer gives it: a changed system prompt is another sample.
+        shown = meta.templated_prompts if meta is not None and meta.templated_prompts is not None else prompts
+        keys = [cache_key(self.identity, p, r, lb) for p, r, lb in zip(shown, responses, labels, strict=True)]
         hits = self.cache.get_many(list(dict.fromkeys(keys)))
         results: list[Score | None] = [Score(hits[k], cached=True) if k in hits else None for k in keys]
         todo = [i for i, k in enumerate(keys) if k not in hits]

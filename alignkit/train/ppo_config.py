@@ -4,6 +4,7 @@ hyper-parameters."""
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -98,6 +99,12 @@ class PPOConfig(StageConfig, RewardSpec):
     )
     overlong_penalty_factor: float = Field(1.0, ge=0.0, description="The overlong penalty at max_new_tokens.")
     critic_adapter: bool = Field(False, description="Give the critic its own LoRA adapter instead of sharing the policy's.")
+    # Reference (LLaMA-Factory's keys); by default the policy's base with its LoRA adapter off.
+    ref_model: str | None = Field(
+        None, description="A separate reference model directory for the KL term (default: the policy's base with "
+        "adapter_name_or_path merged, the LoRA adapter disabled: no second copy)."
+    )
+    ref_model_adapters: list[str] | None = Field(None, description="Adapters merged into ref_model, in order (comma list).")
     # Defaults that suit PPO better than SFT's.
     per_device_eval_batch_size: int = Field(16, ge=1, description="Rows per no-grad forward pass (old/ref log-probs, values).")
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
@@ -114,6 +121,8 @@ class PPOConfig(StageConfig, RewardSpec):
         name = data.get("advantage_estimator", "gae")
         name = ESTIMATOR_ALIASES.get(name, name) if isinstance(name, str) else name
         data = {**data, "advantage_estimator": name}
+        if isinstance(data.get("ref_model_adapters"), str):
+            data["ref_model_adapters"] = [s.strip() for s in data["ref_model_adapters"].split(",") if s.strip()]
         kl_loss = data.setdefault("use_kl_loss", name in KL_IN_LOSS)
         data.setdefault("init_kl_coef", 0.04 if kl_loss else 0.2)
         data.setdefault("adap_kl_ctrl", not kl_loss)
@@ -128,6 +137,15 @@ class PPOConfig(StageConfig, RewardSpec):
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown estimator {name!r}{hint} Known: {', '.join(sorted(ESTIMATORS))}")
         return name
+
+    @model_validator(mode="after")
+    def _check_reference_model(self) -> PPOConfig:
+        if self.ref_model_adapters and not self.ref_model:
+            raise ValueError("ref_model_adapters are merged into ref_model: set ref_model (the reference's base) too")
+        if self.ref_model and not (Path(self.ref_model) / "config.json").is_file():
+            raise ValueError(f"ref_model {self.ref_model!r} is not a model directory (no config.json); point it at "
+                             "the reference model, or remove it to use the policy with its adapter disabled")
+        return self
 
     @model_validator(mode="after")
     def _check_groups(self) -> PPOConfig:

@@ -27,6 +27,7 @@ class PromptSet:
     queries: list[list[int]]
     texts: list[str]
     labels: list[str | None]
+    templated: list[str] | None = None  # the queries decoded with special tokens: what full-text judges read
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,9 @@ class RolloutSettings:
     forward_batch_size: int  # rows per no-grad forward pass (per_device_eval_batch_size)
     kl_estimator: str  # kl | abs | mse | full
     pad_token_id: int
-    decode: Callable[[Rollout], list[str]]  # response text as the reward should see it
+    decode: Callable[[list[list[int]]], list[str]]  # response ids -> the text the reward scores
     need_reference: bool = True  # False: no reference pass, KL is zero (runs with a KL coefficient of 0)
+    decode_full: Callable[[list[list[int]]], list[str]] | None = None  # response ids -> text, special tokens kept
 
 
 @dataclass
@@ -117,6 +119,22 @@ def sync_check(rolls: list[Rollout], stats: list[tuple[torch.Tensor, ...]], samp
     return {"rollout/engine_logprob_diff": float(diff / n.clamp(min=1))}
 
 
+def response_rows(roll: Rollout) -> list[list[int]]:
+    """Each sample's response token ids without padding (through its EOS when it has one)."""
+    resp = roll.input_ids[:, roll.query_len :]
+    return [row[m.bool()].tolist() for row, m in zip(resp, roll.response_mask, strict=True)]
+
+
+def score_meta(prompts: PromptSet, ids: list[int], resp_ids: list[list[int]], settings: RolloutSettings) -> ScoreMeta:
+    """Labels, and the templated prompts and full responses that full-text presets (llamafactory,
+    openrlhf) send as those trainers do."""
+    return ScoreMeta(
+        labels=[prompts.labels[i] for i in ids],
+        templated_prompts=None if prompts.templated is None else [prompts.templated[i] for i in ids],
+        full_responses=settings.decode_full(resp_ids) if settings.decode_full is not None else None,
+    )
+
+
 def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
                     prompts: PromptSet, idx: list[int]) -> Experience:
     """Sample ``num_generations`` responses to each prompt of ``idx`` chunk by chunk, scoring each
@@ -132,10 +150,11 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
     for c in range(0, len(idx), rows):
         with ac.adapter_lock:  # a LoRA reward model on the same base switches adapters on its thread
             roll = engine.generate(q_ids[c : c + rows], q_mask[c : c + rows], settings.sampling)
-        chunk_texts = settings.decode(roll)
+        resp_ids = response_rows(roll)
+        chunk_texts = settings.decode(resp_ids)
         ids = idx[c : c + rows]
         futures.append(service.submit([prompts.texts[i] for i in ids], chunk_texts,
-                                      ScoreMeta(labels=[prompts.labels[i] for i in ids])))
+                                      score_meta(prompts, ids, resp_ids, settings)))
         rolls.append(roll)
         texts += chunk_texts
     t_gen = time.perf_counter() - t0

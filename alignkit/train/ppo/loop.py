@@ -23,9 +23,16 @@ from alignkit.algos.advantages import AdvantageParams
 from alignkit.data.encode import encode_prompt
 from alignkit.data.loader import Example
 from alignkit.data.templates import get_template
-from alignkit.generation import HFEngine, RolloutEngine, SamplingParams, decode_responses, stop_token_ids
+from alignkit.generation import HFEngine, RolloutEngine, SamplingParams, stop_token_ids
 from alignkit.models.actor_critic import ActorCritic, build_actor_critic
-from alignkit.models.loading import build_policy_model, load_base, load_tokenizer
+from alignkit.models.loading import (
+    build_policy_model,
+    load_base,
+    load_causal_lm,
+    load_tokenizer,
+    merge_adapters,
+    model_dtype,
+)
 from alignkit.rewards.service import RewardService, build_reward_service
 from alignkit.train.checkpoint import save_checkpoint
 from alignkit.train.common import (
@@ -197,18 +204,25 @@ def load_prompts(cfg: PPOConfig, tokenizer, examples: list[Example]) -> PromptSe
     """Template-encoded prompts (room left for max_new_tokens) and the prompt text the reward sees."""
     template = get_template(cfg.template, tokenizer)
     prompt_len = max(8, cfg.cutoff_len - cfg.max_new_tokens)
+    queries = [encode_prompt(tokenizer, template, ex, prompt_len, cfg.default_system, cfg.enable_thinking)
+               for ex in examples]
     return PromptSet(
-        queries=[encode_prompt(tokenizer, template, ex, prompt_len, cfg.default_system, cfg.enable_thinking)
-                 for ex in examples],
+        queries=queries,
         texts=[ex.last_user_text() for ex in examples],
         labels=[ex.label for ex in examples],
+        templated=RewardService.full_texts(tokenizer, queries),
     )
 
 
 def build_models(cfg: PPOConfig) -> ActorCritic:
     """One base in memory for LoRA: every SFT adapter merged, so "adapter off" is the SFT reference
-    and the new policy adapter starts from it. Full fine-tuning keeps a frozen reference copy."""
-    ref = load_base(cfg) if cfg.finetuning_type == "full" else None
+    and the new policy adapter starts from it. Full fine-tuning (or a ``ref_model``) keeps a frozen
+    reference copy."""
+    if cfg.ref_model:  # LLaMA-Factory's separate reference model, with its own adapters
+        ref = merge_adapters(load_causal_lm(cfg.ref_model, model_dtype(cfg.bf16, cfg.fp16), cfg.trust_remote_code),
+                             cfg.ref_model_adapters or [])
+    else:
+        ref = load_base(cfg) if cfg.finetuning_type == "full" else None
     ac = build_actor_critic(build_policy_model(cfg, merge_all=True), cfg, ref_lm=ref)
     # Dropout off during rollout *and* update: with dropout, the log-probs of the update would
     # not be those of the policy that sampled (Huang et al. 2023).
@@ -237,7 +251,8 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
         chunk_size=cfg.rollout_chunk_size or cfg.rollout_batch_size,
         forward_batch_size=cfg.per_device_eval_batch_size, kl_estimator=cfg.kl_penalty,
         pad_token_id=tokenizer.pad_token_id,
-        decode=partial(decode_responses, tokenizer, skip_special_tokens=not service.include_special_tokens),
+        decode=partial(service.response_texts, tokenizer),
+        decode_full=partial(service.full_texts, tokenizer),
         # A KL coefficient of 0 stays 0 (the adaptive controller scales it): no reference pass at all.
         need_reference=cfg.init_kl_coef > 0,
     )
