@@ -2,30 +2,38 @@
 as the hf engine, weight sync that a log-prob check confirms (and that catches a skipped sync),
 a PPO run that learns, and ``alignkit export --vllm-check``.
 
-Runs under .venv-vllm (``./scripts/setup_vllm.sh``); skipped where vLLM is not importable.
+Runs under .venv-vllm (``./scripts/setup_vllm.sh``); where vLLM is not importable only the test
+of the install hints runs.
 One engine serves the whole module: vLLM takes ~20-30 s to start on CPU.
 """
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed: run ./scripts/setup_vllm.sh and use .venv-vllm/bin/python")
+from alignkit.algos import logprobs_from_logits
+from alignkit.cli import main as cli_main
+from alignkit.config import load_config
+from alignkit.data.collators import pad_left
+from alignkit.export.verify import vllm_check
+from alignkit.generation import HFEngine, SamplingParams, filter_logits, stop_token_ids
+from alignkit.generation.vllm_engine import VLLMEngine, logprob_diff
+from alignkit.models.loading import load_tokenizer
+from alignkit.train import ppo, sft
+from alignkit.train.tracking import read_metrics
+from tests.conftest import EXAMPLES
 
-from alignkit.algos import logprobs_from_logits  # noqa: E402
-from alignkit.cli import main as cli_main  # noqa: E402
-from alignkit.config import load_config  # noqa: E402
-from alignkit.data.collators import pad_left  # noqa: E402
-from alignkit.generation import HFEngine, SamplingParams, filter_logits, stop_token_ids  # noqa: E402
-from alignkit.generation.vllm_engine import VLLMEngine, logprob_diff  # noqa: E402
-from alignkit.models.loading import load_tokenizer  # noqa: E402
-from alignkit.train import ppo, sft  # noqa: E402
-from alignkit.train.tracking import read_metrics  # noqa: E402
-from tests.conftest import EXAMPLES  # noqa: E402
+try:
+    import vllm  # noqa: F401
+
+    VLLM_ERROR = None
+except ImportError as e:
+    VLLM_ERROR = str(e)
+needs_vllm = pytest.mark.skipif(VLLM_ERROR is not None, reason=f"vLLM is not importable ({VLLM_ERROR}): run "
+                                "./scripts/setup_vllm.sh and use .venv-vllm/bin/python -m pytest tests/test_vllm.py")
 
 QUESTIONS = ["What colour is the sky?", "Say something good.", "Who are you?", "Where is Paris?", "hi"]
 SYNC_TOLERANCE = 1e-3  # mean |log-prob diff| per token; fp32 sync measured ~1e-6, a stale policy ~1
@@ -84,6 +92,7 @@ def perturb_lora(ac, scale: float = 0.3) -> None:
                 p.add_(torch.randn_like(p) * scale)
 
 
+@needs_vllm
 @pytest.mark.parametrize("max_new_tokens", [32, 4])  # rows ending with EOS, and rows cut without one
 def test_greedy_tokens_and_masks_equal_the_hf_engine(engine, policy, tiny_model_dir, max_new_tokens):
     tok = load_tokenizer(str(tiny_model_dir))
@@ -99,6 +108,7 @@ def test_greedy_tokens_and_masks_equal_the_hf_engine(engine, policy, tiny_model_
     assert bool(want.no_eos.all()) == (max_new_tokens == 4)
 
 
+@needs_vllm
 def test_sync_makes_engine_logprobs_match_the_trainer_and_a_skipped_sync_is_caught(engine, policy, tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
     ids, mask = prompts(tok)
@@ -121,6 +131,7 @@ def test_sync_makes_engine_logprobs_match_the_trainer_and_a_skipped_sync_is_caug
             assert torch.all(roll.logprobs[roll.response_mask == 0] == 0)
 
 
+@needs_vllm
 def test_same_torch_seed_same_samples(engine, policy, tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
     ids, mask = prompts(tok)
@@ -135,75 +146,78 @@ def test_same_torch_seed_same_samples(engine, policy, tiny_model_dir):
     assert not torch.equal(b.input_ids, c.input_ids)
 
 
-class CheckedEngine:
-    """The engine under test, plus the sync check the loop will run: after each update it compares
-    the engine's log-probs of its next rollout with the trainer's forward pass."""
-
-    def __init__(self, engine: VLLMEngine, skip_sync: bool = False):
-        self.engine, self.skip_sync, self.policy, self.diffs = engine, skip_sync, None, []
-
-    def generate(self, query_ids, query_mask, sampling):
-        roll = self.engine.generate(query_ids, query_mask, sampling)
-        if self.policy is not None:
-            self.diffs.append(logprob_diff(roll.logprobs, trainer_logprobs(self.policy, roll, sampling),
-                                           roll.response_mask))
-        return roll
-
-    def sync_weights(self, policy):
-        self.policy = policy
-        if not self.skip_sync:
-            self.engine.sync_weights(policy)
-
-
 @pytest.fixture(scope="module")
-def ppo_run(engine, tiny_model_dir, sft_adapter, tmp_path_factory):
-    cfg = ppo_config(tiny_model_dir, sft_adapter, tmp_path_factory.mktemp("ppo") / "run", "max_steps=30", "seed=0")
-    # ppo.run builds its policy itself; this copy equals it at step 0 (SFT merged, LoRA B = 0).
-    engine.sync_weights(ppo.build_models(cfg))
-    checked = CheckedEngine(engine)
-    return ppo.run(cfg, engine=checked), checked
+def ppo_run(tiny_model_dir, sft_adapter, tmp_path_factory):
+    """A PPO run configured with ``rollout_engine: vllm``: the loop builds, syncs and closes its engine."""
+    return ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path_factory.mktemp("ppo") / "run",
+                              "rollout_engine=vllm", "max_steps=30", "seed=0"))
 
 
+def assert_learns_in_sync(out, factor: float) -> None:
+    rows = read_metrics(out)
+    rewards = [r["env/reward_mean"] for r in rows]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last >= factor * first, (first, last)
+    diffs = [r["rollout/engine_logprob_diff"] for r in rows]  # the loop's sync check, every step
+    assert len(diffs) == len(rows) == 30 and max(diffs) < SYNC_TOLERANCE, max(diffs)
+
+
+@needs_vllm
 @pytest.mark.slow
 def test_ppo_with_the_vllm_engine_learns_and_stays_in_sync(ppo_run):
-    out, checked = ppo_run
-    rewards = [r["env/reward_mean"] for r in read_metrics(out)]
-    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert last >= 2 * first, (first, last)
-    assert len(checked.diffs) == 29 and max(checked.diffs) < SYNC_TOLERANCE, max(checked.diffs)
+    assert_learns_in_sync(ppo_run, 2.0)  # as tests/test_ppo.py asks of the hf engine
 
 
+@needs_vllm
 @pytest.mark.slow
 def test_grpo_with_the_vllm_engine_learns_and_stays_in_sync(engine, tiny_model_dir, sft_adapter, tmp_path):
     cfg = load_config(EXAMPLES / "grpo_tiny.yaml", [
         f"model_name_or_path={tiny_model_dir}", f"adapter_name_or_path={sft_adapter}", f"output_dir={tmp_path / 'g'}",
         f"dataset_dir={EXAMPLES / 'data'}", "report_to=none", "plot_loss=false", "max_steps=30", "seed=0"])
-    engine.sync_weights(ppo.build_models(cfg))
-    checked = CheckedEngine(engine)
-    rewards = [r["env/reward_mean"] for r in read_metrics(ppo.run(cfg, engine=checked))]
-    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    engine.sync_weights(ppo.build_models(cfg))  # an engine passed in is the caller's to set up
     # The hf engine over seeds 0 and 1 on this config: x3.3 and x2.0; vLLM: x1.8 and x2.6.
-    assert last >= 1.5 * first, (first, last)
-    assert max(checked.diffs) < SYNC_TOLERANCE, max(checked.diffs)
+    assert_learns_in_sync(ppo.run(cfg, engine=engine), 1.5)
 
 
+class StaleEngine:
+    """The engine under test with its weight sync skipped: it keeps sampling from step 0's policy."""
+
+    def __init__(self, engine: VLLMEngine):
+        self.engine = engine
+
+    def generate(self, query_ids, query_mask, sampling):
+        return self.engine.generate(query_ids, query_mask, sampling)
+
+    def sync_weights(self, policy):
+        return None
+
+
+@needs_vllm
 @pytest.mark.slow
-def test_ppo_with_a_skipped_sync_is_caught(engine, tiny_model_dir, sft_adapter, tmp_path):
-    cfg = ppo_config(tiny_model_dir, sft_adapter, tmp_path / "ppo", "max_steps=3", "seed=0", "max_new_tokens=16")
+def test_ppo_with_a_skipped_sync_is_stopped_by_the_sync_check(engine, tiny_model_dir, sft_adapter, tmp_path):
+    # Synced runs stay near 1e-6; one update without a sync measured ~0.07.
+    cfg = ppo_config(tiny_model_dir, sft_adapter, tmp_path / "ppo", "max_steps=3", "seed=0", "max_new_tokens=16",
+                     "vllm_sync_tolerance=0.01")
     engine.sync_weights(ppo.build_models(cfg))
-    checked = CheckedEngine(engine, skip_sync=True)
-    rows = read_metrics(ppo.run(cfg, engine=checked))
-    assert all(math.isfinite(r["ppo/loss/total"]) for r in rows)
-    assert min(checked.diffs) > 10 * SYNC_TOLERANCE, checked.diffs
+    with pytest.raises(RuntimeError, match="log-probs differ from the trainer's.*weight sync"):
+        ppo.run(cfg, engine=StaleEngine(engine))
 
 
+@needs_vllm
 @pytest.mark.slow
 def test_export_vllm_check_passes_on_a_ppo_export(ppo_run, tmp_path):
-    out, _ = ppo_run
-    export = tmp_path / "export"
-    assert cli_main(["export", "--from", str(out), "--export_dir", str(export), "--vllm-check"]) == 0
+    export = tmp_path / "export"  # base + SFT adapter + PPO adapter merged, as the demo exports
+    assert cli_main(["export", "--from", str(ppo_run), "--export_dir", str(export), "--vllm-check"]) == 0
     report = json.loads((export / "export_report.json").read_text())
     vllm = report["vllm"]
     assert vllm["status"] == "ran" and vllm["ok"], vllm
     assert vllm["greedy_tokens_equal"].startswith("3/3") and vllm["first_token_logprob_max_abs_diff"] < 1e-3
     assert report["passed"] is True
+
+
+@pytest.mark.skipif(VLLM_ERROR is None, reason="vLLM is installed")
+def test_without_vllm_the_engine_and_the_export_check_say_how_to_install(tmp_path):
+    with pytest.raises(ImportError, match="setup_vllm.sh"):
+        VLLMEngine(tmp_path, pad_token_id=0)
+    status = vllm_check(tmp_path)["status"]
+    assert status.startswith("skipped: no GPU/vLLM") and "setup_vllm.sh" in status

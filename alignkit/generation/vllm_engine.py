@@ -7,8 +7,8 @@ Weight sync (``sync_weights``): the policy as one plain model (LoRA adapter "def
 ``W + B @ A * scale`` on copies; the trainer's modules are never touched) goes to vLLM's workers as
 safetensors bytes through ``collective_rpc`` -- tensors passed directly kill the engine -- and
 ``reload_weights`` loads them in place, re-running the per-layer post-processing (the CPU backend
-repacks every linear weight for oneDNN, so writing into the parameters is not enough). The first
-sync sends everything; later ones only the modules the optimizer can change, widened to whole
+repacks every linear weight for oneDNN, so writing into the parameters is not enough). A model's
+first sync sends everything; later ones only the modules the optimizer can change, widened to whole
 vLLM layers (``q_proj`` goes with ``k_proj`` and ``v_proj`` into one fused ``qkv_proj``): a layer
 reloaded from part of its weights would keep garbage in the rest. Then the prefix cache is reset,
 or cached prompt prefixes keep the old weights' keys and values.
@@ -175,6 +175,9 @@ class VLLMEngine:
     weights are replaced by the policy's at the first ``sync_weights``. Until then vLLM samples
     from the weights in ``model``, so call ``sync_weights(policy)`` once before the first
     ``generate`` whenever they differ (SFT adapters merged into the base, a resumed run).
+    The ``vllm_*`` settings map to ``vllm.LLM``'s arguments of the same names; ``llm_kwargs`` go
+    to it as they are. ``gpu_memory_utilization`` is the share of the GPU vLLM takes (weights and
+    KV cache) next to the trainer; on CPU the KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB instead.
     """
 
     def __init__(self, model: str | Path, pad_token_id: int, *, dtype: str = "auto", max_model_len: int | None = None,
