@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import warnings
 from typing import get_origin
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also ALIGNKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser(
@@ -128,15 +131,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from alignkit.config import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        if args.verbose:
+    except user_errors() as err:
+        if args.debug or args.verbose or os.environ.get("ALIGNKIT_DEBUG", "") not in ("", "0"):
             raise
-        print(f"alignkit: error: {err}", file=sys.stderr)
+        print(f"alignkit: error: {one_paragraph(err)}\n(run with --debug or ALIGNKIT_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return 1
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix (config, data, paths, the reward source): a message, no traceback."""
+    from alignkit.config import ConfigError
+    from alignkit.rewards.base import RewardError
+
+    return (ConfigError, OSError, ValueError, RewardError)
+
+
+def one_paragraph(err: BaseException) -> str:
+    """The message on one paragraph: a multi-line one (the judge's request and reply) is joined."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ which the encoder tokenises piece by piece to build label masks.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 Segments = list[tuple[str, bool]]
 
@@ -226,12 +229,36 @@ def _split_system(messages: list[dict], system: str | None) -> tuple[list[dict],
     return messages, system
 
 
+# LLaMA-Factory template names: the built-in with the same format, or ``auto`` (the model's own
+# chat_template, which is what those formats were copied from) where alignkit has no built-in.
+LLAMAFACTORY_TEMPLATES = {
+    "default": "auto", "alpaca": "auto", "vicuna": "auto", "llama2": "auto", "llama2_zh": "auto",
+    "llama3": "llama3", "llama4": "auto", "mistral": "auto", "mistral_small": "auto", "ministral": "auto",
+    "gemma": "auto", "gemma2": "auto", "gemma3": "auto", "glm4": "auto", "chatglm3": "auto",
+    "deepseek": "auto", "deepseek3": "auto", "deepseekr1": "auto", "phi": "auto", "phi_small": "auto",
+    "phi4": "auto", "yi": "chatml", "qwen": "qwen", "qwen2_vl": "auto", "qwen3": "qwen3",
+    "qwen3_5": "auto", "chatml": "chatml", "chatml_de": "auto", "empty": "empty", "baichuan2": "auto",
+    "internlm2": "auto", "intern2": "auto", "cohere": "auto", "falcon": "auto", "olmo": "auto", "granite3": "auto",
+    "starchat": "auto", "zephyr": "auto", "openchat": "auto", "openchat-3.6": "auto", "orion": "auto",
+    "xverse": "auto", "yuan": "auto", "codegeex4": "auto", "gpt_oss": "auto", "hunyuan": "auto", "kimi_vl": "auto",
+}
+
+
+def known_template_names() -> list[str]:
+    """Every name ``template`` accepts: alignkit's own and LLaMA-Factory's."""
+    return sorted({"auto", *TEMPLATES, *LLAMAFACTORY_TEMPLATES})
+
+
 def get_template(name: str, tokenizer: Any = None) -> Template | AutoTemplate:
-    """A built-in template by name, or ``'auto'`` for the tokenizer's own chat_template."""
+    """A built-in template by name, ``'auto'`` for the tokenizer's own chat_template, or a
+    LLaMA-Factory template name mapped to one of those (with a note saying which)."""
+    if name not in TEMPLATES and name in LLAMAFACTORY_TEMPLATES:
+        mapped = LLAMAFACTORY_TEMPLATES[name]
+        how = "the tokenizer's own chat_template" if mapped == "auto" else f"the built-in {mapped!r} template"
+        logger.info("template %r (LLaMA-Factory's name): using %s", name, how)
+        name = mapped
     if name == "auto":
         return AutoTemplate(tokenizer)
     if name not in TEMPLATES:
-        raise ValueError(
-            f"unknown template {name!r}; known templates: {', '.join(['auto', *sorted(TEMPLATES)])}"
-        )
+        raise ValueError(f"unknown template {name!r}; set template to one of: {', '.join(known_template_names())}")
     return TEMPLATES[name]

@@ -85,8 +85,9 @@ def setup_run(cfg: StageConfig) -> tuple[Accelerator, Path]:
 def output_dir_error(cfg: StageConfig, out: Path) -> str | None:
     resuming = cfg.resume_from_checkpoint not in (None, False)
     if out.is_dir() and any(out.iterdir()) and not (resuming or cfg.overwrite_output_dir):
-        hint = " or resume_from_checkpoint=true" if list_checkpoints(out) else ""
-        return f"output_dir {out} is not empty; set overwrite_output_dir=true{hint}"
+        found = "it holds checkpoints" if list_checkpoints(out) else "it holds no checkpoint yet"
+        return (f"output_dir {out} is not empty ({found}): set resume_from_checkpoint=true to continue the run "
+                "from its latest checkpoint, overwrite_output_dir=true to start over in it, or choose another output_dir")
     return None
 
 
