@@ -91,7 +91,7 @@ def resolve_run(run_dir: str | Path) -> ModelSpec:
         )
     prior = [str(p) for p in (cfg.get("adapter_name_or_path") or [])]
     if (run / "adapter_config.json").is_file():
-        before = prior if stage == "ppo" else prior[:-1]
+        before = prior if stage in ("ppo", "dpo", "kto") else prior[:-1]  # these merge every adapter
         base, adapters = str(cfg["model_name_or_path"]), [*before, str(run)]
     elif (run / "config.json").is_file():
         base, adapters = str(run), []

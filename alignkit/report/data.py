@@ -32,7 +32,7 @@ class Series:
 @dataclass
 class Run:
     run_dir: Path
-    stage: str  # "ppo" | "sft" | "rm" | "unknown"
+    stage: str  # "ppo" | "sft" | "rm" | "dpo" | "kto" | "unknown"
     metrics: dict[str, Series]
     wall_times: list[float]  # one wall-clock time (s since epoch) per logged step, in step order
     config: dict[str, Any] = field(default_factory=dict)  # redacted, for display; empty when the run has none
@@ -153,7 +153,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _stage(config: dict[str, Any], metrics: dict[str, Series]) -> str:
-    if config.get("stage") in ("ppo", "sft", "rm"):
+    if config.get("stage") in ("ppo", "sft", "rm", "dpo", "kto"):
         return config["stage"]
     if any(k.startswith(("ppo/", "env/", "objective/")) for k in metrics):
         return "ppo"

@@ -33,6 +33,7 @@ GROUP_ZERO_WARN, GROUP_ZERO_FAIL = 0.5, 0.9  # share of groups whose rewards are
 FAILURE_WARN, FAILURE_FAIL, FAILURE_WORST_STEP = 0.05, 0.2, 0.5
 LOSS_DIVERGE = 2.0  # SFT/RM: last-decile loss over first-decile loss
 RM_CHANCE, RM_OVERFIT_GAP = 0.55, 0.15
+LOGPS_DROP_WARN, LOGPS_DROP_FAIL = 0.25, 1.0  # DPO/KTO: chosen log-probs falling by this share of their start
 # Metrics whose NaN/inf means the run is broken (explained variance or latency may be NaN legitimately).
 MUST_BE_FINITE = ("ppo/loss/", "train/loss", "eval/loss", "train/grad_norm", "env/reward_mean", "objective/kl")
 
@@ -313,12 +314,42 @@ def check_rm_accuracy(m: Metrics, settings: dict[str, float]) -> Check:
     return Check(name, OK, nums)
 
 
+def check_pref_margins(m: Metrics, settings: dict[str, float]) -> Check:
+    """DPO/KTO: the implicit reward margin (chosen minus rejected) should grow."""
+    name = "pref_margins"
+    if isinstance(v := _series(m, name, "train/rewards/margins", trend=True), Check):
+        return v
+    start, end = _decile_medians(v)
+    nums = f"rewards/margins {start:.3g} (first decile) -> {end:.3g} (last decile)"
+    if end <= start:
+        return Check(name, FAIL if end < 0 else WARN, f"margins not rising: {nums}; check the chosen/rejected "
+                                                       "order, raise learning_rate or pref_beta")
+    return Check(name, OK, nums)
+
+
+def check_chosen_logps(m: Metrics, settings: dict[str, float]) -> Check:
+    """DPO/KTO: the known failure where the margin grows while the chosen answer's log-prob falls too."""
+    name = "chosen_logps"
+    if isinstance(c := _series(m, name, "train/logps/chosen", trend=True), Check):
+        return c
+    start, end = _decile_medians(c)
+    drop = (start - end) / max(abs(start), 1e-6)
+    nums = f"logps/chosen {start:.3g} (first decile) -> {end:.3g} (last decile), {-drop:+.0%}"
+    if drop > LOGPS_DROP_WARN:
+        return Check(name, FAIL if drop > LOGPS_DROP_FAIL else WARN,
+                     f"chosen log-probs collapsing: {nums}; the margin grows by pushing both answers down: "
+                     "lower learning_rate, raise pref_beta or add pref_ftx")
+    return Check(name, OK, nums)
+
+
 STAGE_CHECKS: dict[str, list[Callable[[Metrics, dict[str, float]], Check | None]]] = {
     "ppo": [check_kl_band, check_clipfrac, check_reward_trend, check_entropy, check_value_loss,
             check_response_length, check_no_eos, check_think_truncated, check_reward_failures, check_group_signal,
             check_non_finite],
     "sft": [check_loss_trend, check_non_finite],
     "rm": [check_loss_trend, check_rm_accuracy, check_non_finite],
+    "dpo": [check_loss_trend, check_pref_margins, check_chosen_logps, check_non_finite],
+    "kto": [check_loss_trend, check_pref_margins, check_chosen_logps, check_non_finite],
 }
 
 

@@ -1,0 +1,150 @@
+"""Kahneman-Tversky optimisation (Ethayarajh et al. 2024) on answers labelled desirable or not.
+
+Reads top to bottom: check paths and rows → policy (and a frozen reference only where one must be
+its own copy) → unpaired rows, each with a mismatched answer for the KL estimate → (reference
+log-probs once per dataset) → the shared loop (``train.loop.fit``) → ``eval_results.json``.
+
+Rows are LLaMA-Factory's KTO rows (a conversation whose last assistant turn a ``kto_tag`` column
+marks desirable or not) or preference pairs, split into a desirable (chosen) and an undesirable
+(rejected) answer. The reference and the log-prob helpers are DPO's (``train.dpo``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignkit.algos.preference import implicit_rewards, kto_loss, kto_reference_point
+from alignkit.data.encode import encode_responses
+from alignkit.data.loader import Example, split_train_val
+from alignkit.data.templates import get_template
+from alignkit.models.io import restore_model, save_model
+from alignkit.models.loading import load_tokenizer
+from alignkit.train.common import preflight, setup_run
+from alignkit.train.dpo import (
+    Batch,
+    PreferenceCollator,
+    build_models,
+    check_reference_path,
+    evaluate,
+    prepare_reference,
+    reference_logps,
+    response_logps,
+    write_eval_results,
+)
+from alignkit.train.dpo_config import KTOConfig
+from alignkit.train.loop import Stage, fit, plan
+
+logger = logging.getLogger(__name__)
+PLOTTED = ["train/loss", "train/kl", "train/rewards/chosen", "train/rewards/rejected", "train/logps/chosen",
+           "eval/rewards/margins"]
+
+
+def unpaired(examples: list[Example]) -> list[tuple[Example, str, bool]]:
+    """``(prompt, answer, desirable)``: a kto_tag row as it is, a preference pair as two rows."""
+    rows = []
+    for ex in examples:
+        if ex.kto_tag is None:
+            rows += [(ex, ex.chosen, True), (ex, ex.rejected, False)]
+        else:
+            rows.append((replace(ex, messages=ex.messages[:-1]), ex.messages[-1]["content"], ex.kto_tag))
+    return rows
+
+
+def tokenize(cfg: KTOConfig, tokenizer, examples: list[Example]) -> list[dict]:
+    """``completion_ids`` (prompt + answer), ``kl_ids`` (the same prompt + another row's answer,
+    half the dataset away, so pairs split into two rows never meet their own answer: the mismatched
+    pairs z0 is estimated on, as LLaMA-Factory builds them), ``prompt_len`` and ``desirable``."""
+    template = get_template(cfg.template, tokenizer)
+    rows = unpaired(examples)
+    feats = []
+    for i, (prompt, answer, desirable) in enumerate(rows):
+        other = rows[(i + len(rows) // 2) % len(rows)][1]
+        ids, (own, mismatched) = encode_responses(tokenizer, template, prompt, [answer, other], cfg.cutoff_len,
+                                                  cfg.default_system, cfg.enable_thinking)
+        feats.append({"completion_ids": ids + own, "kl_ids": ids + mismatched, "prompt_len": len(ids),
+                      "desirable": desirable})
+    n_good = sum(f["desirable"] for f in feats)
+    logger.info("%d desirable and %d undesirable answers", n_good, len(feats) - n_good)
+    return feats
+
+
+def kind(batch: Batch, index: int) -> Batch:
+    """The completions (``index`` 0) or the mismatched KL sequences (1) of a collated KTO batch."""
+    b = batch["prompt_len"].shape[0]
+    return {"input_ids": batch["input_ids"][index * b : (index + 1) * b], "prompt_len": batch["prompt_len"],
+            "attention_mask": batch["attention_mask"][index * b : (index + 1) * b]}
+
+
+def kto_metrics(beta: float, logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+                z0: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's KTO metrics as micro-batch means times the micro-batch size (``fit`` divides the sums
+    by the global batch's row count): ``rewards/chosen`` is over desirable rows, ``/rejected`` over
+    undesirable ones, ``kl`` is z0."""
+    rewards, n = implicit_rewards(logps, ref_logps, beta), len(logps)
+
+    def scaled_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return values[mask].mean() * n if mask.any() else values.new_zeros(())
+
+    chosen, rejected = scaled_mean(rewards, desirable), scaled_mean(rewards, ~desirable)
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+            "logps/chosen": scaled_mean(logps.detach(), desirable), "logps/rejected": scaled_mean(logps.detach(), ~desirable),
+            "kl": z0 * n}
+
+
+def kto_loss_sum(cfg: KTOConfig, frozen: nn.Module | None, model: nn.Module, batch: Batch
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed KTO loss of a micro-batch of unpaired rows, and TRL's metrics."""
+    # 1. Policy log-probs of the answers (with grad) and of the mismatched answers (without: z0 is a constant).
+    logps, avg = response_logps(model, kind(batch, 0))
+    with torch.no_grad():
+        kl_logps, _ = response_logps(model, kind(batch, 1))
+    # 2. Reference log-probs of both: precomputed, or one no-grad (2B, T) pass.
+    if "ref_logps" in batch:
+        ref_logps, ref_kl_logps = batch["ref_logps"], batch["ref_kl_logps"]
+    else:
+        ref_logps, ref_kl_logps = reference_logps(model, frozen, batch)[0].chunk(2)
+    # 3. The reference point z0, the loss, plus pref_ftx x the desirable answers' mean token NLL.
+    z0, desirable = kto_reference_point(kl_logps, ref_kl_logps), batch["desirable"]
+    losses = kto_loss(logps, ref_logps, desirable, z0, cfg.pref_beta, cfg.kto_chosen_weight, cfg.kto_rejected_weight)
+    losses = losses - cfg.pref_ftx * avg * desirable
+    return losses.sum(), kto_metrics(cfg.pref_beta, logps, ref_logps, desirable, z0)
+
+
+def run(cfg: KTOConfig) -> Path:
+    # 1. Check paths and parse the rows (kto_tag rows or pairs) before anything is written or loaded.
+    examples = preflight(cfg, "kto")
+    check_reference_path(cfg)
+    accelerator, out = setup_run(cfg)
+
+    # 2. Policy, reference, and tokenized unpaired rows (held-out examples split before pairs are).
+    policy, frozen = build_models(cfg)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
+    train, val = tokenize(cfg, tokenizer, train_ex), tokenize(cfg, tokenizer, val_ex) if val_ex else []
+    collate = PreferenceCollator(tokenizer.pad_token_id, ("completion", "kl"))
+
+    # 3. Reference log-probs: once for the dataset (precompute_ref_logprobs), or per batch in the loss.
+    frozen = prepare_reference(cfg, accelerator, (policy, frozen), train + val, collate, ("ref_logps", "ref_kl_logps"))
+
+    # 4. Train. The loss is the mean over the global batch's rows.
+    def loss_sum(m: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return kto_loss_sum(cfg, frozen, m, batch)
+
+    def eval_rows(m: nn.Module) -> dict[str, float]:
+        return evaluate(loss_sum, m, val, collate, cfg.per_device_eval_batch_size, accelerator.device)
+
+    results = fit(cfg, accelerator, out, Stage(
+        name="kto", model=policy, train=train, collate=collate, loss_sum=loss_sum, count=len,
+        save=lambda m, d: save_model(m, d, tokenizer), restore=restore_model,
+        evaluate=eval_rows if val else None, plotted=PLOTTED,
+    ))
+
+    # 5. The final evaluation, for people and for scripts.
+    if results is not None and accelerator.is_main_process:
+        write_eval_results(out, plan(cfg, len(train), accelerator.num_processes).num_steps, len(val), results)
+    return out
