@@ -4,10 +4,6 @@ what a single process does and what the judge server saw."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,37 +15,11 @@ from alignkit.judge.server import start_judge_server
 from alignkit.train import rm, sft
 from alignkit.train.common import global_batch_indices
 from alignkit.train.tracking import read_metrics
-from tests.conftest import EXAMPLES, ROOT
+from tests.conftest import EXAMPLES
+from tests.launch import WORLD, launch
 
 pytestmark = pytest.mark.slow
-WORLD = 2
 N_PROMPTS = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(config: Path, overrides: list[str], env: dict[str, str] | None = None, timeout: float = 240,
-           accelerate: bool = False) -> None:
-    """``torchrun --nproc_per_node 2 -m alignkit.cli train CONFIG ...`` on CPU, one thread per rank;
-    ``accelerate=True``: ``accelerate launch`` with the shipped DDP config instead."""
-    if accelerate:
-        # On a machine without GPUs, alignkit's setup_run turns the MULTI_GPU config into DDP over gloo.
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(EXAMPLES / "accelerate" / "ddp.yaml"), "--num_processes", str(WORLD),
-                    "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
-    else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    cmd = [*launcher, "-m", "alignkit.cli", "train", str(config), *overrides]
-    # Tiny models on a shared 2-core runner: more than one intra-op thread per rank is 10x slower.
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
 def sft_overrides(model_dir, out, *extra) -> list[str]:
@@ -184,7 +154,7 @@ def test_ppo_ddp_api_reward_scores_each_sample_once(tiny_model_dir, prompts_dir,
         api = ["reward_model_type=api", "reward_model=null", "reward_api.preset=alignkit",
                f"reward_api.url={judge.url_for('alignkit')}", "reward_api.max_retries=0"]
         launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(tiny_model_dir, prompts_dir, tmp_path / "ppo", *api),
-               accelerate=True)
+               accelerate="ddp")
         stats = judge.stats.snapshot(pairs=True)
     steps, global_rollout = 2, 2 * WORLD
     prompts = [json.loads(ln)["prompt"] for ln in (prompts_dir / "prompts.jsonl").read_text().splitlines()]

@@ -19,6 +19,8 @@ import torch
 from alignkit.runs import CHECKPOINT_PREFIX as PREFIX
 from alignkit.runs import STATE_FILE, list_checkpoints
 
+SHARDS = "shards"  # a checkpoint's folder of per-rank weight/optimizer shards (DeepSpeed ZeRO runs)
+
 
 def rng_state() -> dict[str, Any]:
     return {

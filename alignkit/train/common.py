@@ -11,13 +11,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object
 from transformers import get_scheduler
 
 from alignkit.config import StageConfig, save_config
 from alignkit.data.loader import Example, Kind, load_examples
 from alignkit.models.loading import check_model_dir
-from alignkit.train.checkpoint import list_checkpoints, load_state, resolve_resume, rng_state, set_rng_state
+from alignkit.train.checkpoint import (
+    SHARDS,
+    list_checkpoints,
+    load_state,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +63,7 @@ def _check_writable(output_dir: str) -> None:
 
 def setup_run(cfg: StageConfig) -> tuple[Accelerator, Path]:
     """Accelerator, seeds (a different one per rank) and a checked output_dir with the resolved config."""
-    # Under torchrun on a machine without GPUs, Accelerator() would start one independent
-    # single-process run per rank (all writing one output_dir); cpu=True makes it use DDP over gloo.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(cpu=launched and not torch.accelerator.is_available())
-    if launched and accelerator.num_processes == 1:
-        raise RuntimeError("launched with WORLD_SIZE > 1, but accelerate set up a single process; "
-                           "use `accelerate launch` or `torchrun` with a supported backend")
+    accelerator = make_accelerator()
     out = Path(cfg.output_dir)
     # Only rank 0 checks and writes output_dir; the others learn its verdict, so a refusal stops
     # every rank instead of leaving them waiting in the first collective.
@@ -80,6 +81,32 @@ def setup_run(cfg: StageConfig) -> tuple[Accelerator, Path]:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return accelerator, out
+
+
+def make_accelerator() -> Accelerator:
+    """The run's Accelerator: what ``accelerate launch`` or ``torchrun`` set up, on GPUs or on CPU."""
+    # Under torchrun on a machine without GPUs, Accelerator() would start one independent
+    # single-process run per rank (all writing one output_dir); cpu=True makes it use DDP over gloo.
+    # cpu=True would also switch DeepSpeed off, so a DeepSpeed launch gets gloo explicitly instead.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    on_cpu = launched and not torch.accelerator.is_available()
+    if on_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    else:
+        accelerator = Accelerator(cpu=on_cpu)
+    if launched and accelerator.num_processes == 1:
+        raise RuntimeError("launched with WORLD_SIZE > 1, but accelerate set up a single process; "
+                           "use `accelerate launch` or `torchrun` with a supported backend")
+    return accelerator
+
+
+def backend(accelerator: Accelerator) -> str:
+    """``single``, ``ddp``, ``zero2``, ``zero3`` (``zero0``/``zero1``) or ``fsdp``: how the run is spread."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
 
 
 def output_dir_error(cfg: StageConfig, out: Path) -> str | None:
@@ -157,13 +184,24 @@ def global_batch_indices(n: int, step: int, global_bs: int, seed: int) -> list[i
 
 def resume(accelerator: Accelerator, out: Path, cfg: StageConfig, restore_weights, optimizer, scheduler) -> dict | None:
     """Restore a checkpoint named by ``resume_from_checkpoint`` (weights through
-    ``restore_weights(ckpt)``, optimizer, scheduler, this rank's RNG); its state, or None."""
+    ``restore_weights(ckpt)``, optimizer, scheduler, this rank's RNG); its state, or None.
+
+    A ZeRO checkpoint's weights and optimizer are DeepSpeed's per-rank shards (``accelerator.load_state``
+    on every rank); it resumes only under DeepSpeed with the same number of processes."""
     ckpt = resolve_resume(out, cfg.resume_from_checkpoint)
     if ckpt is None:
         return None
     state = load_state(ckpt)
-    restore_weights(ckpt)
-    optimizer.load_state_dict(state["optimizer"])
+    sharded, deepspeed = (ckpt / SHARDS).is_dir(), accelerator.distributed_type == DistributedType.DEEPSPEED
+    if sharded != deepspeed:
+        raise ValueError(f"resume_from_checkpoint: {ckpt} was written by a {state.get('backend', 'ddp')} run and "
+                         f"cannot resume a {backend(accelerator)} run; launch with the accelerate config it was "
+                         "written with (the final model or a checkpoint's adapter can start a new run instead).")
+    if sharded:
+        accelerator.load_state(str(ckpt / SHARDS))
+    else:
+        restore_weights(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(accelerator, state)
     logger.info("resumed from %s at step %d", ckpt, state["step"])

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from alignkit.config import StageConfig
 from alignkit.models.loading import count_parameters
-from alignkit.train.checkpoint import save_checkpoint
-from alignkit.train.common import build_optimizer, global_batch_indices, rank_rng_states, resume, total_steps
+from alignkit.train import sharding
+from alignkit.train.common import build_optimizer, global_batch_indices, resume, total_steps
 from alignkit.train.tracking import MetricLogger, plot_metrics
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ def fit(cfg: StageConfig, accelerator: Accelerator, out: Path, stage: Stage) -> 
     sizes = plan(cfg, len(stage.train), accelerator.num_processes)
     params = [p for p in stage.model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(cfg, params, sizes.num_steps)
+    sharding.check_supported(accelerator)
+    sharding.configure(accelerator, sizes.micro_bs, sizes.accum, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(stage.model, optimizer)
     model.train()
 
@@ -113,13 +115,9 @@ def fit(cfg: StageConfig, accelerator: Accelerator, out: Path, stage: Stage) -> 
         if stage.evaluate and cfg.eval_strategy != "no" and done % sizes.eval_every == 0 and done < sizes.num_steps:
             tracker.log(done, stage.evaluate(model))
         if done % cfg.save_steps == 0 and done < sizes.num_steps:
-            rngs = rank_rng_states(accelerator)  # collective; each rank resumes its own dropout stream
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    out, done, lambda d: stage.save(accelerator.unwrap_model(model), d),
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng_per_rank": rngs},
-                    cfg.save_total_limit,
-                )
+            sharding.save_checkpoint(accelerator, model, optimizer, out, done,
+                                     lambda d: stage.save(accelerator.unwrap_model(model), d),
+                                     {"scheduler": scheduler.state_dict()}, cfg.save_total_limit)
         accelerator.wait_for_everyone()
     bar.close()
 
@@ -127,10 +125,11 @@ def fit(cfg: StageConfig, accelerator: Accelerator, out: Path, stage: Stage) -> 
     results = stage.evaluate(model) if stage.evaluate and stage.final_eval else None
     if results is not None:
         tracker.log(sizes.num_steps, results)
-    if accelerator.is_main_process:
-        stage.save(accelerator.unwrap_model(model), out)
-        if cfg.plot_loss:
-            plot_metrics(out, stage.plotted)
+    with sharding.gathered(accelerator, params):  # ZeRO-3: the trained weights, whole, for rank 0 to write
+        if accelerator.is_main_process:
+            stage.save(accelerator.unwrap_model(model), out)
+    if accelerator.is_main_process and cfg.plot_loss:
+        plot_metrics(out, stage.plotted)
     tracker.close()
     accelerator.wait_for_everyone()
     return results
@@ -141,8 +140,9 @@ def accumulate(accelerator: Accelerator, model: nn.Module, stage: Stage, step: i
     """Backward over this rank's share of global batch ``step``; the batch's mean loss and extras.
 
     Each micro-batch's summed loss is divided by the whole global batch's count (times the world
-    size, since DDP averages gradients over ranks), so the update equals that of one process on
-    the same global batch, however it is split into ranks and micro-batches.
+    size, since DDP and ZeRO average gradients over ranks), so the update equals that of one process
+    on the same global batch, however it is split into ranks and micro-batches. Under DeepSpeed the
+    last backward also steps the optimizer (``sharding.backward``).
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     idx = global_batch_indices(len(stage.train), step, sizes.global_bs, seed)
@@ -153,9 +153,10 @@ def accumulate(accelerator: Accelerator, model: nn.Module, stage: Stage, step: i
         rows = mine[m * sizes.micro_bs : (m + 1) * sizes.micro_bs]
         batch = {k: v.to(accelerator.device) for k, v in stage.collate(rows).items()}
         # Gradients are all-reduced once, after the last micro-batch.
-        with accelerator.no_sync(model) if m < sizes.accum - 1 else nullcontext():
+        last = m == sizes.accum - 1
+        with nullcontext() if last else accelerator.no_sync(model):
             loss, extras = stage.loss_sum(model, batch)
-            accelerator.backward(loss * world / count)
+            sharding.backward(accelerator, model, loss * world / count, last)
         for k, v in {"loss": loss, **extras}.items():
             sums[k] = sums.get(k, torch.zeros((), device=accelerator.device)) + v.detach()
     return {k: accelerator.reduce(v, "sum").item() / count for k, v in sums.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,8 @@ class RolloutSettings:
     decode: Callable[[list[list[int]]], list[str]]  # response ids -> the text the reward scores
     need_reference: bool = True  # False: no reference pass, KL is zero (runs with a KL coefficient of 0)
     decode_full: Callable[[list[list[int]]], list[str]] | None = None  # response ids -> text, special tokens kept
+    # Entered once around the whole rollout: ZeRO-3 gathers the policy there (sharding.rollout_context).
+    gather: Callable[[], AbstractContextManager] = nullcontext
 
 
 @dataclass
@@ -147,16 +150,17 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
     q_ids, q_mask = q_ids.to(device), q_mask.to(device)
     t0 = time.perf_counter()
     rolls, futures, texts = [], [], []
-    for c in range(0, len(idx), rows):
-        with ac.adapter_lock:  # a LoRA reward model on the same base switches adapters on its thread
-            roll = engine.generate(q_ids[c : c + rows], q_mask[c : c + rows], settings.sampling)
-        resp_ids = response_rows(roll)
-        chunk_texts = settings.decode(resp_ids)
-        ids = idx[c : c + rows]
-        futures.append(service.submit([prompts.texts[i] for i in ids], chunk_texts,
-                                      score_meta(prompts, ids, resp_ids, settings)))
-        rolls.append(roll)
-        texts += chunk_texts
+    with settings.gather():
+        for c in range(0, len(idx), rows):
+            with ac.adapter_lock:  # a LoRA reward model on the same base switches adapters on its thread
+                roll = engine.generate(q_ids[c : c + rows], q_mask[c : c + rows], settings.sampling)
+            resp_ids = response_rows(roll)
+            chunk_texts = settings.decode(resp_ids)
+            ids = idx[c : c + rows]
+            futures.append(service.submit([prompts.texts[i] for i in ids], chunk_texts,
+                                          score_meta(prompts, ids, resp_ids, settings)))
+            rolls.append(roll)
+            texts += chunk_texts
     t_gen = time.perf_counter() - t0
     with ac.adapter_lock:
         stats = [response_stats(ac, roll, settings) for roll in rolls]

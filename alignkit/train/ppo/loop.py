@@ -34,12 +34,11 @@ from alignkit.models.loading import (
     model_dtype,
 )
 from alignkit.rewards.service import RewardService, build_reward_service
-from alignkit.train.checkpoint import save_checkpoint
+from alignkit.train import sharding
 from alignkit.train.common import (
     build_optimizer,
     global_batch_indices,
     preflight,
-    rank_rng_states,
     reduce_metrics,
     resume,
     setup_run,
@@ -91,11 +90,12 @@ def run(cfg: PPOConfig, engine: RolloutEngine | None = None) -> Path:
         engine = engine or build_engine(cfg, ac, tokenizer.pad_token_id)
         r = prepare(cfg, accelerator, out, prompts, ac, service, tokenizer, engine)
         train(r)
-        if accelerator.is_main_process:  # 9. Final save: policy (adapter or full) + value head + tokenizer
-            ac.save_policy(out)
-            tokenizer.save_pretrained(out)
-            if cfg.plot_loss:
-                plot_metrics(out, PLOTTED)
+        with sharding.gathered(accelerator, r.learner.params):  # ZeRO-3: the trained weights, whole
+            if accelerator.is_main_process:  # 9. Final save: policy (adapter or full) + value head + tokenizer
+                ac.save_policy(out)
+                tokenizer.save_pretrained(out)
+        if accelerator.is_main_process and cfg.plot_loss:
+            plot_metrics(out, PLOTTED)
     finally:
         service.close()
         if own_engine and engine is not None:
@@ -191,13 +191,12 @@ def check_engine_sync(exp: Experience, tolerance: float) -> None:
 
 
 def save(r: PPORun, done: int) -> None:
-    rngs = rank_rng_states(r.accelerator)  # collective; each rank resumes its own sampling stream
-    if r.accelerator.is_main_process:
-        save_checkpoint(r.out, done, r.ac.save_policy, {
-            "optimizer": r.learner.optimizer.state_dict(), "scheduler": r.scheduler.state_dict(),
-            "kl_ctl": r.kl_ctl.state_dict(), "moments": r.moments.state_dict() if r.moments else None,
-            "rng_per_rank": rngs,
-        }, r.cfg.save_total_limit)
+    """A checkpoint (every rank calls it): policy files, optimizer (or ZeRO shards), scheduler, KL
+    controller, score moments and every rank's RNG."""
+    sharding.save_checkpoint(r.accelerator, r.learner.model, r.learner.optimizer, r.out, done, r.ac.save_policy, {
+        "scheduler": r.scheduler.state_dict(), "kl_ctl": r.kl_ctl.state_dict(),
+        "moments": r.moments.state_dict() if r.moments else None,
+    }, r.cfg.save_total_limit)
 
 
 def load_prompts(cfg: PPOConfig, tokenizer, examples: list[Example]) -> PromptSet:
@@ -240,6 +239,10 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
     num_steps = total_steps(cfg, len(prompts.queries) // global_bs)
     params = ac.trainable_parameters()
     optimizer, scheduler = build_optimizer(cfg, params, num_steps)
+    sharding.check_supported(accelerator, lora_reward=cfg.reward_model_type == "lora",
+                             vllm=cfg.rollout_engine == "vllm", ppo_accumulation=cfg.gradient_accumulation_steps)
+    # update() backs up micro-batches of per_device_train_batch_size prompts with their groups.
+    sharding.configure(accelerator, cfg.per_device_train_batch_size * cfg.num_generations, 1, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(ac, optimizer)
     template = get_template(cfg.template, tokenizer)
     sampling = SamplingParams(cfg.max_new_tokens, tuple(stop_token_ids(tokenizer, template, ac.lm)),
@@ -255,6 +258,7 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
         decode_full=partial(service.full_texts, tokenizer),
         # A KL coefficient of 0 stays 0 (the adaptive controller scales it): no reference pass at all.
         need_reference=cfg.init_kl_coef > 0,
+        gather=partial(sharding.rollout_context, accelerator, model, ac.lm),
     )
     kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.ppo_target, cfg.kl_horizon) if cfg.adap_kl_ctrl
               else FixedKLController(cfg.init_kl_coef))
