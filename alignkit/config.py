@@ -24,6 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError, field_v
 logger = logging.getLogger(__name__)
 
 
+# report_to names; the trackers among them go through accelerate (alignkit/train/tracking.py).
+REPORT_TO = ("tensorboard", "wandb", "swanlab", "mlflow", "jsonl", "none")
+
+
 class ConfigError(ValueError):
     """A config problem, phrased for the user: which file, which key, what was expected."""
 
@@ -121,7 +125,8 @@ class StageConfig(BaseModel):
     # Logging and checkpoints
     logging_steps: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
     report_to: list[str] = Field(
-        ["tensorboard"], description="Loggers: tensorboard, jsonl (always on), none."
+        ["tensorboard"], description="Trackers, one or a list: tensorboard, wandb, swanlab, mlflow (through "
+        "accelerate's integrations; each needs its package), jsonl (always on), none."
     )
     plot_loss: bool = Field(False, description="Write PNG plots of the logged curves at the end of the run.")
     eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to evaluate on the val split.")
@@ -137,6 +142,16 @@ class StageConfig(BaseModel):
     def _comma_list(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("report_to", mode="after")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in REPORT_TO:
+                close = difflib.get_close_matches(name, REPORT_TO, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown tracker {name!r}{hint} Choose from {', '.join(REPORT_TO)}")
         return v
 
     @field_validator("warmup_steps", mode="after")
@@ -306,7 +321,8 @@ def explain_validation_error(err: ValidationError, where: str, cls: type[BaseMod
         else:
             got = e.get("input")
             shown = REDACTED if SECRET_KEY.search(loc) else repr(redact(got))
-            lines.append(f"key {loc!r}: {e['msg']} (got {shown})" if e["loc"] else e["msg"])
+            msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+            lines.append(f"key {loc!r}: {msg} (got {shown})" if e["loc"] else msg)
     return ConfigError(f"{where}: " + "; ".join(lines))
 
 
