@@ -88,6 +88,13 @@ def make_accelerator() -> Accelerator:
     # Under torchrun on a machine without GPUs, Accelerator() would start one independent
     # single-process run per rank (all writing one output_dir); cpu=True makes it use DDP over gloo.
     # cpu=True would also switch DeepSpeed off, so a DeepSpeed launch gets gloo explicitly instead.
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # Checked before the Accelerator exists: on CPU, accelerate would silently leave the model unwrapped.
+        raise NotImplementedError(
+            "FSDP (examples/accelerate/fsdp.yaml) is not supported yet: alignkit's rollout, checkpoints and saves "
+            "are not tested under it. Use DeepSpeed ZeRO-3 (examples/accelerate/deepspeed_zero3.yaml after "
+            "`pip install alignkit[deepspeed]`), which shards weights, gradients and optimizer state the same way."
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     on_cpu = launched and not torch.accelerator.is_available()
     if on_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":

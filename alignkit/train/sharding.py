@@ -45,12 +45,6 @@ def check_supported(accelerator: Accelerator, lora_reward: bool = False, vllm: b
             f"every backward of the PPO update. Set gradient_accumulation_steps: 1 (it is {ppo_accumulation}) and "
             "multiply per_device_train_batch_size by it instead: the same mini-batch, in one micro-batch."
         )
-    if name == "fsdp":
-        raise NotImplementedError(
-            "FSDP (examples/accelerate/fsdp.yaml) is not supported yet: its rollout, checkpoints and saves "
-            "are untested in alignkit. Use DeepSpeed ZeRO-3 (examples/accelerate/deepspeed_zero3.yaml, "
-            "`pip install alignkit[deepspeed]`), which shards weights, gradients and optimizer state the same way."
-        )
     if name == "zero3" and lora_reward:
         raise NotImplementedError(
             "reward_model_type: lora scores on a background thread with the policy's own (ZeRO-3 sharded) "
