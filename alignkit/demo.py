@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from statistics import fmean
 
 import yaml
 
@@ -32,17 +33,24 @@ def _examples() -> Path:
 def judge_api_settings(url: str) -> dict:
     """The shipped ``custom`` preset (examples/judge_custom.yaml), pointed at the demo judge.
 
-    The demo judge scores with ``count_good`` (how often a response says "good"), an unbounded
-    count, so the example's 0..10 range and normalisation are widened for it.
+    The demo judge scores with ``fluent_answer``, a bounded 0..10 rubric (on topic, well formed,
+    within a length budget, no repeated bigrams); scores are kept on that scale.
     """
     api = yaml.safe_load((_examples() / "judge_custom.yaml").read_text())["reward_api"]
-    api.update(url=url + "/custom/evaluate", score_range=[0, 1000], normalize=False, cache=None,
+    api.update(url=url + "/custom/evaluate", score_range=[0, 10], normalize=False, cache=None,
                max_failure_rate=0.2)
     api["headers"] = {"Authorization": "Bearer ${ALIGNKIT_DEMO_JUDGE_TOKEN}"}
     return api
 
 
-def run_demo(output: Path, steps: int = 30, keep_server: bool = False) -> dict:
+# PPO settings of the demo on top of examples/ppo_tiny.yaml: the adaptive KL controller holding the
+# sequence KL near a small target (short answers: a few tenths of a nat), reacting within a few
+# dozen steps; samples every 5 steps; the judge's drift checked on fixed reference answers.
+DEMO_PPO = ["adap_kl_ctrl=true", "init_kl_coef=0.3", "ppo_target=0.5", "kl_horizon=500", "log_samples_every=5",
+            "reward_probe_every=10"]
+
+
+def run_demo(output: Path, steps: int = 100, keep_server: bool = False) -> dict:
     import os
     import secrets
 
@@ -75,13 +83,14 @@ def run_demo(output: Path, steps: int = 30, keep_server: bool = False) -> dict:
     # The server reads its copy from ALIGNKIT_JUDGE_TOKEN (not argv, which `ps` shows).
     token = secrets.token_hex(16)
     os.environ["ALIGNKIT_DEMO_JUDGE_TOKEN"] = token
-    judge = JudgeProcess(rule="count_good", log=output / "judge.log", env={"ALIGNKIT_JUDGE_TOKEN": token}).start()
+    judge = JudgeProcess(rule="fluent_answer", log=output / "judge.log", env={"ALIGNKIT_JUDGE_TOKEN": token}).start()
     print(f"[3/6] judge server on {judge.url} (custom evaluation-API shape, bearer token)")
     try:
         print(f"[4/6] PPO against the judge over HTTP, {steps} steps")
         ppo_cfg = load_config(examples / "ppo_tiny.yaml", [
             f"model_name_or_path={tiny}", f"adapter_name_or_path={sft_dir}", f"output_dir={output / 'ppo'}",
-            f"max_steps={steps}", "reward_model_type=api", *common],
+            f"max_steps={steps}", "reward_model_type=api", f"reward_probe={examples / 'data' / 'probe_demo.jsonl'}",
+            *DEMO_PPO, *common],
             reward_model=judge.url + "/custom/evaluate", reward_api=judge_api_settings(judge.url))
         ppo_dir = ppo.run(ppo_cfg)
 
@@ -112,6 +121,7 @@ def run_demo(output: Path, steps: int = 30, keep_server: bool = False) -> dict:
 
 def summarise(ppo_dir: Path, export_report: dict, cmp: dict, outputs: dict[str, str]) -> dict:
     """The PPO run's report (written here) and the figures the demo prints."""
+    from alignkit.algos.shaping import ngram_repeat_share
     from alignkit.report import write_report
     from alignkit.train.tracking import read_metrics
 
@@ -128,6 +138,11 @@ def summarise(ppo_dir: Path, export_report: dict, cmp: dict, outputs: dict[str, 
         "health": {c["name"]: c["verdict"] for c in health["checks"] if c["verdict"] in ("warn", "fail")},
         "compare": {"mean_reward_sft": cmp["model_a"]["mean_reward"], "mean_reward_ppo": cmp["model_b"]["mean_reward"],
                     "ppo_vs_sft": cmp["b_vs_a"], "failures": cmp["pairs_with_failure"]},
+        # Repeated word 3-grams of the answers to the compare prompts: PPO must not buy reward with repetition.
+        "repeat_share": {side: fmean(ngram_repeat_share(ex[f"response_{k}"].split()) for ex in cmp["examples"])
+                         for side, k in (("sft", "a"), ("ppo", "b"))},
+        "examples": [{"prompt": ex["prompt"], "sft": ex["response_a"], "sft_score": ex["reward_a"],
+                      "ppo": ex["response_b"], "ppo_score": ex["reward_b"]} for ex in cmp["examples"][:3]],
         "outputs": outputs,
     }
 
@@ -137,9 +152,12 @@ def print_summary(s: dict) -> None:
     print(f"judge reward (mean of the first / last 10 PPO steps): {s['judge_reward_first_steps']:.2f} -> "
           f"{s['judge_reward_last_steps']:.2f}; final KL {s['kl_last']:.2f} nats")
     print(f"export verified: {s['export_verified']}; compare (PPO vs SFT): {s['compare']}")
-    if s["health"]:
-        # The demo judge counts the word "good": an easy reward to game, and the report says so.
-        print(f"report health checks needing attention: {s['health']} (details in the report)")
+    print(f"repeated 3-gram share of the answers: SFT {s['repeat_share']['sft']:.1%}, PPO {s['repeat_share']['ppo']:.1%}")
+    print("report health checks needing attention: "
+          f"{s['health'] or 'none'} (details and samples in the report)")
+    print("\nbefore (SFT) / after (PPO), judge score in brackets:")
+    for ex in s["examples"]:
+        print(f"  {ex['prompt']}\n    SFT [{ex['sft_score']}] {ex['sft']}\n    PPO [{ex['ppo_score']}] {ex['ppo']}")
     for name, path in s["outputs"].items():
         print(f"  {name:15s} {path}")
     print(f"done in {s['seconds']} s")
@@ -149,7 +167,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a tiny model against a local judge (minutes, CPU)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="outputs/demo", help="directory for every output (default outputs/demo)")
-    p.add_argument("--steps", type=int, default=30, help="PPO steps (default 30)")
+    p.add_argument("--steps", type=int, default=100, help="PPO steps (default 100)")
     p.add_argument("--keep-server", action="store_true", help="leave the judge server running at the end")
     p.set_defaults(func=cmd_demo)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -125,3 +126,42 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, facto
     start = max_len - buffer_len
     over = (lengths.to(torch.float32) - start).clamp(min=0) / max(buffer_len, 1)
     return -factor * over.clamp(max=1.0)
+
+
+def ngram_repeat_share(seq: Sequence[Any], n: int = 3) -> float:
+    """Share of the n-grams of ``seq`` (tokens or words) that repeat an earlier one in it: 0 for
+    fluent text, toward 1 for "good good good ..." (0 when ``seq`` is shorter than ``n``)."""
+    grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _rows(tokens: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """The kept tokens of each row of ``tokens`` (B, R) under ``mask`` (B, R)."""
+    return [[t for t, keep in zip(row, m, strict=True) if keep]
+            for row, m in zip(tokens.tolist(), mask.bool().tolist(), strict=True)]
+
+
+def repeated_ngram_frac(tokens: torch.Tensor, mask: torch.Tensor, n: int = 3) -> torch.Tensor:
+    """(B,) ``ngram_repeat_share`` of each response: tokens (B, R), mask (B, R) of response tokens."""
+    return torch.tensor([ngram_repeat_share(seq, n) for seq in _rows(tokens, mask)], dtype=torch.float32)
+
+
+def distinct_ngram_frac(tokens: torch.Tensor, mask: torch.Tensor, n: int = 2) -> float:
+    """Distinct-n of a batch (Li et al. 2016): distinct n-grams / all n-grams over every response.
+    Low when the responses are alike (mode collapse), whatever each one looks like on its own."""
+    grams = [tuple(seq[i : i + n]) for seq in _rows(tokens, mask) for i in range(len(seq) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else math.nan
+
+
+def repetition_penalty(repeat_share: torch.Tensor, threshold: float, factor: float) -> torch.Tensor:
+    """(B,) added to the scores: 0 up to ``threshold`` repeated n-gram share, then falling linearly
+    to ``-factor`` at a share of 1 (every n-gram a repeat), like DAPO's overlong penalty for length."""
+    over = (repeat_share.to(torch.float32) - threshold).clamp(min=0) / max(1.0 - threshold, 1e-6)
+    return -factor * over
+
+
+def pearson_corr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two (N,) tensors; NaN when either is constant or N < 2."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    den = float(x.norm() * y.norm())
+    return float((x * y).sum()) / den if den > 0 else math.nan

@@ -16,6 +16,7 @@ from alignkit.train.tracking import METRICS_FILE, read_metrics
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "alignkit_config.yaml"
+SAMPLES_FILE = "samples.jsonl"  # written by alignkit.train.ppo.samples (the report does not import the trainer)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Run:
     # "token", max_new_tokens included, and the checks need those numbers.
     settings: dict[str, float] = field(default_factory=dict)
     source: str = METRICS_FILE
+    samples: list[dict[str, Any]] = field(default_factory=list)  # samples.jsonl rows (PPO), in step order
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -70,9 +72,23 @@ def load_run(run_dir: str | Path) -> Run:
     raw = _read_config(run_dir)
     settings = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     config = redact(raw)  # the trainer already redacts; again, so a hand-edited file cannot leak a secret
-    run = Run(run_dir, _stage(config, metrics), metrics, wall, config, settings, source)
+    run = Run(run_dir, _stage(config, metrics), metrics, wall, config, settings, source, read_samples(run_dir))
     add_derived(run)
     return run
+
+
+def read_samples(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``samples.jsonl`` that parse (a run killed mid-write leaves a partial line)."""
+    path = run_dir / SAMPLES_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
 
 
 def rollout_batch_size(settings: dict[str, float]) -> int | None:

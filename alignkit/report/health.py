@@ -250,6 +250,78 @@ check_think_truncated = _threshold_check(
     "; thoughts use up the token budget: raise max_new_tokens or turn thinking off")
 
 
+SCORE_LEN_CORR_WARN, SCORE_LEN_CORR_FAIL = 0.5, 0.8  # score-length correlation, while length grows
+LENGTH_GROWTH_HACK = 1.5  # last-third median length over the first decile's
+REPEAT_WARN, REPEAT_FAIL = 0.1, 0.3  # repeated 3-gram share of responses, last third
+DISTINCT_WARN, DISTINCT_FAIL = 0.5, 0.2  # distinct-2 of a batch (mode collapse), last third
+PROBE_DRIFT = 0.1  # probe score change, as a share of its first value (or of 1 when that is ~0)
+
+
+def check_score_length(m: Metrics, settings: dict[str, float]) -> Check:
+    """Hacking by length: the score follows length (within each batch) and the policy makes answers longer."""
+    name = "score_length"
+    if isinstance(corr := _series(m, name, "rollout/score_len_corr", trend=True), Check):
+        return corr
+    length = _vals(m, "rollout/response_len_mean") or [1.0]
+    r, growth = median(_last_third(corr)), median(_last_third(length)) / max(median(length[:_decile(length)]), 1e-9)
+    nums = f"score-length correlation r={r:.2f} (last-third median), length x{growth:.2g} of the start"
+    if r > SCORE_LEN_CORR_WARN and growth > LENGTH_GROWTH_HACK:
+        return Check(name, FAIL if r > SCORE_LEN_CORR_FAIL else WARN,
+                     f"{nums}: the reward pays for length and the policy lengthens its answers (length hacking); "
+                     "set overlong_buffer_len, a length budget in the reward, or raise init_kl_coef")
+    return Check(name, OK, f"{nums}: length is not what the policy is optimising")
+
+
+def check_repetition(m: Metrics, settings: dict[str, float]) -> Check:
+    """Degenerate repetition ("good good good"): the reward pays for repeating itself."""
+    name = "repetition"
+    if isinstance(rep := _series(m, name, "rollout/repeat_3gram_frac", trend=True), Check):
+        return rep
+    start, late = median(rep[:_decile(rep)]), median(_last_third(rep))
+    nums = f"repeated 3-gram share of responses {start:.0%} -> {late:.0%} (first decile -> last third)"
+    if late > REPEAT_WARN and late > 2 * start:
+        return Check(name, FAIL if late > REPEAT_FAIL else WARN,
+                     f"{nums}: answers repeat themselves more as the reward rises (degenerate text); "
+                     "set score_repetition_penalty, penalise repetition in the reward, or raise init_kl_coef")
+    return Check(name, OK, nums)
+
+
+def check_diversity(m: Metrics, settings: dict[str, float]) -> Check:
+    """Mode collapse: every response of a batch alike, whatever each one reads like."""
+    name = "diversity"
+    if isinstance(dist := _series(m, name, "rollout/distinct_2", trend=True), Check):
+        return dist
+    start, late = median(dist[:_decile(dist)]), median(_last_third(dist))
+    nums = f"distinct-2 of a batch {start:.2f} -> {late:.2f} (first decile -> last third)"
+    if late < DISTINCT_WARN and late < 0.75 * start:
+        return Check(name, FAIL if late < DISTINCT_FAIL else WARN,
+                     f"{nums}: the responses converge on the same few phrases (mode collapse); "
+                     "raise init_kl_coef or temperature, add ent_coef, or lower learning_rate")
+    return Check(name, OK, nums)
+
+
+def check_reward_probe(m: Metrics, settings: dict[str, float]) -> Check | None:
+    """Fixed reference answers re-scored by the judge (``reward_probe``): their score must not move,
+    and a policy scoring well above them is more likely gaming the judge than beating the references."""
+    name = "reward_probe"
+    if "probe/score_mean" not in m:
+        return None  # no reward_probe configured
+    if isinstance(probe := _series(m, name, "probe/score_mean"), Check):
+        return probe
+    drift = (max(probe) - min(probe)) / max(abs(probe[0]), 1.0)
+    nums = f"probe score {probe[0]:.3g} -> {probe[-1]:.3g} over {len(probe)} probes"
+    if drift > PROBE_DRIFT:
+        return Check(name, FAIL, f"{nums} (moved {drift:.0%}): the judge scores the same answers differently "
+                                 "now (model or rubric changed mid-run); pin the judge's version, restart the run")
+    reward, stds = _vals(m, "env/reward_mean"), [s for s in (_vals(m, "env/reward_std") or []) if s > 0]
+    if reward and len(reward) >= MIN_TREND_POINTS:
+        ahead = (fmean(reward[-_decile(reward):]) - fmean(probe)) / (median(stds) if stds else 1.0)
+        if ahead > REWARD_PEAK_DROP:
+            return Check(name, WARN, f"{nums}; the policy now scores {ahead:.2f} std above the reference answers: "
+                                     "read the top samples for reward hacking before trusting the reward")
+    return Check(name, OK, f"{nums}: the judge is stable and the policy does not outscore the references")
+
+
 def check_reward_failures(m: Metrics, settings: dict[str, float]) -> Check:
     name = "reward_failures"
     rate = _vals(m, "reward/failure_rate")
@@ -345,7 +417,7 @@ def check_chosen_logps(m: Metrics, settings: dict[str, float]) -> Check:
 STAGE_CHECKS: dict[str, list[Callable[[Metrics, dict[str, float]], Check | None]]] = {
     "ppo": [check_kl_band, check_clipfrac, check_reward_trend, check_entropy, check_value_loss,
             check_response_length, check_no_eos, check_think_truncated, check_reward_failures, check_group_signal,
-            check_non_finite],
+            check_score_length, check_repetition, check_diversity, check_reward_probe, check_non_finite],
     "sft": [check_loss_trend, check_non_finite],
     "rm": [check_loss_trend, check_rm_accuracy, check_non_finite],
     "dpo": [check_loss_trend, check_pref_margins, check_chosen_logps, check_non_finite],

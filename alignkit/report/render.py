@@ -43,6 +43,10 @@ EXPLAIN: dict[str, str] = {
     "rollout/response_len_mean": "Mean response length (tokens). Healthy: stable or slowly changing; ~1 token or the max is a failure.",
     "rollout/no_eos_frac": "Share of responses that ended without EOS (cut at max_new_tokens). Healthy: below 0.2.",
     "rollout/think_truncated_frac": "Share of responses cut inside <think>, before any answer. Healthy: near 0.",
+    "rollout/repeat_3gram_frac": "Share of each response's 3-grams that repeat an earlier one. Healthy: low and flat; rising is \"good good good\" hacking.",
+    "rollout/distinct_2": "Distinct bigrams / all bigrams over a batch. Healthy: stable; a fall means every answer looks alike (mode collapse).",
+    "rollout/score_len_corr": "Correlation of score and length within a batch. Near 1 with growing length: the reward pays for length.",
+    "probe/score_mean": "Judge score of the fixed reward_probe answers. Healthy: flat; a move means the judge changed.",
     "reward/failures": "Scores that failed per step (timeouts, HTTP errors, unparsable replies). Healthy: 0.",
     "reward/failure_rate": "Failed scores / rollout batch size. Healthy: below 0.05; above 0.2 the reward is unreliable.",
     "reward/retries": "Judge requests retried per step. Occasional retries are fine; many mean an overloaded judge.",
@@ -69,7 +73,13 @@ LIMITS: dict[str, list[float | str]] = {
     "rollout/think_truncated_frac": [health.FRAC_WARN],
     "reward/failure_rate": [health.FAILURE_WARN, health.FAILURE_FAIL],
     "rollout/response_len_mean": ["max_new_tokens"],
+    "rollout/repeat_3gram_frac": [health.REPEAT_WARN], "rollout/distinct_2": [health.DISTINCT_WARN],
+    "rollout/score_len_corr": [health.SCORE_LEN_CORR_WARN],
 }
+FRONTIER = ("Reward against KL to the reference, one point per step (darker = later). The frontier a user tunes "
+            "along: a KL coefficient or target that buys reward with little KL is healthy; reward that keeps "
+            "climbing only with ever more KL is usually the policy gaming the reward.")
+SAMPLE_COLUMNS = ("step", "pick", "score", "KL", "length", "prompt", "response")
 TIMINGS = [  # metric, label, how to aggregate
     ("time/step", "step", "median"), ("time/rollout", "rollout (generate + forward passes)", "median"),
     ("time/generate", "generate (part of rollout)", "median"), ("time/score_wait", "waiting for scores", "median"),
@@ -85,7 +95,7 @@ table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #e
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:14px}
 figure{margin:0;border:1px solid #d0d7de;border-radius:6px;padding:8px}figure img{width:100%}
 figcaption{font-size:.88em;color:#424a53}pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:.85em}
-.muted{color:#6e7781}
+.muted{color:#6e7781}td.resp{font-family:ui-monospace,monospace;font-size:.85em;max-width:520px}
 """
 
 
@@ -104,6 +114,8 @@ def render(run: Run, checks: list[Check]) -> Path:
     out = run.run_dir / "report"
     out.mkdir(exist_ok=True)
     figures = [(key, _plot(key, run.metrics[key], out, run.settings)) for key in _plotted(run)]
+    if (frontier := _frontier_plot(run, out)) is not None:
+        figures.insert(1, ("frontier", frontier))
     (out / "health.json").write_text(json.dumps(
         {"verdict": worst(checks), "checks": [c.__dict__ for c in checks]}, indent=2))
     path = run.run_dir / "report.html"
@@ -151,6 +163,68 @@ def _plot(key: str, s: Series, out: Path, settings: dict[str, float]) -> bytes:
     return png
 
 
+def _frontier_plot(run: Run, out: Path) -> bytes | None:
+    """Reward vs sequence KL per step (``report/reward_vs_kl.png``); None without both series."""
+    reward, kl = run.metrics.get("env/reward_mean"), run.metrics.get("objective/kl")
+    if reward is None or kl is None:
+        return None
+    kl_at = dict(zip(kl.steps, kl.values, strict=True))
+    pts = [(kl_at[st], v, st) for st, v in zip(reward.steps, reward.values, strict=True)
+           if st in kl_at and math.isfinite(v) and math.isfinite(kl_at[st])]
+    if not pts:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 2.9), dpi=80)
+    ax = fig.subplots()
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="Blues", s=14,
+               edgecolors="#0969da", linewidths=0.4)
+    ax.set_title("reward vs KL (per step)", fontsize=10)
+    ax.set_xlabel("objective/kl (nats per sequence)", fontsize=8)
+    ax.set_ylabel("env/reward_mean", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.89, bottom=0.16)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    (out / "reward_vs_kl.png").write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def sample_sections(samples: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(title, rows) of the report's sample tables: the first, middle and last logged step, then the
+    highest- and lowest-scored samples of the whole run (3 each)."""
+    steps = sorted({r["step"] for r in samples})
+    if not steps:
+        return []
+    picks = dict.fromkeys([steps[0], steps[len(steps) // 2], steps[-1]])
+    names = ("start", "middle", "end")
+    sections = [(f"{names[i]} of the run (step {st})", [r for r in samples if r["step"] == st])
+                for i, st in enumerate(picks)]
+    scored = sorted((r for r in samples if r.get("score") is not None), key=lambda r: r["score"])
+    return [*sections, ("highest scored", scored[::-1][:3]), ("lowest scored", scored[:3])]
+
+
+def _score_cell(score: float | None) -> str:
+    return "failed" if score is None else f"{score:.3g}"
+
+
+def _samples_html(samples: list[dict]) -> str:
+    e = html.escape
+    if not samples:
+        return '<p class="muted">no samples.jsonl (PPO runs write it; see log_samples_every)</p>'
+    head = "".join(f"<th>{c}</th>" for c in SAMPLE_COLUMNS)
+    parts = []
+    for title, rows in sample_sections(samples):
+        body = "".join(
+            f"<tr><td>{r['step']}</td><td>{e(str(r.get('pick', '')))}</td>"
+            f"<td>{_score_cell(r.get('score'))}</td><td>{r.get('kl', 0):.3g}</td>"
+            f"<td>{r.get('length', '')}</td><td>{e(str(r.get('prompt', '')))}</td>"
+            f"<td class=\"resp\">{e(str(r.get('response', '')))}</td></tr>" for r in rows)
+        parts.append(f"<h3>{e(title)}</h3><table><tr>{head}</tr>{body}</table>")
+    return "".join(parts)
+
+
 def timings(run: Run) -> list[tuple[str, str]]:
     """(label, value) rows: medians of the per-step timings, throughput, memory, wall time."""
     rows = []
@@ -193,7 +267,8 @@ def _html(run: Run, checks: list[Check], figures: list[tuple[str, bytes]]) -> st
     timing_rows = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in timings(run))
     figs = "".join(
         f'<figure><img alt="{e(k)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{e(EXPLAIN[k])}{_non_finite_note(run.metrics[k])}</figcaption></figure>"
+        f"<figcaption>{e(FRONTIER if k == 'frontier' else EXPLAIN[k])}"
+        f"{'' if k == 'frontier' else _non_finite_note(run.metrics[k])}</figcaption></figure>"
         for k, png in figures)
     config = (e(yaml.safe_dump(run.config, sort_keys=False)) if run.config
               else "no alignkit_config.yaml in the run directory")
@@ -207,6 +282,9 @@ def _html(run: Run, checks: list[Check], figures: list[tuple[str, bytes]]) -> st
 <p>{len(applied)} of {len(checks)} checks applied; {sum(c.verdict == "warn" for c in checks)} warn,
 {sum(c.verdict == "fail" for c in checks)} fail.</p>
 <table><tr><th>verdict</th><th>check</th><th>evidence</th></tr>{check_rows}</table>
+<h2>Samples</h2>
+<p class="muted">Rollouts as the reward saw them (samples.jsonl): read them before trusting a rising reward.</p>
+{_samples_html(run.samples) if run.stage == "ppo" else '<p class="muted">PPO runs only</p>'}
 <h2>Timings</h2>
 <table>{timing_rows}</table>
 <h2>Curves</h2>

@@ -48,8 +48,46 @@ def length_penalty(prompt: str, response: str, label: str | None) -> float:
     return -max(0, len(response.split()) - 100) / 100
 
 
+_WORD = re.compile(r"[a-z']+")
+# Words of a prompt that say what to do rather than what to talk about: not part of the topic.
+_NOT_TOPIC = frozenset(
+    "a an the this that it is are was be do does did what how who why which you your i my our we to of in on "
+    "for and or with about write sentence say something tell me please greeting".split()
+)
+FLUENT_MAX_WORDS, FLUENT_HARD_MAX_WORDS = 8, 16  # the length budget: full credit up to 8 words, none at 16
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def fluent_answer(prompt: str, response: str, label: str | None) -> float:
+    """A bounded rubric (0..10) whose optimum is a short, fluent answer on the prompt's topic.
+
+    ``10 x topic x form x budget x (1 - repetition)``, each factor in [0, 1]:
+    topic: 0.5 plus half the share of the prompt's topic words (the label's, when given) that the
+    answer uses; form: starts with a capital letter and ends with ``. ! ?``; budget: 1 up to 8
+    words (one short sentence), falling linearly to 0 at 16, 0 below 2 words;
+    repetition: share of the answer's word bigrams that repeat an earlier one, doubled. Saying a
+    word again and again, padding the length or dropping the topic all lower the score, so unlike
+    ``count_good`` there is no way to score above 10.
+    """
+    words = _words(response)
+    if len(words) < 2:
+        return 0.0
+    topic_words = {w for w in _words(label or prompt) if w not in _NOT_TOPIC}
+    topic = 1.0 if not topic_words else 0.5 + 0.5 * len(topic_words & set(words)) / len(topic_words)
+    text = response.strip()
+    form = (0.5 + 0.5 * text[0].isupper()) * (0.5 + 0.5 * text.endswith((".", "!", "?")))
+    over = max(0, len(words) - FLUENT_MAX_WORDS) / (FLUENT_HARD_MAX_WORDS - FLUENT_MAX_WORDS)
+    bigrams = list(zip(words, words[1:], strict=False))
+    repetition = 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+    return round(10 * topic * form * max(0.0, 1 - over) * max(0.0, 1 - 2 * repetition), 4)
+
+
 BUILTIN_RULES: dict[str, Rule] = {
     "count_good": count_good,
+    "fluent_answer": fluent_answer,
     "contains_marker": contains_marker,
     "exact_match": exact_match,
     "length_penalty": length_penalty,

@@ -98,6 +98,23 @@ class PPOConfig(StageConfig, RewardSpec):
         None, ge=1, description="DAPO soft overlong penalty: the last N tokens before max_new_tokens lose reward linearly."
     )
     overlong_penalty_factor: float = Field(1.0, ge=0.0, description="The overlong penalty at max_new_tokens.")
+    # Anti-hacking controls and detectors (docs/report.md)
+    score_repetition_penalty: float | None = Field(
+        None, ge=0.0, description="Subtracted from the score as a response's repeated n-gram share goes from "
+        "score_repetition_threshold to 1 (linearly): against \"good good good ...\". Off by default."
+    )
+    score_repetition_ngram: int = Field(3, ge=1, description="n of the n-grams score_repetition_penalty counts (tokens).")
+    score_repetition_threshold: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Repeated n-gram share a response may have before score_repetition_penalty starts."
+    )
+    log_samples: int = Field(4, ge=0, description="Rollouts written to samples.jsonl (and TensorBoard text) per logged step; 0: none.")
+    log_samples_every: int = Field(5, ge=1, description="Write samples every N steps (and always at the first and last step).")
+    reward_probe: str | None = Field(
+        None, description="JSONL file of fixed {prompt, response[, label]} reference answers re-scored by the reward "
+        "every reward_probe_every steps (probe/score_mean): a judge that drifts, or a policy that outscores good "
+        "reference answers, shows in the report."
+    )
+    reward_probe_every: int = Field(10, ge=1, description="Score the reward_probe answers every N steps (and at the first).")
     critic_adapter: bool = Field(False, description="Give the critic its own LoRA adapter instead of sharing the policy's.")
     # Reference (LLaMA-Factory's keys); by default the policy's base with its LoRA adapter off.
     ref_model: str | None = Field(

@@ -1,18 +1,63 @@
-"""Metrics to JSONL (always), TensorBoard (``report_to: tensorboard``) and PNG plots."""
+"""Metrics to JSONL (always), to the trackers of ``report_to`` through accelerate's tracker
+integrations (TensorBoard, Weights & Biases, SwanLab, MLflow), and PNG plots."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from alignkit.config import REPORT_TO
+
 METRICS_FILE = "metrics.jsonl"
+# report_to name -> the package it needs (what to `pip install`); jsonl is always on, none adds nothing.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab", "mlflow": "mlflow"}
+NO_TRACKER = ("jsonl", "none")
+PROJECT = "alignkit"  # W&B / SwanLab project and MLflow experiment unless their own environment variables say
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Raise ValueError for a name that is not a tracker, or a tracker whose package is not installed."""
+    for name in report_to:
+        if name in NO_TRACKER:
+            continue
+        if name not in TRACKER_PACKAGES:
+            raise ValueError(f"report_to: unknown tracker {name!r}; choose from {', '.join(REPORT_TO)} (a list is fine)")
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ValueError(f"report_to: {name} needs the {TRACKER_PACKAGES[name]!r} package: "
+                             f"pip install {TRACKER_PACKAGES[name]} (or remove {name} from report_to)")
+
+
+def build_tracker(name: str, out: Path, resume_step: int):
+    """One accelerate tracker writing this run; started. Local defaults: TensorBoard under
+    ``out/runs``, an MLflow file store under ``out/mlruns`` unless MLFLOW_TRACKING_URI is set,
+    W&B and SwanLab files under ``out`` (their mode comes from WANDB_MODE / SWANLAB_MODE)."""
+    from accelerate.tracking import MLflowTracker, SwanLabTracker, TensorBoardTracker, WandBTracker
+
+    if name == "tensorboard":
+        tracker = TensorBoardTracker("runs", out, purge_step=resume_step + 1 if resume_step else None)
+    elif name == "wandb":
+        tracker = WandBTracker(os.environ.get("WANDB_PROJECT", PROJECT), dir=str(out), name=out.name)
+    elif name == "swanlab":
+        tracker = SwanLabTracker(os.environ.get("SWANLAB_PROJECT", PROJECT), logdir=str(out / "swanlog"),
+                                 experiment_name=out.name)
+    else:
+        import mlflow
+
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # a local file store; MLflow 3 asks to allow it
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
+        tracker = MLflowTracker(PROJECT, run_name=out.name)
+    tracker.start()
+    return tracker
 
 
 class MetricLogger:
-    """Writes one JSON line per logged step and the same scalars to TensorBoard.
+    """Writes one JSON line per logged step and the same scalars to every tracker of ``report_to``.
 
     Only the main process writes; other ranks get a logger whose calls do nothing.
     """
@@ -20,20 +65,15 @@ class MetricLogger:
     def __init__(self, output_dir: str | Path, report_to: list[str], enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.dir = Path(output_dir)
-        self.writer = None
+        self.trackers: list[Any] = []
         if not enabled:
             return
+        check_trackers(report_to)
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / METRICS_FILE
-        if path.exists():
-            # On resume, drop lines logged after the checkpoint so the log reads as one run.
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+        truncate_jsonl(path, resume_step)  # on resume the log reads as one run
         self.file = path.open("a")
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.dir / "runs"), purge_step=resume_step + 1 if resume_step else None)
+        self.trackers = [build_tracker(name, self.dir, resume_step) for name in report_to if name not in NO_TRACKER]
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -41,18 +81,29 @@ class MetricLogger:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self.file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for k, v in clean.items():
-                if math.isfinite(v):
-                    self.writer.add_scalar(k, v, step)
-            self.writer.flush()
+        finite = {k: v for k, v in clean.items() if math.isfinite(v)}
+        for tracker in self.trackers:
+            tracker.log(finite, step=step)
+
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """Markdown text (a samples table) to the trackers that show text (TensorBoard, W&B)."""
+        for tracker in self.trackers:
+            if tracker.name in ("tensorboard", "wandb"):
+                tracker.log({tag: text}, step=step)
 
     def close(self) -> None:
         if not self.enabled:
             return
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.finish()
+
+
+def truncate_jsonl(path: Path, resume_step: int) -> None:
+    """Drop the lines of ``path`` logged after ``resume_step`` (no-op for a missing file)."""
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:

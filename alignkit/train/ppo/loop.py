@@ -46,6 +46,7 @@ from alignkit.train.common import (
 )
 from alignkit.train.ppo.experience import Experience, PromptSet, RolloutSettings, make_experience
 from alignkit.train.ppo.metrics import PLOTTED, step_metrics
+from alignkit.train.ppo.samples import SampleLogger
 from alignkit.train.ppo.shaping import FilterSettings, ShapingSettings, advantages, apply_filters, shape
 from alignkit.train.ppo.update import Learner, UpdateSettings, update
 from alignkit.train.ppo_config import PPOConfig
@@ -117,6 +118,7 @@ def train(r: PPORun) -> None:
         if r.moments is not None:
             r.moments.load_state_dict(state["moments"])
     tracker = MetricLogger(r.out, cfg.report_to, enabled=acc.is_main_process, resume_step=start)
+    samples = SampleLogger.for_run(cfg, r.out, r.prompts.texts, r.service, r.num_steps, acc.is_main_process, start)
     bar = tqdm(total=r.num_steps, initial=start, desc="ppo", disable=not acc.is_main_process, dynamic_ncols=True)
     for step in range(start, r.num_steps):
         t_step = time.perf_counter()
@@ -142,6 +144,7 @@ def train(r: PPORun) -> None:
         # 6. Metrics (reduced over ranks), KL controller, progress, checkpoint.
         metrics = reduce_metrics(acc, {**step_metrics(exp, shaped, adv, returns), **filtered, **stats})
         metrics.update(run_metrics(r, exp, time.perf_counter() - t_step))
+        metrics.update(samples(step + 1, exp, shaped, tracker))  # samples.jsonl on schedule, the reward probe
         r.kl_ctl.update(metrics["objective/kl"], global_bs * cfg.num_generations)
         done = step + 1
         bar.update(1)
@@ -284,4 +287,6 @@ def update_settings(cfg: PPOConfig, kl_coef: float) -> UpdateSettings:
 def shaping_settings(cfg: PPOConfig) -> ShapingSettings:
     overlong = (cfg.max_new_tokens, cfg.overlong_buffer_len, cfg.overlong_penalty_factor) \
         if cfg.overlong_buffer_len else None
-    return ShapingSettings(cfg.missing_eos_penalty, cfg.score_clip, cfg.ppo_whiten_rewards, overlong)
+    repetition = (cfg.score_repetition_ngram, cfg.score_repetition_threshold, cfg.score_repetition_penalty) \
+        if cfg.score_repetition_penalty else None
+    return ShapingSettings(cfg.missing_eos_penalty, cfg.score_clip, cfg.ppo_whiten_rewards, overlong, repetition)

@@ -13,6 +13,7 @@ import torch
 
 from alignkit.algos import RunningMoments, masked_whiten, overlong_penalty, postprocess_scores, shape_rewards
 from alignkit.algos.advantages import AdvantageInputs, AdvantageParams, estimate, group_stats
+from alignkit.algos.shaping import repeated_ngram_frac, repetition_penalty
 from alignkit.train.ppo.experience import Experience
 
 
@@ -22,6 +23,7 @@ class ShapingSettings:
     score_clip: float | None
     whiten_rewards: bool  # ppo_whiten_rewards: whiten shaped rewards before the estimator
     overlong: tuple[int, int, float] | None = None  # (max_new_tokens, buffer_len, factor): DAPO's soft penalty
+    repetition: tuple[int, float, float] | None = None  # (ngram, threshold, factor): score_repetition_penalty
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ def shape(exp: Experience, s: ShapingSettings, kl_coef: float, moments: RunningM
     if s.overlong is not None:
         max_len, buffer_len, factor = s.overlong
         scores = scores + overlong_penalty(exp.response_mask.sum(1), max_len, buffer_len, factor)
+    if s.repetition is not None:
+        n, threshold, factor = s.repetition
+        share = repeated_ngram_frac(exp.input_ids[:, exp.query_len :], exp.response_mask, n).to(scores.device)
+        scores = scores + repetition_penalty(share, threshold, factor)
     ok = exp.valid.bool()
     if ok.any():
         scores[ok] = postprocess_scores(scores[ok], exp.no_eos[ok], s.missing_eos_penalty, s.score_clip, moments)
