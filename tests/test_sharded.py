@@ -62,7 +62,7 @@ def consolidated_policy_files(cfg, ckpt, tmp_path) -> dict[str, dict[str, torch.
     """What one process saves after loading the fp32 weights rebuilt from a ZeRO checkpoint's shards."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "shards" / "pytorch_model"))
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "shards"))  # its "latest" names the tag
     ac = build_models(cfg)
     trainable = {n for n, p in ac.named_parameters() if p.requires_grad}
     missing, _ = ac.load_state_dict({k: v for k, v in state.items() if k in trainable}, strict=False)
