@@ -41,6 +41,8 @@ def healthy(t: float, noise: float) -> dict[str, float]:
         "reward/failures": 0.0, "reward/cache_hits": 0.0, "reward/latency_p50": 0.3, "reward/latency_p95": 0.8,
         "time/rollout": 2.0, "time/generate": 1.5, "time/score_wait": 0.2, "time/update": 1.0, "time/step": 3.2,
         "perf/tokens_per_s": 200.0, "perf/peak_rss_mb": 1500.0,
+        "rollout/repeat_3gram_frac": 0.02, "rollout/distinct_2": 0.7, "rollout/score_len_corr": 0.2 * noise,
+        "probe/score_mean": 0.8,
     }
 
 
@@ -54,6 +56,13 @@ PATHOLOGIES = {
     "length_explosion": (lambda t, r: {"rollout/response_len_mean": min(128.0, 40 + 300 * t),
                                        "objective/kl": 0.03 * min(128.0, 40 + 300 * t),
                                        "rollout/no_eos_frac": min(0.9, 3 * t)}, {"response_length", "no_eos"}),
+    # Reward hacking: the score follows length while answers grow; "good good good"; one answer for all.
+    "length_hacking": (lambda t, r: {"rollout/response_len_mean": 40 + 40 * t, "objective/kl": 0.03 * (40 + 40 * t),
+                                     "rollout/score_len_corr": 0.95}, {"score_length"}),
+    "repetition": (lambda t, r: {"rollout/repeat_3gram_frac": 0.02 + 0.5 * t}, {"repetition"}),
+    "mode_collapse": (lambda t, r: {"rollout/distinct_2": 0.7 - 0.6 * t}, {"diversity"}),
+    "judge_drift": (lambda t, r: {"probe/score_mean": 0.8 if t < 0.5 else 0.5}, {"reward_probe"}),
+    "outscoring_references": (lambda t, r: {"probe/score_mean": -2.0}, {"reward_probe"}),
 }
 
 
@@ -113,6 +122,25 @@ def test_severity_follows_thresholds(tmp_path):
     _, checks = report_health(write_run(tmp_path / "b", ppo_rows(change=PATHOLOGIES["kl_exploding"][0])))
     kl = {c.name: c for c in checks}["kl_band"]
     assert kl.verdict == "fail" and "nats/token" in kl.detail
+
+
+def test_ppo_report_shows_sample_tables_and_the_reward_kl_frontier(tmp_path):
+    run_dir = write_run(tmp_path / "samples", ppo_rows(30))
+    with (run_dir / "samples.jsonl").open("w") as f:
+        for step in (1, 15, 30):
+            for pick, score in (("best", step / 3), ("worst", -1.0 - step), ("spread", 0.5)):
+                f.write(json.dumps({"step": step, "pick": pick, "prompt": "<Hi & bye>", "response": f"answer {step} {pick}",
+                                    "score": score, "failure": None, "kl": 0.1 * step, "length": 7}) + "\n")
+        f.write('{"step": 30, "pick": "spread", "prompt": "p", "response": "cut off mid-li')  # a killed run
+    text = write_report(run_dir).read_text()
+    for title in ("start of the run (step 1)", "middle of the run (step 15)", "end of the run (step 30)",
+                  "highest scored", "lowest scored"):
+        assert title in text
+    assert "&lt;Hi &amp; bye&gt;" in text and "<Hi & bye>" not in text  # escaped
+    top = text.split("highest scored")[1].split("lowest scored")[0]
+    assert "answer 30 best" in top and "answer 30 worst" not in top
+    assert (run_dir / "report" / "reward_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert "frontier a user tunes" in text
 
 
 def test_short_run_with_nan_still_reports(tmp_path):
