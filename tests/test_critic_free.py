@@ -103,7 +103,7 @@ def test_grpo_resume_reproduces_uninterrupted_run(tiny_model_dir, sft_adapter, f
         save_checkpoint(*a, **kw)
         raise Crash
 
-    monkeypatch.setattr(ppo.loop, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr("alignkit.train.checkpoint.save_checkpoint", save_then_crash)  # rank 0 writes through it
     with pytest.raises(Crash):
         ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", friend_rule, *args))
     monkeypatch.undo()

@@ -56,7 +56,7 @@ def test_ppo_resume_reproduces_uninterrupted_run(tiny_model_dir, sft_adapter, tm
         save_checkpoint(*a, **kw)
         raise Crash
 
-    monkeypatch.setattr(ppo.loop, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr("alignkit.train.checkpoint.save_checkpoint", save_then_crash)  # rank 0 writes through it
     with pytest.raises(Crash):
         ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", *args))
     monkeypatch.undo()

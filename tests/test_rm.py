@@ -32,7 +32,6 @@ from alignkit.models.reward_model import (
 )
 from alignkit.models.tiny import build_tiny
 from alignkit.rewards.model import ModelReward, build_model_reward, encode_for_scoring
-from alignkit.train import loop
 from alignkit.train import rm as rm_stage
 from alignkit.train.checkpoint import list_checkpoints, save_checkpoint
 from alignkit.train.tracking import read_metrics
@@ -265,7 +264,7 @@ def test_resume_matches_uninterrupted_run(llama_dir, tmp_path, monkeypatch):
     def save_then_crash(*args, **kwargs):
         raise Crash(save_checkpoint(*args, **kwargs))
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr("alignkit.train.checkpoint.save_checkpoint", save_then_crash)  # rank 0 writes through it
     with pytest.raises(Crash):
         rm_stage.run(rm_config(llama_dir, tmp_path / "cut", **kw))
     monkeypatch.undo()

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from alignkit.cli import main
 from alignkit.config import load_config
-from alignkit.train import loop, sft
+from alignkit.train import sft
 from alignkit.train.checkpoint import list_checkpoints, save_checkpoint
 from alignkit.train.tracking import read_metrics
 
@@ -71,7 +71,7 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, memo_data, tmp_path, m
         path = save_checkpoint(*args, **kwargs)
         raise Crash(path)
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr("alignkit.train.checkpoint.save_checkpoint", save_then_crash)  # rank 0 writes through it
     with pytest.raises(Crash):
         sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "cut", **kw))
     monkeypatch.undo()
