@@ -83,9 +83,8 @@ def main() -> None:
             rows = launch(config, model, Path(tmp) / config)
             peaks[config] = max(r["peak_rss_mb"] for r in rows)
             print(f"{config:16s} " + "  ".join(f"rank {r['rank']}: {r['peak_rss_mb']:7.0f} MiB" for r in rows))
-        saved = peaks["ddp"] - peaks["deepspeed_zero3"]
         print(f"ZeRO-3 peak per rank vs DDP: {peaks['deepspeed_zero3'] / peaks['ddp']:.2f}x "
-              f"({saved:+.0f} MiB less; half the fp32 weights is {n * 2 / 2**20:.0f} MiB)")
+              f"({peaks['deepspeed_zero3'] - peaks['ddp']:+.0f} MiB; half the fp32 weights is {n * 2 / 2**20:.0f} MiB)")
 
 
 if __name__ == "__main__":
