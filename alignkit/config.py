@@ -266,7 +266,7 @@ def _did_you_mean(key: str, known: set[str]) -> str:
     (``learning_rat``), not an unrelated key that shares a suffix (``ref_model`` is not ``reward_model``)."""
     for cand in difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6):
         words = cand.split("_")
-        if all(difflib.get_close_matches(w, words, n=1, cutoff=0.75) for w in key.split("_")):
+        if all(difflib.get_close_matches(w, words, n=1, cutoff=0.6) for w in key.split("_")):
             return f"; did you mean {cand!r}?"
     return ""
 
