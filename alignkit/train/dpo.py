@@ -181,16 +181,17 @@ def pair_metrics(beta: float, chosen: torch.Tensor, rejected: torch.Tensor, ref_
 def pair_loss_sum(cfg: DPOConfig, frozen: nn.Module | None, model: nn.Module, batch: Batch
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed preference loss of a micro-batch of pairs, and TRL's metrics."""
-    # 1. Policy log-probs of chosen and rejected: one (2B, T) forward pass.
-    total, avg = response_logps(model, batch)
-    chosen, rejected = (avg if cfg.length_normalised else total).chunk(2)
-    # 2. Reference log-probs: precomputed, one no-grad pass, or none at all (ORPO, SimPO).
+    # 1. Reference log-probs: precomputed, one no-grad pass, or none at all (ORPO, SimPO). First,
+    # so its temporaries are freed before the policy pass holds its activations for backward.
     ref_chosen = ref_rejected = None
     if "ref_chosen_logps" in batch:
         ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     elif cfg.uses_reference:
         ref_total, ref_avg = reference_logps(model, frozen, batch)
         ref_chosen, ref_rejected = (ref_avg if cfg.length_normalised else ref_total).chunk(2)
+    # 2. Policy log-probs of chosen and rejected: one (2B, T) forward pass.
+    total, avg = response_logps(model, batch)
+    chosen, rejected = (avg if cfg.length_normalised else total).chunk(2)
     # 3. The preference loss, plus pref_ftx x the chosen response's mean token NLL (LLaMA-Factory's ftx).
     losses = preference_losses(cfg, chosen, rejected, ref_chosen, ref_rejected) - cfg.pref_ftx * avg.chunk(2)[0]
     return losses.sum(), pair_metrics(cfg.pref_beta, chosen, rejected, ref_chosen, ref_rejected)

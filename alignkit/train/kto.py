@@ -99,15 +99,16 @@ def kto_metrics(beta: float, logps: torch.Tensor, ref_logps: torch.Tensor, desir
 def kto_loss_sum(cfg: KTOConfig, frozen: nn.Module | None, model: nn.Module, batch: Batch
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed KTO loss of a micro-batch of unpaired rows, and TRL's metrics."""
-    # 1. Policy log-probs of the answers (with grad) and of the mismatched answers (without: z0 is a constant).
-    logps, avg = response_logps(model, kind(batch, 0))
-    with torch.no_grad():
-        kl_logps, _ = response_logps(model, kind(batch, 1))
-    # 2. Reference log-probs of both: precomputed, or one no-grad (2B, T) pass.
+    # 1. Reference log-probs of the answers and the mismatched answers: precomputed, or one no-grad
+    # (2B, T) pass, first, so its temporaries are freed before the policy pass holds its activations.
     if "ref_logps" in batch:
         ref_logps, ref_kl_logps = batch["ref_logps"], batch["ref_kl_logps"]
     else:
         ref_logps, ref_kl_logps = reference_logps(model, frozen, batch)[0].chunk(2)
+    # 2. Policy log-probs of the mismatched answers (without grad: z0 is a constant), then of the answers.
+    with torch.no_grad():
+        kl_logps, _ = response_logps(model, kind(batch, 1))
+    logps, avg = response_logps(model, kind(batch, 0))
     # 3. The reference point z0, the loss, plus pref_ftx x the desirable answers' mean token NLL.
     z0, desirable = kto_reference_point(kl_logps, ref_kl_logps), batch["desirable"]
     losses = kto_loss(logps, ref_logps, desirable, z0, cfg.pref_beta, cfg.kto_chosen_weight, cfg.kto_rejected_weight)
