@@ -386,32 +386,40 @@ def check_rm_accuracy(m: Metrics, settings: dict[str, float]) -> Check:
     return Check(name, OK, nums)
 
 
-def check_pref_margins(m: Metrics, settings: dict[str, float]) -> Check:
+def _decile_check(name: str, key: str, verdict: Callable[[float, float], tuple[str, str]]
+                  ) -> Callable[[Metrics, dict[str, float]], Check]:
+    """A trend check of ``key``: ``verdict(first-decile median, last-decile median)`` gives the
+    verdict and what follows the numbers (with its own lead-in punctuation)."""
+    def check(m: Metrics, settings: dict[str, float]) -> Check:
+        if isinstance(v := _series(m, name, key, trend=True), Check):
+            return v
+        start, end = _decile_medians(v)
+        what, hint = verdict(start, end)
+        return Check(name, what, f"{key.removeprefix('train/')} {start:.3g} (first decile) -> {end:.3g} (last decile){hint}")
+
+    check.__name__ = f"check_{name}"
+    return check
+
+
+def _margins_verdict(start: float, end: float) -> tuple[str, str]:
     """DPO/KTO: the implicit reward margin (chosen minus rejected) should grow."""
-    name = "pref_margins"
-    if isinstance(v := _series(m, name, "train/rewards/margins", trend=True), Check):
-        return v
-    start, end = _decile_medians(v)
-    nums = f"rewards/margins {start:.3g} (first decile) -> {end:.3g} (last decile)"
-    if end <= start:
-        return Check(name, FAIL if end < 0 else WARN, f"margins not rising: {nums}; check the chosen/rejected "
-                                                       "order, raise learning_rate or pref_beta")
-    return Check(name, OK, nums)
+    if end > start:
+        return OK, ""
+    return FAIL if end < 0 else WARN, ": margins not rising; check the chosen/rejected order, raise learning_rate or pref_beta"
 
 
-def check_chosen_logps(m: Metrics, settings: dict[str, float]) -> Check:
+def _chosen_logps_verdict(start: float, end: float) -> tuple[str, str]:
     """DPO/KTO: the known failure where the margin grows while the chosen answer's log-prob falls too."""
-    name = "chosen_logps"
-    if isinstance(c := _series(m, name, "train/logps/chosen", trend=True), Check):
-        return c
-    start, end = _decile_medians(c)
     drop = (start - end) / max(abs(start), 1e-6)
-    nums = f"logps/chosen {start:.3g} (first decile) -> {end:.3g} (last decile), {-drop:+.0%}"
-    if drop > LOGPS_DROP_WARN:
-        return Check(name, FAIL if drop > LOGPS_DROP_FAIL else WARN,
-                     f"chosen log-probs collapsing: {nums}; the margin grows by pushing both answers down: "
-                     "lower learning_rate, raise pref_beta or add pref_ftx")
-    return Check(name, OK, nums)
+    if drop <= LOGPS_DROP_WARN:
+        return OK, f", {-drop:+.0%}"
+    return (FAIL if drop > LOGPS_DROP_FAIL else WARN,
+            f", {-drop:+.0%}: chosen log-probs collapsing, the margin grows by pushing both answers down; "
+            "lower learning_rate, raise pref_beta or add pref_ftx")
+
+
+check_pref_margins = _decile_check("pref_margins", "train/rewards/margins", _margins_verdict)
+check_chosen_logps = _decile_check("chosen_logps", "train/logps/chosen", _chosen_logps_verdict)
 
 
 STAGE_CHECKS: dict[str, list[Callable[[Metrics, dict[str, float]], Check | None]]] = {

@@ -8,7 +8,7 @@ The reference is, by default, the policy's own weights with its LoRA adapter dis
 adapter in ``adapter_name_or_path`` (the SFT model) is merged into the base and a new adapter is
 trained on top, exactly as PPO does, so no second model copy is loaded. ORPO and SimPO have no
 reference at all and never run a reference pass. The pieces below the stage (collator, log-probs,
-reference, evaluation) are shared with KTO (``train.kto``).
+reference, evaluation) and the run itself (``run_preference``) are shared with KTO (``train.kto``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -35,7 +36,7 @@ from alignkit.algos.preference import (
     simpo_loss,
 )
 from alignkit.data.encode import encode_responses
-from alignkit.data.loader import split_train_val
+from alignkit.data.loader import Example, Kind, split_train_val
 from alignkit.data.templates import get_template
 from alignkit.models.io import restore_model, save_model
 from alignkit.models.loading import (
@@ -239,44 +240,64 @@ def check_reference_path(cfg: PreferenceConfig) -> None:
             check_model_dir(path, key)
 
 
-def write_eval_results(out: Path, step: int, n_rows: int, results: dict[str, float]) -> None:
-    """The final evaluation, for people (printed) and scripts (``eval_results.json``)."""
-    (out / EVAL_FILE).write_text(json.dumps({"step": step, "num_rows": n_rows, **results}, indent=2) + "\n")
-    print("eval: " + "  ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in results.items()))
+@dataclass(frozen=True)
+class Recipe:
+    """What DPO and KTO do differently; ``run_preference`` is the rest of either run."""
+
+    name: str  # the stage, as the progress bar shows it
+    kind: Kind  # how the dataset's rows are parsed: "pairwise" (DPO) or "kto"
+    tokenize: Callable[[Any, Any, list[Example]], list[dict]]  # (cfg, tokenizer, examples) -> rows
+    sequences: tuple[str, ...]  # each row's ``<name>_ids``, in collated order
+    ref_keys: tuple[str, ...]  # where precomputed reference log-probs go, one per sequence kind
+    # (cfg, frozen reference or None, model, batch) -> summed loss and summed metrics of a micro-batch
+    loss_sum: Callable[[Any, nn.Module | None, nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    plotted: list[str]
 
 
-def run(cfg: DPOConfig) -> Path:
-    # 1. Check paths and parse the pairs before anything is written or loaded.
-    examples = preflight(cfg, "pairwise")
+def run_preference(cfg: PreferenceConfig, recipe: Recipe) -> Path:
+    """Train a DPO or KTO run from its config; the output dir."""
+    # 1. Check paths and parse the rows before anything is written or loaded.
+    examples = preflight(cfg, recipe.kind)
     check_reference_path(cfg)
     accelerator, out = setup_run(cfg)
 
-    # 2. Policy, reference (its own copy only with ref_model or full fine-tuning), tokenized pairs.
+    # 2. Policy, reference (its own copy only with ref_model or full fine-tuning), tokenized rows;
+    # held-out examples are split off before a pair becomes two KTO rows.
     policy, frozen = build_models(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
-    train, val = tokenize(cfg, tokenizer, train_ex), tokenize(cfg, tokenizer, val_ex) if val_ex else []
-    collate = PreferenceCollator(tokenizer.pad_token_id, ("chosen", "rejected"))
+    train, val = recipe.tokenize(cfg, tokenizer, train_ex), recipe.tokenize(cfg, tokenizer, val_ex) if val_ex else []
+    collate = PreferenceCollator(tokenizer.pad_token_id, recipe.sequences)
 
     # 3. Reference log-probs: once for the dataset (precompute_ref_logprobs), or per batch in the loss.
-    frozen = prepare_reference(cfg, accelerator, (policy, frozen), train + val, collate,
-                               ("ref_chosen_logps", "ref_rejected_logps"))
+    frozen = prepare_reference(cfg, accelerator, (policy, frozen), train + val, collate, recipe.ref_keys)
 
-    # 4. Train. The loss is the mean over the global batch's pairs; held-out pairs are evaluated
-    # at the end whenever there are some.
+    # 4. Train. The loss is the mean over the global batch's rows (pairs for DPO); held-out rows
+    # are evaluated at the end whenever there are some.
     def loss_sum(m: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return pair_loss_sum(cfg, frozen, m, batch)
+        return recipe.loss_sum(cfg, frozen, m, batch)
 
-    def eval_pairs(m: nn.Module) -> dict[str, float]:
+    def eval_rows(m: nn.Module) -> dict[str, float]:
         return evaluate(loss_sum, m, val, collate, cfg.per_device_eval_batch_size, accelerator.device)
 
     results = fit(cfg, accelerator, out, Stage(
-        name="dpo", model=policy, train=train, collate=collate, loss_sum=loss_sum, count=len,
+        name=recipe.name, model=policy, train=train, collate=collate, loss_sum=loss_sum, count=len,
         save=lambda m, d: save_model(m, d, tokenizer), restore=restore_model,
-        evaluate=eval_pairs if val else None, plotted=PLOTTED,
+        evaluate=eval_rows if val else None, plotted=recipe.plotted,
     ))
 
-    # 5. The final evaluation, for people and for scripts.
+    # 5. The final evaluation, for people (printed) and for scripts (eval_results.json).
     if results is not None and accelerator.is_main_process:
-        write_eval_results(out, plan(cfg, len(train), accelerator.num_processes).num_steps, len(val), results)
+        step = plan(cfg, len(train), accelerator.num_processes).num_steps
+        (out / EVAL_FILE).write_text(json.dumps({"step": step, "num_rows": len(val), **results}, indent=2) + "\n")
+        print("eval: " + "  ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in results.items()))
     return out
+
+
+DPO = Recipe("dpo", "pairwise", tokenize, ("chosen", "rejected"), ("ref_chosen_logps", "ref_rejected_logps"),
+             pair_loss_sum, PLOTTED)
+
+
+def run(cfg: DPOConfig) -> Path:
+    """Train DPO (or hinge, IPO, ORPO, SimPO: ``pref_loss``) on preference pairs; the output dir."""
+    return run_preference(cfg, DPO)

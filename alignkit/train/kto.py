@@ -20,24 +20,10 @@ from torch import nn
 
 from alignkit.algos.preference import implicit_rewards, kto_loss, kto_reference_point
 from alignkit.data.encode import encode_responses
-from alignkit.data.loader import Example, split_train_val
+from alignkit.data.loader import Example
 from alignkit.data.templates import get_template
-from alignkit.models.io import restore_model, save_model
-from alignkit.models.loading import load_tokenizer
-from alignkit.train.common import preflight, setup_run
-from alignkit.train.dpo import (
-    Batch,
-    PreferenceCollator,
-    build_models,
-    check_reference_path,
-    evaluate,
-    prepare_reference,
-    reference_logps,
-    response_logps,
-    write_eval_results,
-)
+from alignkit.train.dpo import Batch, Recipe, reference_logps, response_logps, run_preference
 from alignkit.train.dpo_config import KTOConfig
-from alignkit.train.loop import Stage, fit, plan
 
 logger = logging.getLogger(__name__)
 PLOTTED = ["train/loss", "train/kl", "train/rewards/chosen", "train/rewards/rejected", "train/logps/chosen",
@@ -116,36 +102,9 @@ def kto_loss_sum(cfg: KTOConfig, frozen: nn.Module | None, model: nn.Module, bat
     return losses.sum(), kto_metrics(cfg.pref_beta, logps, ref_logps, desirable, z0)
 
 
+KTO = Recipe("kto", "kto", tokenize, ("completion", "kl"), ("ref_logps", "ref_kl_logps"), kto_loss_sum, PLOTTED)
+
+
 def run(cfg: KTOConfig) -> Path:
-    # 1. Check paths and parse the rows (kto_tag rows or pairs) before anything is written or loaded.
-    examples = preflight(cfg, "kto")
-    check_reference_path(cfg)
-    accelerator, out = setup_run(cfg)
-
-    # 2. Policy, reference, and tokenized unpaired rows (held-out examples split before pairs are).
-    policy, frozen = build_models(cfg)
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
-    train, val = tokenize(cfg, tokenizer, train_ex), tokenize(cfg, tokenizer, val_ex) if val_ex else []
-    collate = PreferenceCollator(tokenizer.pad_token_id, ("completion", "kl"))
-
-    # 3. Reference log-probs: once for the dataset (precompute_ref_logprobs), or per batch in the loss.
-    frozen = prepare_reference(cfg, accelerator, (policy, frozen), train + val, collate, ("ref_logps", "ref_kl_logps"))
-
-    # 4. Train. The loss is the mean over the global batch's rows.
-    def loss_sum(m: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return kto_loss_sum(cfg, frozen, m, batch)
-
-    def eval_rows(m: nn.Module) -> dict[str, float]:
-        return evaluate(loss_sum, m, val, collate, cfg.per_device_eval_batch_size, accelerator.device)
-
-    results = fit(cfg, accelerator, out, Stage(
-        name="kto", model=policy, train=train, collate=collate, loss_sum=loss_sum, count=len,
-        save=lambda m, d: save_model(m, d, tokenizer), restore=restore_model,
-        evaluate=eval_rows if val else None, plotted=PLOTTED,
-    ))
-
-    # 5. The final evaluation, for people and for scripts.
-    if results is not None and accelerator.is_main_process:
-        write_eval_results(out, plan(cfg, len(train), accelerator.num_processes).num_steps, len(val), results)
-    return out
+    """Train KTO on kto_tag rows or on pairs split into desirable and undesirable answers; the output dir."""
+    return run_preference(cfg, KTO)
