@@ -67,6 +67,12 @@ def test_reference_free_losses_run_no_reference_pass(tiny_model_dir, tmp_path, m
     assert rows[-1]["train/rewards/margins"] > rows[0]["train/rewards/margins"]
 
 
+def test_dpo_reads_sharegpt_pairs(tiny_model_dir, tmp_path):
+    out = dpo.run(stage_config("dpo_tiny.yaml", tiny_model_dir, tmp_path / "sharegpt", "dataset=prefs_sharegpt",
+                               "max_steps=2", *NO_EVAL))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2] and (out / "adapter_model.safetensors").is_file()
+
+
 def test_reference_sources_agree(tiny_model_dir, tmp_path):
     """Adapter disabled per batch, precomputed once, and a separate ref_model copy of the same base
     give the same reference, so the same losses and rewards."""

@@ -138,11 +138,10 @@ def prepare_reference(cfg: PreferenceConfig, accelerator: Accelerator, models: t
     if not (cfg.uses_reference and cfg.precompute_ref_logprobs):
         return frozen
     policy.to(device)
-    average = getattr(cfg, "length_normalised", False)
     for i in range(0, len(rows), cfg.per_device_eval_batch_size):
         chunk = rows[i : i + cfg.per_device_eval_batch_size]
         total, avg = reference_logps(policy, frozen, {k: v.to(device) for k, v in collate(chunk).items()})
-        for key, values in zip(keys, (avg if average else total).chunk(len(keys)), strict=True):
+        for key, values in zip(keys, (avg if cfg.length_normalised else total).chunk(len(keys)), strict=True):
             for row, value in zip(chunk, values.tolist(), strict=True):
                 row[key] = value
     logger.info("reference log-probs precomputed for %d rows", len(rows))

@@ -49,6 +49,11 @@ class PreferenceConfig(StageConfig):
     def uses_reference(self) -> bool:
         return True
 
+    @property
+    def length_normalised(self) -> bool:
+        """The loss reads average (per-token) log-probs rather than sums."""
+        return False
+
 
 class DPOConfig(PreferenceConfig):
     stage: Literal["dpo"] = Field("dpo", description="Training stage.")

@@ -59,7 +59,7 @@ def tokenize(cfg: KTOConfig, tokenizer, examples: list[Example]) -> list[dict]:
     return feats
 
 
-def kind(batch: Batch, index: int) -> Batch:
+def sub_batch(batch: Batch, index: int) -> Batch:
     """The completions (``index`` 0) or the mismatched KL sequences (1) of a collated KTO batch."""
     b = batch["prompt_len"].shape[0]
     return {"input_ids": batch["input_ids"][index * b : (index + 1) * b], "prompt_len": batch["prompt_len"],
@@ -93,8 +93,8 @@ def kto_loss_sum(cfg: KTOConfig, frozen: nn.Module | None, model: nn.Module, bat
         ref_logps, ref_kl_logps = reference_logps(model, frozen, batch)[0].chunk(2)
     # 2. Policy log-probs of the mismatched answers (without grad: z0 is a constant), then of the answers.
     with torch.no_grad():
-        kl_logps, _ = response_logps(model, kind(batch, 1))
-    logps, avg = response_logps(model, kind(batch, 0))
+        kl_logps, _ = response_logps(model, sub_batch(batch, 1))
+    logps, avg = response_logps(model, sub_batch(batch, 0))
     # 3. The reference point z0, the loss, plus pref_ftx x the desirable answers' mean token NLL.
     z0, desirable = kto_reference_point(kl_logps, ref_kl_logps), batch["desirable"]
     losses = kto_loss(logps, ref_logps, desirable, z0, cfg.pref_beta, cfg.kto_chosen_weight, cfg.kto_rejected_weight)
