@@ -39,9 +39,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     module = importlib.import_module(STAGE_MODULES[cfg.stage])
     out = module.run(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: rank 0 reports
+        return 0
     print(f"done: outputs in {out}")
-    if cfg.stage == "ppo":
-        write_training_report(out)
+    write_training_report(out)
     print(f"  next: alignkit export --from {out} --export_dir {out}-merged   (or alignkit report {out})")
     return 0
 

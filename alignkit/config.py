@@ -93,7 +93,7 @@ class StageConfig(BaseModel):
     enable_thinking: bool | None = Field(None, description="Qwen3-style templates: false renders with thinking off.")
     cutoff_len: int = Field(1024, ge=8, description="Maximum tokens per example (prompt + response).")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many rows per dataset.")
-    val_size: float = Field(0.0, ge=0.0, description="Held-out split: fraction in (0,1) or a row count >= 1.")
+    val_size: float | int = Field(0.0, ge=0.0, description="Held-out split: fraction in (0,1) or a row count >= 1.")
     skip_bad_rows: bool = Field(False, description="Skip malformed rows (reporting how many) instead of stopping.")
     # Output
     output_dir: str = Field(description="Where adapters, checkpoints, logs and the resolved config go.")
@@ -159,6 +159,12 @@ class StageConfig(BaseModel):
     def _whole_steps(cls, v: float) -> float | int:
         # Below 1 it is a ratio (moved to warmup_ratio in _check); at or above 1 a step count.
         return v if v < 1 else int(v)
+
+    @field_validator("val_size", mode="after")
+    @classmethod
+    def _val_count(cls, v: float | int) -> float | int:
+        # A whole number >= 1 is a row count even when YAML wrote it as 20.0.
+        return int(v) if v >= 1 and float(v).is_integer() else v
 
     @field_validator("eval_strategy", mode="before")
     @classmethod
