@@ -115,6 +115,12 @@ def check_kl_band(m: Metrics, settings: dict[str, float]) -> Check:
     return Check(name, OK, f"{where}, within {lo}-{hi}")
 
 
+def _score_spread(m: Metrics) -> float | None:
+    """Median within-batch std of the scores (``env/reward_std``), when logged and non-zero."""
+    stds = [s for s in (_vals(m, "env/reward_std") or []) if s > 0]
+    return median(stds) if stds else None
+
+
 def check_reward_trend(m: Metrics, settings: dict[str, float]) -> Check:
     name = "reward_trend"
     if isinstance(r := _series(m, name, "env/reward_mean", trend=True), Check):
@@ -123,8 +129,7 @@ def check_reward_trend(m: Metrics, settings: dict[str, float]) -> Check:
     first, last = fmean(r[:k]), fmean(r[-k:])
     peak = max(fmean(r[i:i + k]) for i in range(len(r) - k + 1))
     # Scale by the within-batch spread of scores when logged: a rise is meaningful relative to it.
-    stds = [s for s in (_vals(m, "env/reward_std") or []) if s > 0]
-    scale = median(stds) if stds else (math.sqrt(fmean([(x - fmean(r)) ** 2 for x in r])) or 1.0)
+    scale = _score_spread(m) or math.sqrt(fmean([(x - fmean(r)) ** 2 for x in r])) or 1.0
     rise, drop = (last - first) / scale, (peak - last) / scale
     nums = f"first decile {first:.3g} -> last decile {last:.3g}, peak {peak:.3g}, std {scale:.3g}"
     if rise < -REWARD_DROP_FAIL:
@@ -313,9 +318,9 @@ def check_reward_probe(m: Metrics, settings: dict[str, float]) -> Check | None:
     if drift > PROBE_DRIFT:
         return Check(name, FAIL, f"{nums} (moved {drift:.0%}): the judge scores the same answers differently "
                                  "now (model or rubric changed mid-run); pin the judge's version, restart the run")
-    reward, stds = _vals(m, "env/reward_mean"), [s for s in (_vals(m, "env/reward_std") or []) if s > 0]
+    reward = _vals(m, "env/reward_mean")
     if reward and len(reward) >= MIN_TREND_POINTS:
-        ahead = (fmean(reward[-_decile(reward):]) - fmean(probe)) / (median(stds) if stds else 1.0)
+        ahead = (fmean(reward[-_decile(reward):]) - fmean(probe)) / (_score_spread(m) or 1.0)
         if ahead > REWARD_PEAK_DROP:
             return Check(name, WARN, f"{nums}; the policy now scores {ahead:.2f} std above the reference answers: "
                                      "read the top samples for reward hacking before trusting the reward")
