@@ -1,5 +1,6 @@
-"""Sharded training on two CPU processes (gloo): DeepSpeed ZeRO-2 and ZeRO-3 through the shipped
-accelerate configs, checked against one process; FSDP is refused. Needs scripts/setup_deepspeed.sh."""
+"""Sharded training on two CPU processes (gloo): DeepSpeed ZeRO-2 and ZeRO-3 and FSDP2 through the
+shipped accelerate configs, checked against one process. ZeRO needs scripts/setup_deepspeed.sh; FSDP
+is alignkit's own fully_shard, the code path GPUs run (accelerate's FSDP plugin stays off)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from alignkit.config import load_config
 from alignkit.train import sft
+from alignkit.train.checkpoint import load_state
 from alignkit.train.ppo.loop import build_models
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES
@@ -19,6 +21,7 @@ from tests.test_distributed import ppo_overrides, prompts_dir, sft_overrides  # 
 
 pytestmark = pytest.mark.slow
 ZERO = ["deepspeed_zero2", "deepspeed_zero3"]
+BACKENDS = [*(pytest.param(c, marks=requires_deepspeed) for c in ZERO), "fsdp"]
 ADAPTER = "adapter_model.safetensors"
 
 
@@ -36,12 +39,12 @@ def single_sft(tiny_model_dir, tmp_path_factory):
         tiny_model_dir, out, "per_device_train_batch_size=4", "save_steps=2")))
 
 
-@requires_deepspeed
-@pytest.mark.parametrize("config", ZERO)
+@pytest.mark.parametrize("config", BACKENDS)
 def test_sft_matches_one_process_and_resumes(config, tiny_model_dir, single_sft, tmp_path):
-    # 2 ranks x micro-batch 2 under ZeRO = 1 process x 4, to float32 reduction-order noise: ZeRO sums
-    # gradients in its own flat buffers and order, and Adam's first steps (lr 1e-3, about lr * sign(g))
-    # amplify it on near-zero gradients of the zero-initialised lora_B; measured up to 1.7e-5.
+    # 2 ranks x micro-batch 2 under ZeRO or FSDP = 1 process x 4, to float32 reduction-order noise: ZeRO
+    # sums gradients in its own flat buffers and order (FSDP reduce-scatters shards), and Adam's first
+    # steps (lr 1e-3, about lr * sign(g)) amplify it on near-zero gradients of the zero-initialised
+    # lora_B; measured up to 1.7e-5 (ZeRO), 8.5e-6 (FSDP).
     out = tmp_path / "sft"
     args = sft_overrides(tiny_model_dir, out, "per_device_train_batch_size=2", "save_steps=2")
     launch(EXAMPLES / "sft_tiny.yaml", args, accelerate=config)
@@ -50,19 +53,23 @@ def test_sft_matches_one_process_and_resumes(config, tiny_model_dir, single_sft,
     # The checkpoint's adapter (gathered from the shards by rank 0) is what one process saved at step 2.
     assert_same(load_file(str(single_sft / "checkpoint-2" / ADAPTER)),
                 load_file(str(out / "checkpoint-2" / ADAPTER)), atol=5e-5, rtol=1e-4)
-    assert (out / "checkpoint-2" / "shards" / "latest").is_file()
+    assert (out / "checkpoint-2" / "shards" / "latest").is_file() == (config != "fsdp")
     assert read_metrics(out)[0]["train/loss"] == pytest.approx(read_metrics(single_sft)[0]["train/loss"], rel=1e-4)
 
-    # Resume from the ZeRO shards of checkpoint-2: step 3 again gives the same weights.
+    # Resume from checkpoint-2 (ZeRO's shards, or FSDP's whole state): step 3 again gives the same weights.
     launch(EXAMPLES / "sft_tiny.yaml", [*args, "resume_from_checkpoint=true"], accelerate=config)
     assert_same(final, load_file(str(out / ADAPTER)), atol=1e-6, rtol=1e-5)
 
 
 def consolidated_policy_files(cfg, ckpt, tmp_path) -> dict[str, dict[str, torch.Tensor]]:
-    """What one process saves after loading the fp32 weights rebuilt from a ZeRO checkpoint's shards."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """What one process saves after loading the fp32 weights rebuilt from a ZeRO checkpoint's shards,
+    or the whole trainable weights an FSDP checkpoint keeps for resuming."""
+    if (ckpt / "shards").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "shards"))  # its "latest" names the tag
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "shards"))  # its "latest" names the tag
+    else:
+        state = load_state(ckpt)["model"]
     ac = build_models(cfg)
     trainable = {n for n, p in ac.named_parameters() if p.requires_grad}
     missing, _ = ac.load_state_dict({k: v for k, v in state.items() if k in trainable}, strict=False)
@@ -71,8 +78,7 @@ def consolidated_policy_files(cfg, ckpt, tmp_path) -> dict[str, dict[str, torch.
     return {name: load_file(str(tmp_path / name)) for name in (ADAPTER, "value_head.safetensors")}
 
 
-@requires_deepspeed
-@pytest.mark.parametrize("config", ZERO)
+@pytest.mark.parametrize("config", BACKENDS)
 def test_ppo_lora_resumes_exactly(config, tiny_model_dir, prompts_dir, tmp_path):  # noqa: F811
     out = tmp_path / "ppo"
     args = ppo_overrides(tiny_model_dir, prompts_dir, out, "save_steps=1", "reward_model=count_good")
@@ -82,7 +88,7 @@ def test_ppo_lora_resumes_exactly(config, tiny_model_dir, prompts_dir, tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
 
     # The adapter and value head rank 0 saved equal what one process saves from the same weights
-    # (rebuilt by DeepSpeed's zero_to_fp32 from every rank's shards).
+    # (rebuilt by DeepSpeed's zero_to_fp32 from every rank's shards, or FSDP's gathered state).
     single = consolidated_policy_files(load_config(EXAMPLES / "ppo_tiny.yaml", args), out / "checkpoint-1",
                                        tmp_path / "single")
     for name, tensors in single.items():
@@ -115,12 +121,6 @@ def test_zero3_rollout_gathers_parameters_once(tiny_model_dir, tmp_path):
     assert 0 < once["8"]["all_gather_into_tensor"] <= counts["n_params"]
     # Without it ZeRO-3 gathers every layer again for every token: the counter sees real gathers.
     assert per_layer["8"]["all_gather_into_tensor"] > 3 * per_layer["2"]["all_gather_into_tensor"]
-
-
-def test_fsdp_is_refused(tiny_model_dir, tmp_path):
-    with pytest.raises(AssertionError, match="FSDP .* is not supported yet"):
-        launch(EXAMPLES / "sft_tiny.yaml", sft_overrides(tiny_model_dir, tmp_path / "sft"), accelerate="fsdp",
-               timeout=120)
 
 
 def test_ppo_accumulation_under_deepspeed_is_refused(tiny_model_dir, prompts_dir, tmp_path):  # noqa: F811

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
+
+# Whether ``sample`` stops only when every rank's rows are finished (see ``synchronised_stop``).
+_SYNC_STOP: ContextVar[bool] = ContextVar("alignkit_sync_stop", default=False)
 
 
 @dataclass
@@ -49,6 +55,28 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+@contextmanager
+def synchronised_stop() -> Iterator[None]:
+    """Inside the block, ``sample`` keeps decoding until every rank of the default process group is
+    done (one all-reduce per token), so all ranks run the same number of forwards: under FSDP a
+    forward may hold collectives, and a rank that stopped early would leave the others waiting.
+    Rows already finished keep receiving pad tokens, which the response mask drops."""
+    token = _SYNC_STOP.set(True)
+    try:
+        yield
+    finally:
+        _SYNC_STOP.reset(token)
+
+
+def all_finished(finished: torch.Tensor) -> bool:
+    """Every row finished, on this rank or (under ``synchronised_stop``) on every rank."""
+    done = finished.all()
+    if _SYNC_STOP.get() and torch.distributed.is_initialized():
+        done = done.to(torch.int32)
+        torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+    return bool(done)
+
+
 @torch.inference_mode()
 def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
            temperature: float, top_k: int, top_p: float, eos_ids: list[int]) -> Rollout:
@@ -77,7 +105,7 @@ def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         finished |= torch.isin(token, eos)
-        if bool(finished.all()) or len(tokens) == max_new_tokens:
+        if len(tokens) == max_new_tokens or all_finished(finished):
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
         out = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,

@@ -27,6 +27,7 @@ from alignkit.train.checkpoint import (
 )
 
 logger = logging.getLogger(__name__)
+FSDP_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with examples/accelerate/fsdp.yaml
 
 
 def preflight(cfg: StageConfig, kind: Kind) -> list[Example]:
@@ -88,32 +89,36 @@ def make_accelerator() -> Accelerator:
     # Under torchrun on a machine without GPUs, Accelerator() would start one independent
     # single-process run per rank (all writing one output_dir); cpu=True makes it use DDP over gloo.
     # cpu=True would also switch DeepSpeed off, so a DeepSpeed launch gets gloo explicitly instead.
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # Checked before the Accelerator exists: on CPU, accelerate would silently leave the model unwrapped.
-        raise NotImplementedError(
-            "FSDP (examples/accelerate/fsdp.yaml) is not supported yet: alignkit's rollout, checkpoints and saves "
-            "are not tested under it. Use DeepSpeed ZeRO-3 (examples/accelerate/deepspeed_zero3.yaml after "
-            "`pip install alignkit[deepspeed]`), which shards weights, gradients and optimizer state the same way."
-        )
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     on_cpu = launched and not torch.accelerator.is_available()
     if on_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     else:
-        accelerator = Accelerator(cpu=on_cpu)
+        # FSDP (fsdp.yaml) is applied by alignkit itself (sharding.shard): accelerate's own plugin must
+        # stay off, on GPUs as on CPU (where it would silently leave the model unwrapped anyway).
+        os.environ[FSDP_ENV], fsdp = "false", os.environ.get(FSDP_ENV, "false")
+        try:
+            accelerator = Accelerator(cpu=on_cpu)
+        finally:
+            os.environ[FSDP_ENV] = fsdp
     if launched and accelerator.num_processes == 1:
         raise RuntimeError("launched with WORLD_SIZE > 1, but accelerate set up a single process; "
                            "use `accelerate launch` or `torchrun` with a supported backend")
     return accelerator
 
 
+def fsdp_setting(key: str, default: str) -> str:
+    """A key of the accelerate FSDP config, as ``accelerate launch`` exports it (``FSDP_<KEY>``)."""
+    return os.environ.get(f"FSDP_{key}", default).lower()
+
+
 def backend(accelerator: Accelerator) -> str:
     """``single``, ``ddp``, ``zero2``, ``zero3`` (``zero0``/``zero1``) or ``fsdp``: how the run is spread."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return "fsdp"
-    return "ddp" if accelerator.num_processes > 1 else "single"
+    if accelerator.num_processes == 1:
+        return "single"
+    return "fsdp" if os.environ.get(FSDP_ENV, "false").lower() == "true" else "ddp"
 
 
 def output_dir_error(cfg: StageConfig, out: Path) -> str | None:
@@ -189,23 +194,32 @@ def global_batch_indices(n: int, step: int, global_bs: int, seed: int) -> list[i
     return order[pos * global_bs : (pos + 1) * global_bs]
 
 
-def resume(accelerator: Accelerator, out: Path, cfg: StageConfig, restore_weights, optimizer, scheduler) -> dict | None:
+def resume(accelerator: Accelerator, out: Path, cfg: StageConfig, restore_weights, optimizer, scheduler,
+           model: torch.nn.Module | None = None) -> dict | None:
     """Restore a checkpoint named by ``resume_from_checkpoint`` (weights through
     ``restore_weights(ckpt)``, optimizer, scheduler, this rank's RNG); its state, or None.
 
     A ZeRO checkpoint's weights and optimizer are DeepSpeed's per-rank shards (``accelerator.load_state``
-    on every rank); it resumes only under DeepSpeed with the same number of processes."""
+    on every rank); it resumes only under DeepSpeed with the same number of processes. An FSDP
+    checkpoint holds the whole trainable weights and optimizer state, which every rank hands to
+    torch's ``set_state_dict`` on the sharded ``model``; it resumes only under FSDP."""
     ckpt = resolve_resume(out, cfg.resume_from_checkpoint)
     if ckpt is None:
         return None
     state = load_state(ckpt)
-    sharded, deepspeed = (ckpt / SHARDS).is_dir(), accelerator.distributed_type == DistributedType.DEEPSPEED
-    if sharded != deepspeed:
+    kind = "zero" if (ckpt / SHARDS).is_dir() else "fsdp" if state.get("backend") == "fsdp" else "plain"
+    name = backend(accelerator)
+    if kind != ("zero" if name.startswith("zero") else "fsdp" if name == "fsdp" else "plain"):
         raise ValueError(f"resume_from_checkpoint: {ckpt} was written by a {state.get('backend', 'ddp')} run and "
-                         f"cannot resume a {backend(accelerator)} run; launch with the accelerate config it was "
+                         f"cannot resume a {name} run; launch with the accelerate config it was "
                          "written with (the final model or a checkpoint's adapter can start a new run instead).")
-    if sharded:
+    if kind == "zero":
         accelerator.load_state(str(ckpt / SHARDS))
+    elif kind == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
     else:
         restore_weights(ckpt)
         optimizer.load_state_dict(state["optimizer"])

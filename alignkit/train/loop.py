@@ -77,16 +77,17 @@ def fit(cfg: StageConfig, accelerator: Accelerator, out: Path, stage: Stage) -> 
     trainable, total = count_parameters(stage.model)
     logger.info("trainable parameters: %d / %d (%.2f%%)", trainable, total, 100 * trainable / total)
     sizes = plan(cfg, len(stage.train), accelerator.num_processes)
+    sharding.check_supported(accelerator)
+    sharding.shard(accelerator, stage.model)  # FSDP: before the optimizer, which must hold the shards
     params = [p for p in stage.model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(cfg, params, sizes.num_steps)
-    sharding.check_supported(accelerator)
     sharding.configure(accelerator, sizes.micro_bs, sizes.accum, cfg.max_grad_norm)
-    model, optimizer = accelerator.prepare(stage.model, optimizer)
+    model, optimizer = sharding.prepare(accelerator, stage.model, optimizer)
     model.train()
 
     # 2. Resume: weights, optimizer, scheduler, RNG; the data position is the step itself.
     state = resume(accelerator, out, cfg, lambda ckpt: stage.restore(accelerator.unwrap_model(model), ckpt),
-                   optimizer, scheduler)
+                   optimizer, scheduler, model)
     start = state["step"] if state else 0
 
     tracker = MetricLogger(out, cfg.report_to, enabled=accelerator.is_main_process, resume_step=start)
@@ -110,7 +111,7 @@ def fit(cfg: StageConfig, accelerator: Accelerator, out: Path, stage: Stage) -> 
             metrics |= {"train/learning_rate": lr, "train/epoch": step * sizes.global_bs / len(stage.train),
                         "time/step": time.perf_counter() - t0}
             if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
+                metrics["train/grad_norm"] = sharding.grad_norm_value(grad_norm)
             tracker.log(done, metrics)
         if stage.evaluate and cfg.eval_strategy != "no" and done % sizes.eval_every == 0 and done < sizes.num_steps:
             tracker.log(done, stage.evaluate(model))
@@ -125,7 +126,7 @@ def fit(cfg: StageConfig, accelerator: Accelerator, out: Path, stage: Stage) -> 
     results = stage.evaluate(model) if stage.evaluate and stage.final_eval else None
     if results is not None:
         tracker.log(sizes.num_steps, results)
-    with sharding.gathered(accelerator, params):  # ZeRO-3: the trained weights, whole, for rank 0 to write
+    with sharding.full_weights(accelerator, model):  # ZeRO-3, FSDP: the trained weights, whole, for rank 0
         if accelerator.is_main_process:
             stage.save(accelerator.unwrap_model(model), out)
     if accelerator.is_main_process and cfg.plot_loss:

@@ -1,13 +1,20 @@
-"""What changes when the model is sharded (DeepSpeed ZeRO-2/3): in one place, so that the SFT/RM
-loop and the PPO loop read the same under DDP and under ZeRO.
+"""What changes when the model is sharded (DeepSpeed ZeRO-2/3, FSDP2): in one place, so that the
+SFT/RM loop and the PPO loop read the same under DDP, ZeRO and FSDP.
 
 - ``check_supported``: the combinations alignkit runs, or one paragraph saying what to do instead.
 - ``configure``: the DeepSpeed config takes its batch sizes and clipping from the alignkit config.
+- ``shard`` / ``prepare``: FSDP2 applied by alignkit itself (below), or ``accelerator.prepare``.
 - ``backward``: accumulation with DeepSpeed's engine (it owns the reduce and the optimizer step).
-- ``gathered`` / ``rollout_context``: full parameters on every rank for a save or for one whole
-  rollout (ZeRO-3 otherwise gathers each layer again for every generated token).
-- ``save_checkpoint``: every rank writes its optimizer shard (``accelerator.save_state``) next to the
-  plain model files rank 0 writes; ``common.resume`` reads them back.
+- ``full_weights`` / ``rollout_context``: full parameters for a save (rank 0) or for one whole
+  rollout (ZeRO-3 and FSDP otherwise gather each layer again for every generated token).
+- ``save_checkpoint``: under ZeRO every rank writes its optimizer shard (``accelerator.save_state``)
+  next to the plain model files rank 0 writes; under FSDP rank 0 stores the gathered trainable
+  weights and optimizer state; ``common.resume`` reads either back.
+
+FSDP is alignkit's own ``torch.distributed.fsdp.fully_shard`` (FSDP2), not accelerate's plugin:
+accelerate 1.15 applies its plugin only on accelerator devices (on CPU it silently leaves the model
+unwrapped), so going through it would test on CPU a path users never run on GPUs. ``fsdp.yaml``
+only tells alignkit to shard (``common.make_accelerator`` builds a plain multi-process Accelerator).
 
 DeepSpeed is imported only under DeepSpeed (``pip install alignkit[deepspeed]``).
 """
@@ -25,14 +32,19 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
+from alignkit.generation.sampling import synchronised_stop
 from alignkit.runs import CHECKPOINT_PREFIX
 from alignkit.train import checkpoint
 from alignkit.train.checkpoint import SHARDS
-from alignkit.train.common import backend, rank_rng_states
+from alignkit.train.common import backend, fsdp_setting, rank_rng_states
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def is_fsdp(accelerator: Accelerator) -> bool:
+    return backend(accelerator) == "fsdp"
 
 
 def check_supported(accelerator: Accelerator, lora_reward: bool = False, vllm: bool = False,
@@ -45,17 +57,87 @@ def check_supported(accelerator: Accelerator, lora_reward: bool = False, vllm: b
             f"every backward of the PPO update. Set gradient_accumulation_steps: 1 (it is {ppo_accumulation}) and "
             "multiply per_device_train_batch_size by it instead: the same mini-batch, in one micro-batch."
         )
-    if name == "zero3" and lora_reward:
+    if name in ("zero3", "fsdp") and lora_reward:
         raise NotImplementedError(
-            "reward_model_type: lora scores on a background thread with the policy's own (ZeRO-3 sharded) "
-            "weights, whose gathers would interleave with the trainer's collectives. Under ZeRO-3 use a full "
+            f"reward_model_type: lora scores on a background thread with the policy's own ({name} sharded) "
+            f"weights, whose gathers would interleave with the trainer's collectives. Under {name} use a full "
             "reward model (reward_model_type: full), a rule, or an API reward; or train under ZeRO-2 or DDP."
         )
-    if name == "zero3" and vllm:
+    if name in ("zero3", "fsdp") and vllm:
         raise NotImplementedError(
-            "rollout_engine: vllm cannot take weights from a ZeRO-3 sharded policy yet; use rollout_engine: hf "
+            f"rollout_engine: vllm cannot take weights from a {name} sharded policy yet; use rollout_engine: hf "
             "(alignkit gathers the policy once per rollout) or train under ZeRO-2 or DDP."
         )
+    if name == "fsdp":
+        check_fsdp_settings()
+
+
+def check_fsdp_settings() -> None:
+    """The fsdp.yaml keys alignkit's own FSDP2 honours: fsdp_reshard_after_forward (and the accelerate
+    mixed_precision); a key asking for what it does not do is refused rather than ignored."""
+    refused = {
+        "fsdp_version": (fsdp_setting("VERSION", "2") != "2", "alignkit shards with FSDP2 only: set fsdp_version: 2"),
+        "fsdp_offload_params": (fsdp_setting("OFFLOAD_PARAMS", "false") == "true",
+                                "parameter offload is not wired up: set fsdp_offload_params: false, or use "
+                                "deepspeed_zero3.yaml with offload_param_device: cpu"),
+        "fsdp_activation_checkpointing": (fsdp_setting("ACTIVATION_CHECKPOINTING", "false") == "true",
+                                          "set fsdp_activation_checkpointing: false (alignkit does not apply it)"),
+    }
+    for key, (bad, what) in refused.items():
+        if bad:
+            raise NotImplementedError(f"{key} in the accelerate FSDP config: {what}.")
+
+
+def shard(accelerator: Accelerator, model: nn.Module) -> None:
+    """FSDP: ``fully_shard`` every transformer block and every Hugging Face model inside ``model``
+    (innermost first), then ``model`` itself, in place. Call it before building the optimizer:
+    ``fully_shard`` replaces each parameter by its DTensor shard.
+
+    The (outermost) Hugging Face models are units of their own because PPO calls ``ac.lm`` directly (rollout,
+    reference pass with the adapter off), never through the root's forward; their hooks then gather
+    the embeddings. The blocks are the classes the model lists in ``_no_split_modules``."""
+    if not is_fsdp(accelerator):
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import PreTrainedModel
+
+    blocks = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or []}
+    # The outermost Hugging Face model only: tied embeddings and lm_head must share one unit.
+    hf = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    hf = [m for m in hf if not any(m is not o and any(m is x for x in o.modules()) for o in hf)]
+    units = [m for m in model.modules() if m is not model and (type(m).__name__ in blocks or any(m is o for o in hf))]
+    # bf16 weights for the forward, fp32 master weights and gradient reduction (as accelerate's bf16).
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if accelerator.mixed_precision == "bf16" else \
+        MixedPrecisionPolicy()
+    # Each rank seeded its own freshly initialised weights (LoRA A, value head); as DDP does, every
+    # rank starts from rank 0's. The frozen weights come from the same files everywhere.
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.distributed.broadcast(p.data, src=0)
+    for m in reversed(units):
+        fully_shard(m, reshard_after_forward=reshard_after_forward(), mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # FSDP2 takes as root the first unit to run forward; PPO's first forward is a rollout through
+    # ac.lm, which would then wrongly be the root. Settle it now (FSDP2 has no public call for this).
+    model._get_fsdp_state()._lazy_init()
+
+
+def reshard_after_forward() -> bool:
+    return fsdp_setting("RESHARD_AFTER_FORWARD", "true") in ("true", "1", "full_shard")
+
+
+def prepare(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer
+            ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``accelerator.prepare`` (DDP, DeepSpeed), or under FSDP the model ``shard`` already wrapped and
+    the plain optimizer (torch's state-dict helpers need the optimizer itself)."""
+    if is_fsdp(accelerator):
+        return model, optimizer
+    return accelerator.prepare(model, optimizer)
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """The total gradient norm ``clip_grad_norm_`` returned, as a float (a DTensor under FSDP)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def configure(accelerator: Accelerator, micro_batch_size: int, accumulation: int, max_grad_norm: float) -> None:
@@ -107,7 +189,15 @@ def rollout_context(accelerator: Accelerator, engine: nn.Module, module: nn.Modu
     would all-gather every layer R+1 times. Here the weights are gathered once and the hooks are
     taken off for the rollout, then put back (as TRL's ``unwrap_model_for_generation``). Without
     hooks no collective runs inside the rollout, so ranks may stop sampling at different lengths.
-    The gathered model must fit on one device, as for any generation."""
+    The gathered model must fit on one device, as for any generation.
+
+    FSDP: every unit is unsharded once and kept so (no reshard after each forward) for the rollout,
+    so the hooks that still run find the weights there; the stop is synchronised over ranks anyway
+    (``synchronised_stop``), so a rank never leaves the decode loop while another runs a forward."""
+    if backend(accelerator) == "fsdp":
+        with unsharded(engine), synchronised_stop():
+            yield
+        return
     if backend(accelerator) != "zero3":
         yield
         return
@@ -124,6 +214,73 @@ def rollout_context(accelerator: Accelerator, engine: nn.Module, module: nn.Modu
             offload._register_deepspeed_module(offload.module)  # DeepSpeed >= 0.16.4's name
 
 
+@contextmanager
+def unsharded(root: nn.Module) -> Iterator[None]:
+    """FSDP: all of ``root``'s weights whole on every rank inside the block (a collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()  # the root never reshards after forward (FSDP2's default for it)
+            m.set_reshard_after_forward(reshard_after_forward() and m is not root, recurse=False)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
+    """FSDP: the trainable weights (and optimizer state), whole, on rank 0's CPU; empty elsewhere
+    (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), {}
+    return get_state_dict(model, optimizer, options=options)
+
+
+@contextmanager
+def full_weights(accelerator: Accelerator, model: nn.Module) -> Iterator[None]:
+    """Inside the block, rank 0's save functions (``save_pretrained``, ``state_dict``) write the whole
+    trained weights (a collective: all ranks enter). ZeRO-3 gathers them; FSDP gathers the trainable
+    weights to rank 0 and has every ``state_dict`` there return them instead of the local shards."""
+    name = backend(accelerator)
+    if name == "zero3":
+        with gathered(accelerator, [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]):
+            yield
+        return
+    if name != "fsdp":
+        yield
+        return
+    full, _ = full_state(model)
+    handles = serve_state_dict(model, full) if accelerator.is_main_process else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def serve_state_dict(model: nn.Module, full: dict[str, torch.Tensor]) -> list:
+    """A ``state_dict`` post-hook on each module that owns an entry of ``full`` (keyed by its name in
+    ``model``), swapping the entry in: any save that goes through ``state_dict`` on ``model`` or a
+    submodule (peft's adapter, a value head) then writes ``full``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    handles = []
+    for module in model.modules():
+        own = {local: names[id(p)] for local, p in module.named_parameters(recurse=False) if names.get(id(p)) in full}
+        if own:
+            def swap(mod, state, prefix, meta, own=own):
+                for local, name in own.items():
+                    if prefix + local in state:
+                        state[prefix + local] = full[name]
+            handles.append(module.register_state_dict_post_hook(swap))
+    return handles
+
+
 def save_checkpoint(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, out: Path,
                     step: int, write_model: Callable[[Path], None], state: dict[str, Any], limit: int | None) -> None:
     """Write ``checkpoint-{step}`` (a collective: every rank calls it).
@@ -136,6 +293,9 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, optimizer: torch
     if is_deepspeed(accelerator):
         shards = out / f".{CHECKPOINT_PREFIX}{step}-{SHARDS}"
         accelerator.save_state(str(shards))
+    elif is_fsdp(accelerator):  # whole (world-size independent); common.resume hands it to set_state_dict
+        weights, optim = full_state(model, optimizer)
+        state = {**state, "model": weights, "optimizer": optim}
     else:
         state = {**state, "optimizer": optimizer.state_dict()}
     rngs = rank_rng_states(accelerator)  # collective; each rank resumes its own sampling/dropout stream
@@ -145,8 +305,7 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, optimizer: torch
         if shards is not None:
             shards.rename(d / SHARDS)
 
-    trainable = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
-    with gathered(accelerator, trainable):
+    with full_weights(accelerator, model):
         if accelerator.is_main_process:
             checkpoint.save_checkpoint(out, step, write, {**state, "rng_per_rank": rngs,
                                                           "backend": backend(accelerator)}, limit)

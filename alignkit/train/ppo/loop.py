@@ -91,7 +91,7 @@ def run(cfg: PPOConfig, engine: RolloutEngine | None = None) -> Path:
         engine = engine or build_engine(cfg, ac, tokenizer.pad_token_id)
         r = prepare(cfg, accelerator, out, prompts, ac, service, tokenizer, engine)
         train(r)
-        with sharding.gathered(accelerator, r.learner.params):  # ZeRO-3: the trained weights, whole
+        with sharding.full_weights(accelerator, r.learner.model):  # ZeRO-3, FSDP: the trained weights, whole
             if accelerator.is_main_process:  # 9. Final save: policy (adapter or full) + value head + tokenizer
                 ac.save_policy(out)
                 tokenizer.save_pretrained(out)
@@ -111,7 +111,7 @@ def train(r: PPORun) -> None:
     cfg, acc, rank, world = r.cfg, r.accelerator, r.accelerator.process_index, r.accelerator.num_processes
     global_bs = cfg.rollout_batch_size * world
     # 1. Resume: weights, value head, optimizer, scheduler, KL controller, score moments, RNG.
-    state = resume(acc, r.out, cfg, r.ac.load_trainable, r.learner.optimizer, r.scheduler)
+    state = resume(acc, r.out, cfg, r.ac.load_trainable, r.learner.optimizer, r.scheduler, r.learner.model)
     start = state["step"] if state else 0
     if state:
         r.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -240,13 +240,14 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
         raise ValueError(f"{len(prompts.queries)} prompts cannot fill one rollout batch of {global_bs} "
                          "(per_device_train_batch_size x gradient_accumulation_steps x ppo_buffer_size x ranks)")
     num_steps = total_steps(cfg, len(prompts.queries) // global_bs)
-    params = ac.trainable_parameters()
-    optimizer, scheduler = build_optimizer(cfg, params, num_steps)
     sharding.check_supported(accelerator, lora_reward=cfg.reward_model_type == "lora",
                              vllm=cfg.rollout_engine == "vllm", ppo_accumulation=cfg.gradient_accumulation_steps)
+    sharding.shard(accelerator, ac)  # FSDP: before the optimizer, which must hold the shards
+    params = ac.trainable_parameters()
+    optimizer, scheduler = build_optimizer(cfg, params, num_steps)
     # update() backs up micro-batches of per_device_train_batch_size prompts with their groups.
     sharding.configure(accelerator, cfg.per_device_train_batch_size * cfg.num_generations, 1, cfg.max_grad_norm)
-    model, optimizer = accelerator.prepare(ac, optimizer)
+    model, optimizer = sharding.prepare(accelerator, ac, optimizer)
     template = get_template(cfg.template, tokenizer)
     sampling = SamplingParams(cfg.max_new_tokens, tuple(stop_token_ids(tokenizer, template, ac.lm)),
                               cfg.temperature, cfg.top_k, cfg.top_p)
