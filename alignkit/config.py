@@ -80,7 +80,16 @@ class StageConfig(BaseModel):
     lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (default 2 x lora_rank).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout probability.")
     lora_target: list[str] = Field(
-        ["all"], description="Module names to adapt (list or comma string); 'all' = every linear layer but the LM head."
+        ["all"], description="Module names to adapt (list or comma string); 'all' = every linear layer and MoE expert "
+        "weight but the LM head, MoE routers and frozen vision parts (docs/models.md)."
+    )
+    moe_aux_loss_coef: float = Field(
+        0.0, ge=0.0, description="MoE models, SFT/RM/DPO: weight of the router load-balancing loss added to the loss "
+        "(0: off; Qwen3-MoE pretrains with 0.001). RL never adds it (docs/models.md)."
+    )
+    freeze_vision_tower: bool = Field(True, description="Vision-language models: keep the vision encoder frozen.")
+    freeze_multi_modal_projector: bool = Field(
+        True, description="Vision-language models: keep the projector (vision features -> text embeddings) frozen."
     )
     # Data
     dataset: list[str] = Field(description="Dataset names from dataset_info.json, or .json/.jsonl paths (comma list).")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from alignkit.data.templates import get_template
 from alignkit.export.config import DTYPES, ExportConfig
@@ -14,6 +14,7 @@ from alignkit.export.output import base_dtype, copy_extras, finish_report, prepa
 from alignkit.export.reward import export_reward_model, is_reward_run
 from alignkit.export.template import export_chat_template
 from alignkit.export.verify import verify_export, vllm_check
+from alignkit.models.architectures import auto_class_for
 from alignkit.models.loading import check_model_dir, merge_adapters
 from alignkit.runs import ModelSpec
 
@@ -21,7 +22,7 @@ from alignkit.runs import ModelSpec
 def load_merged(spec: ModelSpec, dtype: torch.dtype, trust_remote_code: bool = False, device_map: str | None = None):
     """The base with every adapter merged in order (a plain ``PreTrainedModel``)."""
     check_model_dir(spec.base)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_class_for(spec.base, trust_remote_code).from_pretrained(  # a VL checkpoint keeps its own class
         spec.base, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map
     )
     return merge_adapters(model, spec.adapters).eval()

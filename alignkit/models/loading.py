@@ -2,7 +2,8 @@
 
 ``build_policy_model`` (base + merged adapters + gradient checkpointing + a float32 LoRA through
 peft) serves SFT, RM and PPO; ``load_base`` gives the frozen base (PPO's full fine-tuning
-reference). Weights on disk (save, restore, shards) live in ``alignkit.models.io``.
+reference). Weights on disk (save, restore, shards) live in ``alignkit.models.io``; what differs
+between model families (Auto class, LoRA targets, MoE router loss) in ``alignkit.models.architectures``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from alignkit.config import StageConfig
+from alignkit.models.architectures import auto_class_for, freeze_multimodal, is_vision_language, lora_targets
 
 logger = logging.getLogger(__name__)
 
@@ -51,31 +53,30 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def load_causal_lm(
     path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device: str | None = None
 ) -> PreTrainedModel:
+    """The checkpoint's language model with its LM head: a causal LM, or an image-text-to-text
+    model (Qwen3-VL ...) through its own Auto class; an unsupported architecture is an error naming it."""
     check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    cls = auto_class_for(path, trust_remote_code)
+    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device) if device else model
 
 
-def lora_target_modules(model: torch.nn.Module, lora_target: list[str]) -> list[str]:
-    """Expand ``all`` to every linear layer's name except the LM head (and score/value heads)."""
-    if lora_target != ["all"]:
-        return lora_target
-    output = model.get_output_embeddings()
-    names = {
-        name.split(".")[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not output
-    }
-    names -= {"lm_head", "score", "v_head", "summary"}
-    return sorted(names)
+def lora_target_modules(model: torch.nn.Module, lora_target: list[str]) -> list[str] | str:
+    """``lora_target`` as peft's ``target_modules``: ``all`` is every linear layer but the heads, the
+    MoE routers and the (frozen) vision tower and projector (``architectures.lora_targets``)."""
+    return lora_targets(model, lora_target)[0]
 
 
-def lora_config(model: torch.nn.Module, rank: int, alpha: int, dropout: float, target: list[str]) -> LoraConfig:
+def lora_config(model: torch.nn.Module, rank: int, alpha: int, dropout: float, target: list[str],
+                train_vision_tower: bool = False, train_projector: bool = False) -> LoraConfig:
+    """peft config; with ``all`` on a MoE model, the fused expert weights as ``target_parameters``."""
+    modules, parameters = lora_targets(model, target, train_vision_tower, train_projector)
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=lora_target_modules(model, target),
+        target_modules=modules,
+        target_parameters=parameters or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -88,7 +89,8 @@ def attach_lora(model: PreTrainedModel, cfg: StageConfig, adapter_path: str | No
         check_model_dir(adapter_path, "adapter_name_or_path")
         model = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
     else:
-        model = get_peft_model(model, lora_config(model, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.lora_target))
+        model = get_peft_model(model, lora_config(model, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.lora_target,
+                                                  not cfg.freeze_vision_tower, not cfg.freeze_multi_modal_projector))
     trainable_in_float32(model)
     return model
 
@@ -142,6 +144,8 @@ def build_policy_model(cfg: StageConfig, merge_all: bool = False) -> PreTrainedM
     model = load_base(cfg, merged)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if is_vision_language(model):
+        freeze_multimodal(model, cfg.freeze_vision_tower, cfg.freeze_multi_modal_projector)
     if cfg.finetuning_type == "lora":
         model = attach_lora(model, cfg, continued)
     return model

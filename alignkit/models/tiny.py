@@ -1,7 +1,8 @@
-"""A tiny Qwen2- or Llama-architecture model with a BPE tokenizer trained on shipped text.
+"""A tiny model of any family in ``architectures.TINY_ARCHS`` with a BPE tokenizer trained on shipped text.
 
 Tests, benchmarks and the demo use it instead of a hub download: it is saved as an ordinary
-Hugging Face directory and loaded back with ``AutoModelForCausalLM`` like a user's model.
+Hugging Face directory and loaded back with its own Auto class (causal LM or image-text-to-text)
+like a user's model.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import PreTrainedTokenizerFast
+
+from alignkit.models.architectures import VL_ARCHS, VL_TOKENS, from_config, tiny_config
 
 PAD, EOS, IM_START = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
 SPECIAL_TOKENS = [PAD, IM_START, EOS, "<think>", "</think>"]
 
 # ChatML, as Qwen2 uses it; no default system prompt so tests see exactly what they pass.
 # Bump when the build changes, so cached tiny models are rebuilt.
-_VERSION = "1"
+_VERSION = "2"
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -38,14 +41,16 @@ def corpus_lines() -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def build_tokenizer(vocab_size: int = 512, extra_text: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the shipped corpus (plus ``extra_text``), ChatML chat template."""
+def build_tokenizer(vocab_size: int = 512, extra_text: list[str] | None = None,
+                    extra_special: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the shipped corpus (plus ``extra_text``), ChatML chat template;
+    ``extra_special`` tokens (a VL model's vision markers) follow the shared special tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special or []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -81,25 +86,11 @@ def build_tiny(
     if cached is not None and (cached / "config.json").is_file():
         shutil.copytree(cached, out, dirs_exist_ok=True)
         return out
-    tokenizer = build_tokenizer(vocab_size)
-    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}.get(arch)
-    if cls is None:
-        raise ValueError(f"tiny arch must be 'qwen2' or 'llama', got {arch!r}")
-    config = cls(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    tokenizer = build_tokenizer(vocab_size, extra_special=VL_TOKENS if arch in VL_ARCHS else None)
+    size = dict(settings, vocab_size=len(tokenizer))
+    config = tiny_config(arch, size, token_ids(tokenizer, arch in VL_ARCHS))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = from_config(config)
     if pretrain_steps > 0:
         pretrain(model, tokenizer, pretrain_steps)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -109,6 +100,16 @@ def build_tiny(
     if cached is not None:
         _store(out, cached)
     return out
+
+
+def token_ids(tokenizer, vision: bool) -> dict[str, int]:
+    """pad/eos ids for the config; with ``vision``, the ids of Qwen-VL's image and video markers."""
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if vision:
+        start, end, image, video = tokenizer.convert_tokens_to_ids(VL_TOKENS)
+        ids |= {"vision_start_token_id": start, "vision_end_token_id": end, "image_token_id": image,
+                "video_token_id": video}
+    return ids
 
 
 def _cache_path(settings: dict) -> Path | None:

@@ -18,6 +18,7 @@ from alignkit.data.encode import IGNORE_INDEX as IGNORE
 from alignkit.data.encode import encode_supervised_examples
 from alignkit.data.loader import split_train_val
 from alignkit.data.templates import get_template
+from alignkit.models.architectures import forward_with_aux
 from alignkit.models.io import restore_model, save_model
 from alignkit.models.loading import build_policy_model, load_tokenizer
 from alignkit.train.common import preflight, setup_run
@@ -38,8 +39,26 @@ def tokenize(cfg: SFTConfig, tokenizer, examples) -> list[dict[str, list[int]]]:
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over supervised positions."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted from position t-1
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return cross_entropy_sum(logits, batch["labels"])
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) labels -> summed cross-entropy; token t is predicted from position t-1."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def train_loss_sum(model, batch: dict[str, torch.Tensor], aux_coef: float) -> tuple[torch.Tensor, dict]:
+    """``token_loss_sum`` plus, on a MoE model with ``moe_aux_loss_coef > 0``, the router's
+    load-balancing loss. That loss is a micro-batch mean; weighting it by the micro-batch's supervised
+    tokens makes ``fit``'s division by the global token count average it like the token loss."""
+    logits, aux = forward_with_aux(model, aux_coef, input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"])
+    loss = cross_entropy_sum(logits, batch["labels"])
+    if aux is None:
+        return loss, {}
+    n = (batch["labels"][:, 1:] != IGNORE).sum()
+    return loss + aux * n, {"aux_loss": aux.detach() * n}
 
 
 @torch.no_grad()
@@ -77,7 +96,7 @@ def run(cfg: SFTConfig) -> Path:
 
     fit(cfg, accelerator, out, Stage(
         name="sft", model=model, train=train, collate=collate,
-        loss_sum=lambda m, batch: (token_loss_sum(m, batch), {}), count=supervised_tokens,
+        loss_sum=lambda m, batch: train_loss_sum(m, batch, cfg.moe_aux_loss_coef), count=supervised_tokens,
         save=lambda m, d: save_model(m, d, tokenizer), restore=restore_model,
         evaluate=eval_loss if val else None, final_eval=cfg.eval_strategy != "no",
         plotted=["train/loss", "eval/loss"],

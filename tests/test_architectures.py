@@ -1,0 +1,144 @@
+"""Every model family users bring, end to end on a tiny random model built from transformers' own
+config class: SFT (LoRA) → GRPO with a rule reward → export → strict reload; plus the MoE and
+vision-language specifics (LoRA targets, router loss, Auto class, frozen vision tower)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+from alignkit.cli import main
+from alignkit.config import load_config
+from alignkit.export import export_model
+from alignkit.export.config import ExportConfig
+from alignkit.models.architectures import auto_class_for, expert_parameters, router_modules
+from alignkit.models.loading import build_policy_model, load_causal_lm
+from alignkit.models.tiny import build_tiny
+from alignkit.train import ppo, sft
+from alignkit.train.tracking import read_metrics
+from tests.conftest import EXAMPLES
+
+TEXT_ARCHS = ["qwen3", "qwen3_moe", "llama3", "gemma3", "deepseek_v3"]
+MOE_ARCHS = ["qwen3_moe", "deepseek_v3", "qwen3_vl_moe"]
+VL_ARCHS = ["qwen3_vl", "qwen3_vl_moe"]
+RULE = "def score(prompt, response, label):\n    return float('good' in response.lower())\n"
+MEMO = [{"instruction": "Say the code word.", "input": "", "output": "The code word is good."},
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."}]
+
+
+def tiny(tmp_path_factory, arch: str):
+    # Small and briefly pretrained: enough to speak ChatML, fast enough to build per test module.
+    return build_tiny(tmp_path_factory.mktemp(arch) / "model", arch=arch, hidden_size=64, intermediate_size=128,
+                      num_layers=2, pretrain_steps=30)
+
+
+@pytest.fixture(scope="module", params=TEXT_ARCHS + VL_ARCHS)
+def model_dir(request, tmp_path_factory):
+    return request.param, tiny(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "memo.json").write_text(json.dumps(MEMO * 4))
+    (root / "rule.py").write_text(RULE)
+    return root
+
+
+def sft_config(model, data, out, *extra):
+    return load_config(None, ["stage=sft", f"model_name_or_path={model}", f"dataset={data / 'memo.json'}",
+                              "template=chatml", f"output_dir={out}", "per_device_train_batch_size=2",
+                              "learning_rate=5e-3", "max_steps=3", "logging_steps=1", "save_steps=100",
+                              "lora_rank=4", "lora_target=all", "report_to=none", "plot_loss=false", *extra])
+
+
+def grpo_config(model, adapter, data, out):
+    return load_config(EXAMPLES / "grpo_tiny.yaml", [
+        f"model_name_or_path={model}", f"adapter_name_or_path={adapter}", f"output_dir={out}",
+        f"dataset_dir={EXAMPLES / 'data'}", "report_to=none", "plot_loss=false", f"reward_model={data / 'rule.py'}:score",
+        "lora_target=all", "max_steps=2", "num_generations=2", "per_device_train_batch_size=2", "ppo_buffer_size=1",
+        "max_new_tokens=8", "save_steps=100"])
+
+
+def test_sft_grpo_export_per_architecture(model_dir, data, tmp_path):
+    arch, model = model_dir
+    # 1. SFT with LoRA on every linear layer (and expert weight): the loss is finite and logged.
+    adapter = sft.run(sft_config(model, data, tmp_path / "sft"))
+    losses = [r["train/loss"] for r in read_metrics(adapter) if "train/loss" in r]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), losses
+    # 2. Two GRPO steps with a rule reward on top of the SFT adapter.
+    run = ppo.run(grpo_config(model, adapter, data, tmp_path / "grpo"))
+    rows = [r for r in read_metrics(run) if "env/reward_mean" in r]
+    assert len(rows) == 2 and all(0.0 <= r["env/reward_mean"] <= 1.0 for r in rows)
+    # 3. Export base + SFT + GRPO merged; it reloads strictly with the checkpoint's own Auto class.
+    out = tmp_path / "export"
+    report = export_model(ExportConfig(model_name_or_path=str(model), adapter_name_or_path=[str(adapter), str(run)],
+                                       template="chatml", export_dir=str(out), verify=arch not in VL_ARCHS))
+    cls = auto_class_for(model)
+    reloaded, info = cls.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert reloaded.config.architectures == cls.from_pretrained(model).config.architectures
+    if arch not in VL_ARCHS:  # verify_export reloads with AutoModelForCausalLM (docs/models.md)
+        failed = {name for name, check in report["verify"].items() if not check["ok"]}
+        # Known false positive: verify's forbidden "score" part matches DeepSeek-V3's router
+        # ``gate.e_score_correction_bias`` (a base weight, not a reward head).
+        assert failed == ({"weight_names"} if arch == "deepseek_v3" else set()), report["verify"]
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_lora_all_adapts_experts_and_attention_not_the_router(arch, tmp_path_factory, data, tmp_path):
+    model = tiny(tmp_path_factory, arch)
+    policy = build_policy_model(sft_config(model, data, tmp_path / "x"))
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    routers = router_modules(load_causal_lm(str(model)))
+    assert routers, "the tiny MoE has routers"
+    assert not any(f"{r}." in n for r in routers for n in trainable), "a router got a LoRA adapter"
+    assert any(".experts." in n and "lora_A" in n for n in trainable), "experts are not adapted"
+    assert any(".q_proj." in n or ".q_a_proj." in n for n in trainable), "attention is not adapted"
+    assert expert_parameters(load_causal_lm(str(model))) == ["experts.down_proj", "experts.gate_up_proj"]
+
+
+def test_moe_aux_loss_enters_the_sft_loss(tmp_path_factory, data, tmp_path):
+    model = tiny(tmp_path_factory, "qwen3_moe")
+    plain = sft.run(sft_config(model, data, tmp_path / "plain", "max_steps=1"))
+    with_aux = sft.run(sft_config(model, data, tmp_path / "aux", "max_steps=1", "moe_aux_loss_coef=0.5"))
+    before = next(r for r in read_metrics(plain) if "train/loss" in r)
+    after = next(r for r in read_metrics(with_aux) if "train/loss" in r)
+    assert "train/aux_loss" not in before and after["train/aux_loss"] > 0
+    # Same data and weights at step 1: the total differs by exactly the weighted router loss.
+    assert after["train/loss"] == pytest.approx(before["train/loss"] + after["train/aux_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", VL_ARCHS)
+def test_vl_checkpoint_loads_as_image_text_to_text_with_frozen_vision(arch, tmp_path_factory, data, tmp_path):
+    model = tiny(tmp_path_factory, arch)
+    assert auto_class_for(model) is AutoModelForImageTextToText
+    lm = load_causal_lm(str(model))
+    assert type(lm).__name__.endswith("ForConditionalGeneration")
+    policy = build_policy_model(sft_config(model, data, tmp_path / "x"))
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and not any(".visual." in n for n in trainable), "LoRA reached the vision tower"
+    assert any("language_model" in n for n in trainable)
+    full = build_policy_model(sft_config(model, data, tmp_path / "y", "finetuning_type=full"))
+    frozen = {n for n, p in full.named_parameters() if not p.requires_grad}
+    assert frozen and all(".visual." in n for n in frozen)
+    unfrozen = build_policy_model(sft_config(model, data, tmp_path / "z", "finetuning_type=full",
+                                             "freeze_vision_tower=false", "freeze_multi_modal_projector=false"))
+    assert all(p.requires_grad for p in unfrozen.parameters())
+
+
+def test_unsupported_architecture_is_named(tmp_path, data):
+    bad = tmp_path / "vit"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTForImageClassification"]}))
+    with pytest.raises(ValueError, match="'vit' checkpoint .*ViTForImageClassification"):
+        load_causal_lm(str(bad))
+
+
+def test_tiny_cli_builds_each_family(tmp_path):
+    assert main(["tiny", str(tmp_path / "m"), "--arch", "gemma3", "--hidden-size", "32", "--layers", "2",
+                 "--pretrain-steps", "0"]) == 0
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "m")).__name__ == "Gemma3ForCausalLM"
