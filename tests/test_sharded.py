@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignkit.cli import main
 from alignkit.config import load_config
 from alignkit.train import sft
 from alignkit.train.checkpoint import load_state
@@ -79,7 +80,7 @@ def consolidated_policy_files(cfg, ckpt, tmp_path) -> dict[str, dict[str, torch.
 
 
 @pytest.mark.parametrize("config", BACKENDS)
-def test_ppo_lora_resumes_exactly(config, tiny_model_dir, prompts_dir, tmp_path):  # noqa: F811
+def test_ppo_lora_resumes_exactly(config, tiny_model_dir, prompts_dir, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "ppo"
     args = ppo_overrides(tiny_model_dir, prompts_dir, out, "save_steps=1", "reward_model=count_good")
     launch(EXAMPLES / "ppo_tiny.yaml", args, accelerate=config)
@@ -103,6 +104,10 @@ def test_ppo_lora_resumes_exactly(config, tiny_model_dir, prompts_dir, tmp_path)
     assert [r["step"] for r in again] == [1, 2]
     for key in ("env/reward_mean", "rollout/response_len_mean", "ppo/loss/total"):
         assert again[1][key] == pytest.approx(rows[1][key])
+
+    # The final save is a plain peft directory: export merges it and verifies the merged model.
+    assert main(["export", "--from", str(out), "--export_dir", str(tmp_path / "export")]) == 0
+    assert "PASSED" in capsys.readouterr().out
 
 
 @requires_deepspeed
