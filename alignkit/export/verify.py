@@ -10,13 +10,22 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from alignkit.data.templates import get_template
+from alignkit.models.architectures import auto_class_for
 from alignkit.runs import ModelSpec
 
 # Substrings no exported weight name may contain: heads and wrapper prefixes of training.
-FORBIDDEN_KEY_PARTS = ("v_head", "summary", "score", "pretrained_model.", "base_model.model.", "lora_")
+# Training-only weights an export must not carry: value/score heads (whole dotted segments, so a
+# base weight such as DeepSeek-V3's ``gate.e_score_correction_bias`` is not mistaken for one), peft
+# wrappers' prefixes, unmerged LoRA factors.
+FORBIDDEN_SEGMENTS = ("v_head", "summary", "score")
+FORBIDDEN_KEY_PARTS = ("pretrained_model.", "base_model.model.", "lora_")
+
+
+def forbidden_key(key: str) -> bool:
+    return any(seg in FORBIDDEN_SEGMENTS for seg in key.split(".")) or any(p in key for p in FORBIDDEN_KEY_PARTS)
 
 # Logit tolerance per dtype, relative to the reference logits' scale: max|diff| <= tol * max(1, max|logit|).
 # fp32 differs only by summation order; half precision rounds the merged weights once more.
@@ -63,7 +72,8 @@ def reference_model(spec: ModelSpec, dtype: torch.dtype, trust_remote_code: bool
     per linear layer, so this equals merging them in order without sharing any merge code."""
     from peft import PeftModel
 
-    model = AutoModelForCausalLM.from_pretrained(spec.base, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = auto_class_for(spec.base, trust_remote_code).from_pretrained(
+        spec.base, dtype=dtype, trust_remote_code=trust_remote_code)
     if not spec.adapters:
         return model.eval()
     names = [f"a{i}" for i in range(len(spec.adapters))]
@@ -82,15 +92,15 @@ def verify_export(
     checks: dict[str, Any] = {}
     files, checks["shards"] = weight_files(out)
     keys = weight_keys(out, files)
-    bad = sorted(k for k in keys if any(part in k for part in FORBIDDEN_KEY_PARTS))
+    bad = sorted(k for k in keys if forbidden_key(k))
     checks["weight_names"] = {"ok": not bad and bool(keys), "num_tensors": len(keys), "forbidden": bad[:10],
-                              "forbidden_parts": list(FORBIDDEN_KEY_PARTS)}
+                              "forbidden_parts": list(FORBIDDEN_SEGMENTS + FORBIDDEN_KEY_PARTS)}
 
-    model, info = AutoModelForCausalLM.from_pretrained(
-        out, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code
-    )
+    loader = auto_class_for(out, trust_remote_code)  # causal LM, or image-text-to-text (Qwen3-VL)
+    model, info = loader.from_pretrained(out, dtype=dtype, output_loading_info=True,
+                                         trust_remote_code=trust_remote_code)
     info = {k: sorted(map(str, v)) for k, v in info.items() if v}
-    checks["plain_load"] = {"ok": not info, "loader": "AutoModelForCausalLM.from_pretrained", **info}
+    checks["plain_load"] = {"ok": not info, "loader": f"{loader.__name__}.from_pretrained", **info}
     base_arch = AutoConfig.from_pretrained(spec.base, trust_remote_code=trust_remote_code).architectures
     checks["architecture"] = {"ok": model.config.architectures == base_arch,
                               "export": model.config.architectures, "base": base_arch}
@@ -181,7 +191,7 @@ def _hf_greedy(out: Path, tokenizer, prompts: list[list[int]]):
     """transformers' greedy tokens and first-token log-probs (V,), the stop ids, the dtype."""
     from alignkit.generation import stop_token_ids
 
-    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    model = auto_class_for(out).from_pretrained(out, dtype="auto").eval()
     if torch.cuda.is_available():
         model.cuda()
     stop = stop_token_ids(tokenizer, None, model)
