@@ -17,7 +17,8 @@ TRAIN_HELP = """\
 Train one stage from a YAML config. The config's `stage:` key picks it:
   sft  supervised fine-tuning (LoRA or full)
   rm   pairwise reward model
-  ppo  PPO with a value head (reward: rule, trained RM, or HTTP judge)
+  ppo  on-policy RL: PPO with a value head, or critic-free GRPO, Dr. GRPO, RLOO, REINFORCE++
+       (advantage_estimator); reward: rule, trained RM, or HTTP judge
   dpo  offline preference pairs: DPO, IPO, hinge, ORPO, SimPO (pref_loss)
   kto  KTO on desirable/undesirable answers (kto_tag) or on pairs
 Keys follow LLaMA-Factory's names. Overrides are typed like YAML:
@@ -78,7 +79,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="alignkit", description="RLHF for practitioners: SFT, reward models and PPO against your own judge."
+        prog="alignkit", description="RLHF for practitioners: SFT, reward models, PPO, GRPO/RLOO/REINFORCE++ and DPO/KTO against your own judge."
     )
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
