@@ -14,23 +14,13 @@ from alignkit.config import load_config
 from alignkit.judge.server import start_judge_server
 from alignkit.models.actor_critic import ActorCritic
 from alignkit.report import write_report
-from alignkit.train import ppo, sft
-from alignkit.train.checkpoint import save_checkpoint
+from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, crash_after_first_checkpoint
 
 # Verifiable reward: success iff the answer mentions a friend. The SFT model does so in about
 # one answer in eight; the word exists in its vocabulary, so the task is learnable.
 FRIEND_RULE = "def score(prompt, response, label):\n    return 1.0 if 'friend' in response.lower() else 0.0\n"
-
-
-@pytest.fixture(scope="module")
-def sft_adapter(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft") / "run"
-    cfg = load_config(EXAMPLES / "sft_tiny.yaml", [f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
-                                                  f"dataset_dir={EXAMPLES / 'data'}", "report_to=none",
-                                                  "plot_loss=false", "eval_strategy=no", "val_size=0"])
-    return sft.run(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +86,7 @@ def test_grpo_resume_reproduces_uninterrupted_run(tiny_model_dir, sft_adapter, f
             "gradient_accumulation_steps=2", "ppo_buffer_size=2", "ppo_epochs=2"]
     full = ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "full", friend_rule, *args))
 
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(*a, **kw):
-        save_checkpoint(*a, **kw)
-        raise Crash
-
-    monkeypatch.setattr("alignkit.train.checkpoint.save_checkpoint", save_then_crash)  # rank 0 writes through it
-    with pytest.raises(Crash):
-        ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", friend_rule, *args))
-    monkeypatch.undo()
+    crash_after_first_checkpoint(lambda: ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", friend_rule, *args)), monkeypatch)
     resumed = ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", friend_rule, *args,
                                   "resume_from_checkpoint=true"))
     keys = ["env/reward_mean", "objective/kl", "ppo/loss/total", "group/reward_std", "rollout/response_len_mean"]

@@ -13,7 +13,7 @@ from alignkit.algos.shaping import distinct_ngram_frac, ngram_repeat_share, pear
 from alignkit.config import load_config
 from alignkit.report import write_report
 from alignkit.rewards.rules import fluent_answer
-from alignkit.train import ppo, sft
+from alignkit.train import ppo
 from tests.conftest import EXAMPLES
 
 DETECTORS = {"score_length", "repetition", "diversity", "response_length", "no_eos"}
@@ -43,15 +43,6 @@ def test_fluent_answer_is_bounded_and_prefers_a_short_on_topic_answer():
     assert fluent_answer(prompt, "the cat reads a short story", None) == 2.5  # no capital, no full stop
     assert fluent_answer(prompt, "The cat " + "good " * 30 + ".", None) == 0.0  # padded and repetitive
     assert all(0 <= fluent_answer(prompt, " ".join(["cat"] * n), None) <= 10 for n in range(40))
-
-
-@pytest.fixture(scope="module")
-def sft_adapter(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft") / "run"
-    cfg = load_config(EXAMPLES / "sft_tiny.yaml", [f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
-                                                  f"dataset_dir={EXAMPLES / 'data'}", "report_to=none",
-                                                  "plot_loss=false", "eval_strategy=no", "val_size=0"])
-    return sft.run(cfg)
 
 
 def hacking_run(tiny_model_dir, sft_adapter, out, *overrides: str) -> dict[str, str]:

@@ -8,26 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignkit.config import load_config
-from alignkit.train import ppo, sft
-from alignkit.train.checkpoint import save_checkpoint
+from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
-from tests.conftest import EXAMPLES
-
-
-@pytest.fixture(scope="module")
-def sft_adapter(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft") / "run"
-    cfg = load_config(EXAMPLES / "sft_tiny.yaml", [f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
-                                                  f"dataset_dir={EXAMPLES / 'data'}", "report_to=none",
-                                                  "plot_loss=false", "eval_strategy=no", "val_size=0"])
-    return sft.run(cfg)
-
-
-def ppo_config(model_dir, adapter, out, *overrides):
-    return load_config(EXAMPLES / "ppo_tiny.yaml", [
-        f"model_name_or_path={model_dir}", f"adapter_name_or_path={adapter}", f"output_dir={out}",
-        f"dataset_dir={EXAMPLES / 'data'}", "report_to=none", "plot_loss=false", *overrides])
+from tests.conftest import crash_after_first_checkpoint, ppo_config
 
 
 @pytest.mark.slow
@@ -49,17 +32,7 @@ def test_ppo_resume_reproduces_uninterrupted_run(tiny_model_dir, sft_adapter, tm
             "ppo_score_norm=true", "adap_kl_ctrl=true"]
     full = ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "full", *args))
 
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(*a, **kw):
-        save_checkpoint(*a, **kw)
-        raise Crash
-
-    monkeypatch.setattr("alignkit.train.checkpoint.save_checkpoint", save_then_crash)  # rank 0 writes through it
-    with pytest.raises(Crash):
-        ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", *args))
-    monkeypatch.undo()
+    crash_after_first_checkpoint(lambda: ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", *args)), monkeypatch)
     resumed = ppo.run(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "cut", *args, "resume_from_checkpoint=true"))
 
     keys = ["env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/total", "ppo/mean_scores"]

@@ -33,8 +33,9 @@ from alignkit.models.reward_model import (
 from alignkit.models.tiny import build_tiny
 from alignkit.rewards.model import ModelReward, build_model_reward, encode_for_scoring
 from alignkit.train import rm as rm_stage
-from alignkit.train.checkpoint import list_checkpoints, save_checkpoint
+from alignkit.train.checkpoint import list_checkpoints
 from alignkit.train.tracking import read_metrics
+from tests.conftest import crash_after_first_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -258,16 +259,7 @@ def test_resume_matches_uninterrupted_run(llama_dir, tmp_path, monkeypatch):
     kw = dict(finetuning_type="full", max_steps=4, save_steps=2, learning_rate=1e-3, per_device_train_batch_size=4)
     full = rm_stage.run(rm_config(llama_dir, tmp_path / "full", **kw))
 
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(*args, **kwargs):
-        raise Crash(save_checkpoint(*args, **kwargs))
-
-    monkeypatch.setattr("alignkit.train.checkpoint.save_checkpoint", save_then_crash)  # rank 0 writes through it
-    with pytest.raises(Crash):
-        rm_stage.run(rm_config(llama_dir, tmp_path / "cut", **kw))
-    monkeypatch.undo()
+    crash_after_first_checkpoint(lambda: rm_stage.run(rm_config(llama_dir, tmp_path / "cut", **kw)), monkeypatch)
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["checkpoint-2"]
     resumed = rm_stage.run(rm_config(llama_dir, tmp_path / "cut", resume_from_checkpoint="true", **kw))
 

@@ -15,6 +15,7 @@ from alignkit.config import load_config
 from alignkit.train import sft
 from alignkit.train.checkpoint import list_checkpoints, save_checkpoint
 from alignkit.train.tracking import read_metrics
+from tests.conftest import crash_after_first_checkpoint
 
 MEMO = [
     {"instruction": "Say the code word.", "input": "", "output": "The code word is good."},
@@ -63,18 +64,7 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, memo_data, tmp_path, m
     kw = dict(max_steps=6, save_steps=3, learning_rate=1e-3)
     full = sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "full", **kw))
 
-    # Crash right after the step-3 checkpoint is written.
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(*args, **kwargs):
-        path = save_checkpoint(*args, **kwargs)
-        raise Crash(path)
-
-    monkeypatch.setattr("alignkit.train.checkpoint.save_checkpoint", save_then_crash)  # rank 0 writes through it
-    with pytest.raises(Crash):
-        sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "cut", **kw))
-    monkeypatch.undo()
+    crash_after_first_checkpoint(lambda: sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "cut", **kw)), monkeypatch)
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["checkpoint-3"]
 
     resumed = sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "cut", resume_from_checkpoint="true", **kw))

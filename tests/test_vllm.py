@@ -22,9 +22,9 @@ from alignkit.export.verify import vllm_check
 from alignkit.generation import HFEngine, SamplingParams, filter_logits, stop_token_ids
 from alignkit.generation.vllm_engine import VLLMEngine, logprob_diff
 from alignkit.models.loading import load_tokenizer
-from alignkit.train import ppo, sft
+from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ppo_config
 
 try:
     import vllm  # noqa: F401
@@ -37,21 +37,6 @@ needs_vllm = pytest.mark.skipif(VLLM_ERROR is not None, reason=f"vLLM is not imp
 
 QUESTIONS = ["What colour is the sky?", "Say something good.", "Who are you?", "Where is Paris?", "hi"]
 SYNC_TOLERANCE = 1e-3  # mean |log-prob diff| per token; fp32 sync measured ~1e-6, a stale policy ~1
-
-
-@pytest.fixture(scope="module")
-def sft_adapter(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft") / "run"
-    cfg = load_config(EXAMPLES / "sft_tiny.yaml", [f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
-                                                  f"dataset_dir={EXAMPLES / 'data'}", "report_to=none",
-                                                  "plot_loss=false", "eval_strategy=no", "val_size=0"])
-    return sft.run(cfg)
-
-
-def ppo_config(model_dir, adapter, out, *overrides):
-    return load_config(EXAMPLES / "ppo_tiny.yaml", [
-        f"model_name_or_path={model_dir}", f"adapter_name_or_path={adapter}", f"output_dir={out}",
-        f"dataset_dir={EXAMPLES / 'data'}", "report_to=none", "plot_loss=false", *overrides])
 
 
 @pytest.fixture(scope="module")
