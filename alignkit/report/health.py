@@ -277,32 +277,41 @@ def check_score_length(m: Metrics, settings: dict[str, float]) -> Check:
     return Check(name, OK, f"{nums}: length is not what the policy is optimising")
 
 
-def check_repetition(m: Metrics, settings: dict[str, float]) -> Check:
-    """Degenerate repetition ("good good good"): the reward pays for repeating itself."""
-    name = "repetition"
-    if isinstance(rep := _series(m, name, "rollout/repeat_3gram_frac", trend=True), Check):
-        return rep
-    start, late = median(rep[:_decile(rep)]), median(_last_third(rep))
-    nums = f"repeated 3-gram share of responses {start:.0%} -> {late:.0%} (first decile -> last third)"
-    if late > REPEAT_WARN and late > 2 * start:
-        return Check(name, FAIL if late > REPEAT_FAIL else WARN,
-                     f"{nums}: answers repeat themselves more as the reward rises (degenerate text); "
-                     "set score_repetition_penalty, penalise repetition in the reward, or raise init_kl_coef")
-    return Check(name, OK, nums)
+@dataclass(frozen=True)
+class _Degradation:
+    """A text statistic that gets worse as the run goes on: judged on its last third against its
+    first decile (so a model that always repeated a little is not blamed for it)."""
+
+    name: str
+    key: str
+    what: str  # how the numbers read, "{start} -> {late}" formatted with ``fmt``
+    fmt: str
+    worse: Callable[[float, float], bool]  # (start, late) -> has it degraded?
+    fail: Callable[[float], bool]  # late -> bad enough to fail
+    meaning: str  # what it means and what to change
+
+    def __call__(self, m: Metrics, settings: dict[str, float]) -> Check:
+        if isinstance(v := _series(m, self.name, self.key, trend=True), Check):
+            return v
+        start, late = median(v[:_decile(v)]), median(_last_third(v))
+        nums = f"{self.what} {start:{self.fmt}} -> {late:{self.fmt}} (first decile -> last third)"
+        if self.worse(start, late):
+            return Check(self.name, FAIL if self.fail(late) else WARN, f"{nums}: {self.meaning}")
+        return Check(self.name, OK, nums)
 
 
-def check_diversity(m: Metrics, settings: dict[str, float]) -> Check:
-    """Mode collapse: every response of a batch alike, whatever each one reads like."""
-    name = "diversity"
-    if isinstance(dist := _series(m, name, "rollout/distinct_2", trend=True), Check):
-        return dist
-    start, late = median(dist[:_decile(dist)]), median(_last_third(dist))
-    nums = f"distinct-2 of a batch {start:.2f} -> {late:.2f} (first decile -> last third)"
-    if late < DISTINCT_WARN and late < 0.75 * start:
-        return Check(name, FAIL if late < DISTINCT_FAIL else WARN,
-                     f"{nums}: the responses converge on the same few phrases (mode collapse); "
-                     "raise init_kl_coef or temperature, add ent_coef, or lower learning_rate")
-    return Check(name, OK, nums)
+# Degenerate repetition ("good good good"): the reward pays for repeating itself.
+check_repetition = _Degradation(
+    "repetition", "rollout/repeat_3gram_frac", "repeated 3-gram share of responses", ".0%",
+    lambda start, late: late > REPEAT_WARN and late > 2 * start, lambda late: late > REPEAT_FAIL,
+    "answers repeat themselves more as the reward rises (degenerate text); set score_repetition_penalty, "
+    "penalise repetition in the reward, or raise init_kl_coef")
+# Mode collapse: every response of a batch alike, whatever each one reads like.
+check_diversity = _Degradation(
+    "diversity", "rollout/distinct_2", "distinct-2 of a batch", ".2f",
+    lambda start, late: late < DISTINCT_WARN and late < 0.75 * start, lambda late: late < DISTINCT_FAIL,
+    "the responses converge on the same few phrases (mode collapse); raise init_kl_coef or temperature, "
+    "add ent_coef, or lower learning_rate")
 
 
 def check_reward_probe(m: Metrics, settings: dict[str, float]) -> Check | None:
