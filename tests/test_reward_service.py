@@ -178,6 +178,9 @@ def test_scored_batch_from_a_judge_with_faults():
         assert value == (count_good("", response, None) if ok else 0.0)
     assert batch.metrics["reward/requests"] == 24 and batch.metrics["reward/latency_p50"] > 0
     assert sum(service.failure_summary().values()) == batch.n_failed
+    # Each failed sample says why (what samples.jsonl shows); a valid one has no reason.
+    assert [r is None for r in batch.reasons] == batch.valid
+    assert {r.split(":", 1)[0] for r in batch.reasons if r is not None} <= {"HTTP 500", "malformed JSON"}
     assert set(service.failure_summary()) <= {"HTTP 500", "malformed JSON"}
 
 

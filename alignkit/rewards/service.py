@@ -30,6 +30,7 @@ class ScoredBatch:
     # Source counters since the last collect: reward/failures, reward/cache_hits,
     # reward/latency_p50/p95, reward/extra/*, rollout/think_truncated_frac (with strip_think).
     metrics: dict[str, float]
+    reasons: list[str | None]  # per sample: why its score failed (secrets scrubbed), None when it did not
 
 
 class RewardService:
@@ -80,7 +81,7 @@ class RewardService:
         scores = [s for f in futures for s in f.result()]
         metrics = self._source.metrics()
         values, valid, n_failed = self._policy.apply(scores)
-        return ScoredBatch(values, valid, n_failed, metrics)
+        return ScoredBatch(values, valid, n_failed, metrics, [None if s.ok else s.reason or "unknown" for s in scores])
 
     def failure_summary(self) -> dict[str, int]:
         """Failures over the whole run, per kind of reason."""

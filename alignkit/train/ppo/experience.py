@@ -67,6 +67,7 @@ class Experience:
     group_ids: torch.Tensor  # (B,) the prompt's dataset row: samples of one group share it
     texts: list[str]  # responses as sent to the reward
     n_failed: int = 0
+    failure_reasons: list[str | None] = field(default_factory=list)  # per sample, None where the score is valid
     reward_metrics: dict[str, float] = field(default_factory=dict)  # the reward service's counters
     timing: dict[str, float] = field(default_factory=dict)  # time/generate, time/rollout, time/score_wait
     keep: torch.Tensor | None = None  # (B,) float: 0 drops a valid sample from the loss only (filters)
@@ -184,6 +185,6 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
         group_ids=torch.tensor(idx, device=device),
         scores=torch.tensor(scored.values, device=device, dtype=torch.float32),
         valid=torch.tensor(scored.valid, device=device, dtype=torch.float32),
-        texts=texts, n_failed=scored.n_failed, reward_metrics={**scored.metrics, **engine_metrics},
+        texts=texts, n_failed=scored.n_failed, failure_reasons=scored.reasons, reward_metrics={**scored.metrics, **engine_metrics},
         timing={"time/generate": t_gen, "time/rollout": t_rollout, "time/score_wait": t_wait},
     )

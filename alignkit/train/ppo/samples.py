@@ -49,8 +49,7 @@ def sample_rows(step: int, exp: Experience, shaped: Shaped, prompts: list[str], 
         rows.append({
             "step": step, "pick": why, "prompt": prompts[int(exp.group_ids[i])], "response": exp.texts[i],
             "score": float(exp.scores[i]) if ok else None,
-            # The reward service keeps per-kind failure counts (the run's log), not per-sample reasons.
-            "failure": None if ok else "score failed (reasons: reward failure summary in the run's log)",
+            "failure": None if ok else exp.failure_reasons[i],
             "shaped_score": float(shaped.scores[i]) if ok else None, "kl": round(float(kl[i]), 4),
             "length": int(lengths[i]), "no_eos": bool(exp.no_eos[i]),
         })
