@@ -20,7 +20,7 @@ from alignkit.rewards.failures import FailurePolicy, RewardFailureError
 from alignkit.rewards.model import ModelReward
 from alignkit.rewards.rules import count_good
 from alignkit.rewards.service import RewardService, build_reward_service
-from alignkit.rewards.spec import RewardContext, RewardSpec, reward_context
+from alignkit.rewards.spec import RewardContext, RewardSpec
 
 PROMPTS = ["Say hi.", "Describe the day.", "Rate it.", "One word."]
 RESPONSES = ["good", "Good, good day", "not bad", "goodness"]
@@ -132,7 +132,7 @@ def test_lora_reward_model_on_the_actor_critic(tiny_model_dir, tmp_path):
 
     cfg = ppo_config(rm_dir)
     ac = build_actor_critic(load_causal_lm(str(tiny_model_dir)), cfg)
-    service = build_reward_service(cfg, reward_context(cfg), policy_model=ac)
+    service = build_reward_service(cfg, cfg.reward_context(), policy_model=ac)
     try:
         service.start()
         batch = service.collect([service.submit(PROMPTS, RESPONSES, ScoreMeta())])

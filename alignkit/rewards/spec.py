@@ -170,12 +170,6 @@ def infer_reward_type(reward_model: Any, has_api_url: bool, finetuning_type: Any
                      f"({', '.join(BUILTIN_RULES)}, module:NAME or file.py:fn); fix it or set reward_model_type")
 
 
-def reward_context(cfg: Any) -> RewardContext:
-    """The context of a stage config that scores (PPO, compare): each says what its own is, via
-    its ``reward_context()`` method, since their sizes and devices differ."""
-    return cfg.reward_context()
-
-
 def _plain(value: Any) -> Any:
     # YAML gives lists where the config holds tuples (think_tags): compare them as equal.
     return tuple(value) if isinstance(value, list) else value
