@@ -47,16 +47,9 @@ def is_fsdp(accelerator: Accelerator) -> bool:
     return backend(accelerator) == "fsdp"
 
 
-def check_supported(accelerator: Accelerator, lora_reward: bool = False, vllm: bool = False,
-                    ppo_accumulation: int = 1) -> None:
+def check_supported(accelerator: Accelerator, lora_reward: bool = False, vllm: bool = False) -> None:
     """Refuse, on every rank before anything is prepared, what alignkit does not run sharded."""
     name = backend(accelerator)
-    if is_deepspeed(accelerator) and ppo_accumulation > 1:
-        raise NotImplementedError(
-            f"PPO under DeepSpeed ({name}) runs one backward per optimizer step: DeepSpeed's engine steps after "
-            f"every backward of the PPO update. Set gradient_accumulation_steps: 1 (it is {ppo_accumulation}) and "
-            "multiply per_device_train_batch_size by it instead: the same mini-batch, in one micro-batch."
-        )
     if name in ("zero3", "fsdp") and lora_reward:
         raise NotImplementedError(
             f"reward_model_type: lora scores on a background thread with the policy's own ({name} sharded) "

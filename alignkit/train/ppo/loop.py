@@ -241,12 +241,14 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
                          "(per_device_train_batch_size x gradient_accumulation_steps x ppo_buffer_size x ranks)")
     num_steps = total_steps(cfg, len(prompts.queries) // global_bs)
     sharding.check_supported(accelerator, lora_reward=cfg.reward_model_type == "lora",
-                             vllm=cfg.rollout_engine == "vllm", ppo_accumulation=cfg.gradient_accumulation_steps)
+                             vllm=cfg.rollout_engine == "vllm")
     sharding.shard(accelerator, ac)  # FSDP: before the optimizer, which must hold the shards
     params = ac.trainable_parameters()
     optimizer, scheduler = build_optimizer(cfg, params, num_steps)
-    # update() backs up micro-batches of per_device_train_batch_size prompts with their groups.
-    sharding.configure(accelerator, cfg.per_device_train_batch_size * cfg.num_generations, 1, cfg.max_grad_norm)
+    # update() backs up micro-batches of per_device_train_batch_size prompts with their groups and
+    # steps once per gradient_accumulation_steps of them (DeepSpeed's boundary: sharding.backward).
+    sharding.configure(accelerator, cfg.per_device_train_batch_size * cfg.num_generations,
+                       cfg.gradient_accumulation_steps, cfg.max_grad_norm)
     model, optimizer = sharding.prepare(accelerator, ac, optimizer)
     template = get_template(cfg.template, tokenizer)
     sampling = SamplingParams(cfg.max_new_tokens, tuple(stop_token_ids(tokenizer, template, ac.lm)),

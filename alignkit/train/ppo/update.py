@@ -24,6 +24,7 @@ from alignkit.algos import (
     policy_loss,
     value_loss,
 )
+from alignkit.train import sharding
 from alignkit.train.ppo.experience import Experience
 
 POLICY_STATS = ("ppo/loss/policy", "ppo/loss/total", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/policy/entropy")
@@ -116,7 +117,12 @@ def update(learner: Learner, s: UpdateSettings, exp: Experience, advantages: tor
            returns: torch.Tensor) -> dict[str, float]:
     """``ppo_epochs`` passes over shuffled mini-batches; one optimizer step per mini-batch.
     Returns the mean of each stat over micro-batches (NaN where none was finite)."""
-    B, single = exp.input_ids.shape[0], learner.accelerator.num_processes == 1
+    acc = learner.accelerator
+    B = exp.input_ids.shape[0]
+    # Alone, an all-masked micro-batch can be skipped. Under DDP each backward all-reduces, so every
+    # rank runs the same number of them, and under DeepSpeed the last one is the accumulation boundary
+    # where the engine steps: an all-masked micro-batch (failed scores) still runs, with a zero loss.
+    skippable = acc.num_processes == 1 and not sharding.is_deepspeed(acc)
     sums: dict[str, float] = {}
     n = 0
     for _ in range(s.ppo_epochs):
@@ -126,21 +132,21 @@ def update(learner: Learner, s: UpdateSettings, exp: Experience, advantages: tor
             mb_mask = exp.mask[mb_idx]
             for m in range(0, len(mb_idx), s.micro_batch_size):
                 i = mb_idx[m : m + s.micro_batch_size]
-                # Under DDP each backward all-reduces, so every rank runs the same number of them:
-                # an all-masked micro-batch (failed scores) still runs there, with a zero loss.
                 empty = bool(exp.mask[i].sum() == 0)
-                if empty and single:
+                if empty and skippable:
                     continue
                 loss, mask, stats = micro_batch_loss(learner, s, exp, (advantages, returns), i)
-                learner.accelerator.backward(loss * s.weight(mask, mb_mask))
+                last = m + s.micro_batch_size >= len(mb_idx)  # DeepSpeed steps after this one's backward
+                sharding.backward(acc, learner.model, loss * s.weight(mask, mb_mask), last)
                 if empty:
                     continue
                 for k, v in stats.items():
                     if math.isfinite(v := float(v.detach())):
                         sums[k] = sums.get(k, 0.0) + v
                 n += 1
+            # Under DeepSpeed the engine already clipped and stepped at the boundary (these are no-ops).
             if s.max_grad_norm > 0:
-                learner.accelerator.clip_grad_norm_(learner.params, s.max_grad_norm)
+                acc.clip_grad_norm_(learner.params, s.max_grad_norm)
             learner.optimizer.step()
             learner.optimizer.zero_grad(set_to_none=True)
     # The same keys on every rank (NaN where none was finite): metrics are reduced key by key.
