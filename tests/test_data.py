@@ -275,7 +275,7 @@ def test_unknown_dataset_lists_known_names(tmp_path):
 def test_bad_registry_entry(tmp_path):
     write(tmp_path, "x.json", [{"instruction": "a", "output": "b"}])
     (tmp_path / "dataset_info.json").write_text(
-        json.dumps({"x": {"file_name": "x.json", "columns": {"images": "i"}}})
+        json.dumps({"x": {"file_name": "x.json", "columns": {"videos": "v"}}})  # images are supported
     )
     with pytest.raises(DataError, match="'x'.*not supported"):
         load_examples("x", str(tmp_path), "sft")

@@ -7,6 +7,11 @@ configurable tags), preference rows of either shape (chosen/rejected strings or 
 objects, optional margin), or prompt-only rows (prompt/query, optional reference answer).
 KTO reads either preference rows or conversations whose last (assistant) turn is labelled
 desirable or not by a ``kto_tag`` column (LLaMA-Factory's name).
+
+Rows of either format may carry images (LLaMA-Factory's multimodal format): an ``images`` column
+listing paths (relative to ``dataset_dir``, or absolute), one ``<image>`` placeholder per image in
+the message text, in order. The paths and the placeholder count are checked here, row by row;
+turning placeholders into a model's image tokens is ``alignkit.data.vision``'s job.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ ALPACA_COLUMNS = {
     "margin": "margin",
     "label": "label",
     "kto_tag": "kto_tag",
+    "images": "images",
 }
 SHAREGPT_COLUMNS = {
     "messages": "conversations",
@@ -41,6 +47,7 @@ SHAREGPT_COLUMNS = {
     "rejected": "rejected",
     "margin": "margin",
     "kto_tag": "kto_tag",
+    "images": "images",
 }
 SHAREGPT_TAGS = {
     "role_tag": "from",
@@ -59,7 +66,8 @@ OPENAI_TAGS = {
     "assistant_tag": "assistant",
     "observation_tag": "tool",
 }
-UNSUPPORTED_COLUMNS = {"images", "videos", "audios", "tools"}
+UNSUPPORTED_COLUMNS = {"videos", "audios", "tools"}
+IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's: one per image, where the image goes in the text
 REGISTRY_KEYS = {"file_name", "formatting", "columns", "tags", "ranking", "split", "num_samples"}
 
 
@@ -84,6 +92,7 @@ class Example:
     label: str | None = None
     kto_tag: bool | None = None  # kind "kto", unpaired rows: the last assistant turn is desirable (True) or not
     source: str = ""
+    images: list[str] = field(default_factory=list)  # absolute paths, in the order of the <image> placeholders
 
     def last_user_text(self) -> str:
         """The latest user turn: the prompt a reward source (rule, model, judge) is shown.
@@ -103,6 +112,7 @@ class DatasetSpec:
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     ranking: bool = False
+    media_dir: Path | None = None  # relative image paths start here (dataset_dir), else at the file's folder
 
 
 class RowError(Exception):
@@ -133,6 +143,7 @@ def load_examples(
     examples: list[Example] = []
     for name in names:
         for spec in _resolve(name, dataset_dir, registry):
+            spec.media_dir = Path(dataset_dir) if dataset_dir else None
             examples.extend(_load_file(spec, kind, max_samples, skip_bad_rows))
     return examples
 
@@ -293,6 +304,7 @@ def _load_file(spec: DatasetSpec, kind: Kind, max_samples: int | None, skip_bad_
             if not isinstance(row, dict):
                 raise RowError(f"expected an object, got {type(row).__name__}")
             ex = parse(row, spec, kind)
+            ex.images = _images(row, spec, ex)
         except RowError as e:
             msg = f"{spec.path}: row {i}: {e}"
             if not skip_bad_rows:
@@ -306,6 +318,39 @@ def _load_file(spec: DatasetSpec, kind: Kind, max_samples: int | None, skip_bad_
             "skipped %d malformed rows of %d in %s (first: %s)", bad, len(rows), spec.path, first_error
         )
     return out
+
+
+def _images(row: dict, spec: DatasetSpec, ex: Example) -> list[str]:
+    """The row's image paths, resolved and checked against its ``<image>`` placeholders.
+
+    A row without the images column is text, even if its text happens to contain ``<image>``.
+    """
+    key = spec.columns.get("images", "images")
+    value = row.get(key)
+    if value is None:
+        return []
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p.strip() for p in paths):
+        raise RowError(f"{key!r} must be a list of image paths (strings), got {value!r}")
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in ex.messages)
+    if placeholders != len(paths):
+        raise RowError(
+            f"{len(paths)} image(s) in {key!r} but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the text; "
+            f"put exactly one {IMAGE_PLACEHOLDER} where each image goes (in order), as LLaMA-Factory expects"
+        )
+    return [_image_path(p, spec) for p in paths]
+
+
+def _image_path(path: str, spec: DatasetSpec) -> str:
+    """An absolute path: as given, else under ``dataset_dir`` (LLaMA-Factory's media_dir), else next to the file."""
+    p = Path(path)
+    candidates = [p] if p.is_absolute() else [d / p for d in (spec.media_dir, spec.path.parent) if d is not None]
+    for c in candidates:
+        if c.is_file():
+            return str(c.resolve())
+    tried = " or ".join(str(c) for c in dict.fromkeys(candidates))
+    raise RowError(f"image {path!r} not found (looked for {tried}); image paths are relative to dataset_dir, "
+                   "or absolute")
 
 
 def _detect_tags(first: Any, messages_key: str) -> dict[str, str]:

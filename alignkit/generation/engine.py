@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from alignkit.generation.sampling import Rollout, sample
+from alignkit.models.architectures import placeholder_token_ids
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class RolloutEngine(Protocol):
     """``generate`` samples one response per row; ``sync_weights`` follows a policy update."""
 
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams) -> Rollout:
-        """(B, Q) left-padded prompt ids and mask -> a ``Rollout`` of B sequences."""
+        """(B, Q) left-padded prompt ids and mask -> a ``Rollout`` of B sequences. An engine that takes
+        image prompts sets ``accepts_images = True`` and takes a ``pixels=`` keyword (HFEngine)."""
         ...
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
@@ -46,16 +48,27 @@ class RolloutEngine(Protocol):
 class HFEngine:
     """alignkit's own KV-cache sampler on the trained model itself (``sampling.sample``).
 
-    It samples from the very module being trained, so ``sync_weights`` has nothing to copy.
+    It samples from the very module being trained, so ``sync_weights`` has nothing to copy. It
+    takes image prompts (``pixels``: a Qwen-VL chunk's pixel inputs). ``with_logprobs`` makes it
+    report its own log-probs, so ``rollout/engine_logprob_diff`` checks that the KV-cache loop
+    (positions, images) and the training forward agree; off by default, since a bf16 cache drifts.
     """
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int):
+    accepts_images = True
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, with_logprobs: bool = False):
         self.model = model
         self.pad_token_id = pad_token_id
+        self.with_logprobs = with_logprobs
+        # A VL model's image/video pad tokens are never sampled: every later forward would take a
+        # sampled one for an image slot (and fail on the count of image features).
+        self.suppress_ids = placeholder_token_ids(model)
 
-    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams) -> Rollout:
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams,
+                 pixels: dict | None = None) -> Rollout:
         return sample(self.model, self.pad_token_id, query_ids, query_mask, sampling.max_new_tokens,
-                      sampling.temperature, sampling.top_k, sampling.top_p, list(sampling.eos_ids))
+                      sampling.temperature, sampling.top_k, sampling.top_p, list(sampling.eos_ids), pixels,
+                      self.suppress_ids, self.with_logprobs)
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         return None

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.models.architectures import image_forward_kwargs, rope_positions
+
 # Whether ``sample`` stops only when every rank's rows are finished (see ``synchronised_stop``).
 _SYNC_STOP: ContextVar[bool] = ContextVar("alignkit_sync_stop", default=False)
 
@@ -79,13 +81,19 @@ def all_finished(finished: torch.Tensor) -> bool:
 
 @torch.inference_mode()
 def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
-           temperature: float, top_k: int, top_p: float, eos_ids: list[int]) -> Rollout:
+           temperature: float, top_k: int, top_p: float, eos_ids: list[int], pixels: dict | None = None,
+           suppress_ids: tuple[int, ...] = (), with_logprobs: bool = False) -> Rollout:
     """Batched sampling with a KV cache over a left-padded chunk of queries.
 
     A plain loop over the model's forward instead of ``generate``: on small models the
     per-token overhead of ``generate`` (processors, stopping criteria, cache plumbing) is
     larger than the forward itself. Positions come from the attention mask's cumulative sum,
-    as in the training forward passes, so left padding does not shift them.
+    as in the training forward passes, so left padding does not shift them; with images
+    (``pixels``: a Qwen-VL batch's ``pixel_values`` and ``image_grid_thw``), from the model's 3-D
+    rope layout, and each new token continues after the prompt's largest position.
+    ``suppress_ids`` are never sampled (a VL model's image placeholders: a sampled one would be
+    taken for an image slot by every later forward). ``with_logprobs`` records each sampled
+    token's log-prob under the distribution it was drawn from (for the sync check).
     """
     from transformers import DynamicCache
 
@@ -93,16 +101,22 @@ def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.
     eos = torch.tensor(eos_ids, device=device)
     cache = DynamicCache()
     attn = query_mask
-    position = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position = rope_positions(model, query_ids, query_mask, (pixels or {}).get("image_grid_thw"))
     out = model(input_ids=query_ids, attention_mask=attn, position_ids=position, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    next_pos = position[:, -1:] + 1  # (B, 1)
+                use_cache=True, logits_to_keep=1, **image_forward_kwargs(model, query_ids, pixels))
+    # (B, 1): one past the prompt's largest position (text: its length; Qwen-VL: an image spans fewer)
+    next_pos = position.amax(-1).reshape(-1, B).amax(0)[:, None] + 1
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens = []
+    tokens, logps = [], []
     for _ in range(max_new_tokens):
-        logits = filter_logits(out.logits[:, -1].float() / temperature, top_k, top_p)  # (B, V)
+        logits = out.logits[:, -1].float() / temperature
+        if suppress_ids:
+            logits[:, list(suppress_ids)] = float("-inf")
+        logits = filter_logits(logits, top_k, top_p)  # (B, V)
         token = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)  # (B,)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        if with_logprobs:
+            logps.append(logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
         tokens.append(token)
         finished |= torch.isin(token, eos)
         if len(tokens) == max_new_tokens or all_finished(finished):
@@ -122,6 +136,8 @@ def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.
         response_mask=response_mask,
         no_eos=no_eos,
         query_len=q,
+        # 0 off the response mask (a forced pad after EOS may have had no probability at all)
+        logprobs=torch.where(response_mask.bool(), torch.stack(logps, 1), 0.0) if with_logprobs else None,
     )
 
 

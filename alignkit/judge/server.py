@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -91,6 +92,7 @@ class JudgeStats:
     by_path: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0  # requests being handled now
     max_in_flight: int = 0
+    images: Counter[str] = field(default_factory=Counter)  # image references received, as sent (data: URLs hashed)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, path: str, prompts: list[str], responses: list[str]) -> int:
@@ -100,6 +102,11 @@ class JudgeStats:
             self.by_path[path] += 1
             self.pairs.update(zip(prompts, responses, strict=True))
             return self.requests
+
+    def record_images(self, refs: list[str]) -> None:
+        """Image references a request carried (paths, URLs); a ``data:`` URL counts by its hash."""
+        with self.lock:
+            self.images.update(_image_ref(r) for r in refs)
 
     def snapshot(self, pairs: bool = False) -> dict[str, Any]:
         with self.lock:
@@ -112,6 +119,7 @@ class JudgeStats:
                 "by_path": dict(self.by_path),
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
+                "images": dict(self.images),
             }
             if pairs:
                 out["pairs"] = [{"prompt": p, "response": r, "count": c} for (p, r), c in self.pairs.items()]
@@ -123,12 +131,22 @@ class JudgeStats:
             self.pairs.clear()
             self.faults.clear()
             self.by_path.clear()
+            self.images.clear()
+
+
+def _image_ref(ref: str) -> str:
+    """``data:image/png;base64,...`` -> ``data:image/png;sha256=<12 hex>``: recorded without the bytes."""
+    if not ref.startswith("data:"):
+        return ref
+    head, _, data = ref.partition(",")
+    return f"{head.split(';')[0]};sha256={hashlib.sha256(data.encode()).hexdigest()[:12]}"
 
 
 class AlignkitItem(BaseModel):
     prompt: str
     response: str
     label: str | None = None
+    images: list[str] | None = None  # the prompt's image paths
 
 
 class AlignkitRequest(BaseModel):
@@ -148,7 +166,17 @@ class OpenRLHFRequest(BaseModel):
 
 class ChatMessage(BaseModel):
     role: str
-    content: str
+    content: str | list[dict[str, Any]]  # text, or OpenAI content parts (text, image_url)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+
+    def image_urls(self) -> list[str]:
+        if isinstance(self.content, str):
+            return []
+        return [p.get("image_url", {}).get("url", "") for p in self.content if p.get("type") == "image_url"]
 
 
 class ChatRequest(BaseModel):
@@ -314,6 +342,7 @@ def _add_reward_model_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) ->
     @app.post(PATHS["alignkit"], dependencies=scoring, summary="alignkit shape: items -> scores")
     async def score_alignkit(req: AlignkitRequest) -> Response:
         items = req.items
+        judge.stats.record_images([i for it in items for i in it.images or []])
         return await judge(
             PATHS["alignkit"],
             [it.prompt for it in items],
@@ -350,7 +379,8 @@ def _add_evaluation_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) -> N
 
     @app.post(PATHS["openai_judge"], dependencies=scoring, summary="OpenAI chat completion judging a rubric")
     async def chat_completions(req: ChatRequest) -> Response:
-        content = req.messages[-1].content if req.messages else ""
+        content = req.messages[-1].text() if req.messages else ""
+        judge.stats.record_images([u for m in req.messages for u in m.image_urls()])
         m = _RUBRIC_SECTIONS.search(content)
         prompt, response, label = m.groups() if m else ("", content, "")
 
@@ -376,6 +406,7 @@ def _add_evaluation_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) -> N
             inputs, batched = [req.inputParams], False
         else:
             raise HTTPException(status_code=422, detail="send inputParams or batchInputParams")
+        judge.stats.record_images([i for x in inputs for i in (x.model_extra or {}).get("images") or []])
 
         def shape(values: list[Any]) -> dict[str, Any]:
             data = values if batched else (values[0] if len(values) == 1 else values)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignkit.config import StageConfig
+from alignkit.models.architectures import image_forward_kwargs, rope_positions
 from alignkit.models.io import restore_model
 from alignkit.models.loading import attach_lora, lora_config, trainable_in_float32
 from alignkit.models.reference import adapters_disabled, keep_grad_flags
@@ -86,33 +87,39 @@ class ActorCritic(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("ref_lm.")]
 
-    def _lm_forward(self, input_ids, attention_mask, hidden: bool, keep: int):
-        return self.lm(
+    def _lm_forward(self, model, input_ids, attention_mask, pixels: dict | None, hidden: bool, keep: int):
+        """One forward of ``model`` (the policy, or the reference); ``pixels`` are the rows' image
+        inputs (Qwen-VL), whose 3-D rope positions are the sampler's (``rope_positions``)."""
+        return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            position_ids=rope_positions(model, input_ids, attention_mask, (pixels or {}).get("image_grid_thw")),
             output_hidden_states=hidden,
             use_cache=False,
             logits_to_keep=keep,
+            **image_forward_kwargs(model, input_ids, pixels),
         )
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int, pixels: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) tokens -> logits (B, R, V) and values (B, R) at the positions that predict the
         response tokens ``input_ids[:, response_start:]`` (position t predicts token t+1);
-        values are ``None`` without a value head.
+        values are ``None`` without a value head. ``pixels``: the rows' image inputs, if any.
 
         The LM head runs only on those R positions (``logits_to_keep``), not on the prompt.
         """
         R = input_ids.shape[1] - response_start
         shared = self.has_critic and not self.critic_adapter  # the value head reads the policy's hidden states
-        out = self._lm_forward(input_ids, attention_mask, hidden=shared, keep=R + 1)
+        out = self._lm_forward(self.lm, input_ids, attention_mask, pixels, hidden=shared, keep=R + 1)
         logits = out.logits[:, :-1]
         if not self.has_critic:
             return logits, None
         if shared:
             hidden = out.hidden_states[-1]
+        elif pixels:  # the decoder alone cannot place the images: the whole model, hidden states kept
+            with self.use_adapter(CRITIC):
+                hidden = self._lm_forward(self.lm, input_ids, attention_mask, pixels, True, 1).hidden_states[-1]
         else:
             with self.use_adapter(CRITIC):
                 hidden = self.lm.base_model.model.get_decoder()(
@@ -122,18 +129,16 @@ class ActorCritic(nn.Module):
         return logits, self.v_head(hidden[:, response_start - 1 : -1])
 
     @torch.no_grad()
-    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int) -> torch.Tensor:
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
+                         pixels: dict | None = None) -> torch.Tensor:
         """The reference model's (B, R, V) logits at the positions that predict the response."""
         if self.ref_lm is not None:
             model, ctx = self.ref_lm, nullcontext()
         else:
             model, ctx = self.lm, adapters_disabled(self.lm)
         with ctx:
-            return model(
-                input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                logits_to_keep=input_ids.shape[1] - response_start + 1,
-            ).logits[:, :-1]
+            keep = input_ids.shape[1] - response_start + 1
+            return self._lm_forward(model, input_ids, attention_mask, pixels, False, keep).logits[:, :-1]
 
     @contextmanager
     def use_adapter(self, name: str):

@@ -166,6 +166,49 @@ def forward_with_aux(model: torch.nn.Module, coef: float, **inputs) -> tuple[tor
     return model(**inputs).logits, None
 
 
+# ---------------------------------------------------------------- image inputs (Qwen-VL)
+
+
+def image_forward_kwargs(model: torch.nn.Module, input_ids: torch.Tensor, pixels: dict | None) -> dict:
+    """Forward kwargs that put a batch's images into a Qwen-VL model: ``pixel_values`` and
+    ``image_grid_thw`` (``pixels``) plus ``mm_token_type_ids`` (1 on image tokens), from which
+    transformers lays out the 3-D rope positions itself (``get_rope_index``, left or right padding
+    read from the attention mask). Empty for a text batch: the forward stays the text one."""
+    if not pixels:
+        return {}
+    image_token_id = _unwrap(model).config.image_token_id
+    return {**pixels, "mm_token_type_ids": (input_ids == image_token_id).int()}
+
+
+def rope_positions(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids of a left-padded batch: (B, T) from the mask for text, or Qwen-VL's (3, B, T)
+    temporal/height/width positions when the batch holds images, computed by the model's own
+    ``get_rope_index``: the same positions a full forward with ``image_forward_kwargs`` computes,
+    so tokens sampled with a KV cache get the log-probs the training passes recompute."""
+    text = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if image_grid_thw is None:
+        return text
+    inner = next(m for m in _unwrap(model).modules() if hasattr(m, "get_rope_index"))
+    image_token_id = _unwrap(model).config.image_token_id
+    positions, _ = inner.get_rope_index(input_ids, (input_ids == image_token_id).int(), image_grid_thw=image_grid_thw,
+                                        attention_mask=attention_mask)
+    return positions
+
+
+def placeholder_token_ids(model: torch.nn.Module) -> tuple[int, ...]:
+    """A VL model's image and video placeholder token ids (none for a text model)."""
+    config = _unwrap(model).config
+    return tuple(i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+                 if isinstance(i, int))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP (``.module``) and peft (``get_base_model``) wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 # ---------------------------------------------------------------- tiny configs
 
 

@@ -27,6 +27,10 @@ SPECIAL_TOKENS = [PAD, IM_START, EOS, "<think>", "</think>"]
 # ChatML, as Qwen2 uses it; no default system prompt so tests see exactly what they pass.
 # Bump when the build changes, so cached tiny models are rebuilt.
 _VERSION = "2"
+# The tiny VL models' image processor (Qwen2-VL's, which Qwen3-VL uses): the vision tower's patch,
+# merge and temporal sizes; min/max pixels small so image prompts cost a few tokens on CPU.
+TINY_IMAGE_PROCESSOR = dict(patch_size=14, merge_size=2, temporal_patch_size=2,
+                            size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112})
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -82,6 +86,8 @@ def build_tiny(
     settings = dict(arch=arch, hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
                     num_heads=num_heads, num_kv_heads=num_kv_heads, vocab_size=vocab_size,
                     tie_word_embeddings=tie_word_embeddings, seed=seed, pretrain_steps=pretrain_steps)
+    if arch in VL_ARCHS:
+        settings["image_processor"] = TINY_IMAGE_PROCESSOR  # part of the cache key: a change rebuilds
     cached = _cache_path(settings)
     if cached is not None and (cached / "config.json").is_file():
         shutil.copytree(cached, out, dirs_exist_ok=True)
@@ -97,9 +103,20 @@ def build_tiny(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if arch in VL_ARCHS:
+        save_image_processor(out)
     if cached is not None:
         _store(out, cached)
     return out
+
+
+def save_image_processor(out: Path) -> None:
+    """``preprocessor_config.json`` next to the weights, as a real Qwen-VL checkpoint has, so a user-like
+    ``AutoImageProcessor.from_pretrained(model_dir)`` works; its patch and merge sizes match the tiny
+    vision tower, and images are resized to 56-112 px a side, so an image is 4 to 16 tokens."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil(**TINY_IMAGE_PROCESSOR).save_pretrained(out)
 
 
 def token_ids(tokenizer, vision: bool) -> dict[str, int]:

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from alignkit.rewards.api_config import ApiSettings
-from alignkit.rewards.base import RewardError, Score, ScoreMeta, labels_for
+from alignkit.rewards.base import RewardError, Score, ScoreMeta, images_for, labels_for
 from alignkit.rewards.cache import identity_of
 from alignkit.rewards.headers import redact_headers, resolve_headers, scrub
 from alignkit.rewards.presets import Item, ReplyError, make_preset, shape_settings
@@ -32,7 +32,7 @@ from alignkit.rewards.transport import Reply, RequestFailure, open_session, post
 logger = logging.getLogger(__name__)
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-_HEALTH_ITEM: Item = ("What is 2 + 2?", "4", "4")
+_HEALTH_ITEM: Item = ("What is 2 + 2?", "4", "4", ())
 
 
 class RewardApiError(RewardError):
@@ -81,7 +81,8 @@ class ApiReward:
         self, prompts: Sequence[str], responses: Sequence[str], meta: ScoreMeta | None = None
     ) -> list[Score]:
         prompts, responses = self._texts(prompts, responses, meta)
-        samples = list(zip(prompts, responses, labels_for(meta, len(responses)), strict=True))
+        samples = list(zip(prompts, responses, labels_for(meta, len(responses)), images_for(meta, len(responses)),
+                           strict=True))
         # Identical samples within the call are sent once.
         items, bs = list(dict.fromkeys(samples)), self.cfg.batch_size
         batches = [items[j : j + bs] for j in range(0, len(items), bs)]

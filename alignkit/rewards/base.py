@@ -45,6 +45,9 @@ class ScoreMeta:
     templated_prompts: Sequence[str] | None = None
     # The response decoded with its special tokens, the end-of-turn token included.
     full_responses: Sequence[str] | None = None
+    # Each prompt's images (absolute paths, in placeholder order; empty for a text prompt): what a
+    # judge needs to see to know what was asked. ``None`` when no prompt has an image.
+    images: Sequence[tuple[str, ...]] | None = None
 
     def select(self, indices: Sequence[int]) -> ScoreMeta:
         """The meta of the samples at ``indices`` (a wrapper passes only some samples on)."""
@@ -52,7 +55,16 @@ class ScoreMeta:
         def pick(values: Sequence[Any] | None) -> list[Any] | None:
             return None if values is None else [values[i] for i in indices]
 
-        return ScoreMeta(pick(self.labels), self.extra, pick(self.templated_prompts), pick(self.full_responses))
+        return ScoreMeta(pick(self.labels), self.extra, pick(self.templated_prompts), pick(self.full_responses),
+                         pick(self.images))
+
+
+def images_for(meta: ScoreMeta | None, n: int) -> list[tuple[str, ...]]:
+    """Each sample's image paths (``()`` for a text prompt); checks the count."""
+    images = list(meta.images) if meta is not None and meta.images is not None else [()] * n
+    if len(images) != n:
+        raise ValueError(f"score(): {n} responses but {len(images)} image lists")
+    return [tuple(i) for i in images]
 
 
 def labels_for(meta: ScoreMeta | None, n: int) -> list[str | None]:

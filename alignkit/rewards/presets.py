@@ -1,19 +1,25 @@
 """Request shapes of the HTTP judges alignkit speaks (``reward_api.preset``).
 
-A preset turns a batch of ``(prompt, response, label)`` items into a JSON body and a JSON
-reply into one raw value per item. It never validates values (the client does that the same
+A preset turns a batch of ``(prompt, response, label, images)`` items into a JSON body and a JSON
+reply into one raw value per item. ``images`` are the prompt's image paths (``()`` for text): the
+alignkit shape sends them as an ``images`` list, ``custom`` wherever its payload says ``"{images}"``,
+and ``openai_judge`` as ``image_url`` content parts holding ``data:`` URLs (what OpenAI-compatible
+servers accept; they cannot read the trainer's disk). It never validates values (the client does that the same
 way for every preset) and raises ``ReplyError`` when the reply as a whole is unusable.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import mimetypes
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
-Item = tuple[str, str, "str | None"]  # (prompt, response, label)
+Item = tuple  # (prompt, response, label) or (prompt, response, label, images: tuple of paths)
 
 _PLACEHOLDER = re.compile(r"\{(prompt|response|label)\}")
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\*|\d+)\]")
@@ -47,13 +53,25 @@ class ReplyError(Exception):
 
 def fill(template: str, item: Item) -> str:
     """Replace ``{prompt}``, ``{response}``, ``{label}`` in one pass (user text is never re-scanned)."""
-    prompt, response, label = item
+    prompt, response, label = item[:3]
     values = {"prompt": prompt, "response": response, "label": "" if label is None else label}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
+def images_of(item: Item) -> list[str]:
+    """The item's image paths (none for a text prompt)."""
+    return list(item[3]) if len(item) > 3 else []
+
+
+def data_url(path: str) -> str:
+    """An image file as a ``data:`` URL (``image_url`` content parts of the OpenAI chat API)."""
+    mime = mimetypes.guess_type(path)[0] or "image/png"
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
 def render(template: Any, item: Item) -> Any:
-    """Fill placeholders throughout a JSON template; a string that is only ``"{label}"`` keeps ``null``."""
+    """Fill placeholders throughout a JSON template; a string that is only ``"{label}"`` keeps ``null``,
+    and one that is only ``"{images}"`` becomes the list of the prompt's image paths."""
     if isinstance(template, dict):
         return {k: render(v, item) for k, v in template.items()}
     if isinstance(template, list):
@@ -61,6 +79,8 @@ def render(template: Any, item: Item) -> Any:
     if isinstance(template, str):
         if template == "{label}":
             return item[2]
+        if template == "{images}":
+            return images_of(item)
         return fill(template, item)
     return template
 
@@ -170,7 +190,8 @@ class AlignkitPreset(Preset):
         super().__init__("alignkit")
 
     def build(self, items: list[Item]) -> dict[str, Any]:
-        return {"items": [{"prompt": p, "response": r, "label": lb} for p, r, lb in items]}
+        return {"items": [{"prompt": it[0], "response": it[1], "label": it[2]}
+                          | ({"images": images_of(it)} if images_of(it) else {}) for it in items]}
 
     def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
         return _list_field(data, "scores", n), {}
@@ -187,7 +208,7 @@ class LlamaFactoryPreset(Preset):
         self.model = model
 
     def build(self, items: list[Item]) -> dict[str, Any]:
-        return {"model": self.model, "messages": [p + r for p, r, _ in items]}
+        return {"model": self.model, "messages": [it[0] + it[1] for it in items]}
 
     def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
         return _list_field(data, "scores", n), {}
@@ -204,9 +225,9 @@ class OpenRLHFPreset(Preset):
 
     def build(self, items: list[Item]) -> dict[str, Any]:
         return {
-            "query": [p + r for p, r, _ in items],
-            "prompts": [p for p, _, _ in items],
-            "labels": [lb for _, _, lb in items],
+            "query": [it[0] + it[1] for it in items],
+            "prompts": [it[0] for it in items],
+            "labels": [it[2] for it in items],
         }
 
     def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
@@ -227,9 +248,11 @@ class OpenAIJudgePreset(Preset):
 
     def build(self, items: list[Item]) -> dict[str, Any]:
         (item,) = items
+        text = fill(self.rubric, item)
+        images = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in images_of(item)]
         return {
             "model": self.model,
-            "messages": [{"role": "user", "content": fill(self.rubric, item)}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": text}, *images] if images else text}],
             "temperature": 0,
         }
 

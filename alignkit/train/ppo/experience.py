@@ -15,6 +15,7 @@ import torch
 
 from alignkit.algos import kl_penalty, logprobs_from_logits
 from alignkit.data.collators import pad_left
+from alignkit.data.vision import PixelRows, VisionProcessor
 from alignkit.generation import Rollout, RolloutEngine, SamplingParams
 from alignkit.models.actor_critic import ActorCritic
 from alignkit.rewards.base import ScoreMeta
@@ -29,6 +30,14 @@ class PromptSet:
     texts: list[str]
     labels: list[str | None]
     templated: list[str] | None = None  # the queries decoded with special tokens: what full-text judges read
+    images: list[list[str]] | None = None  # per row, its image paths (what the reward is shown); None: text only
+    vision: VisionProcessor | None = None  # makes the pixel inputs of a batch's image rows (a VL model)
+
+    def pixel_rows(self, idx: list[int], device: torch.device) -> PixelRows | None:
+        """The pixel inputs of rows ``idx`` (a group repeats its prompt's); None when none has an image."""
+        if self.vision is None or self.images is None or not any(self.images[i] for i in idx):
+            return None
+        return PixelRows.build(self.vision, [self.images[i] for i in idx], device)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,11 @@ class Experience:
     reward_metrics: dict[str, float] = field(default_factory=dict)  # the reward service's counters
     timing: dict[str, float] = field(default_factory=dict)  # time/generate, time/rollout, time/score_wait
     keep: torch.Tensor | None = None  # (B,) float: 0 drops a valid sample from the loss only (filters)
+    pixels: PixelRows | None = None  # per sample, its prompt's image inputs (Qwen-VL); None: a text batch
+
+    def pixels_of(self, rows: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Forward kwargs with the images of ``rows`` (in that order), for every pass over them."""
+        return None if self.pixels is None else self.pixels.select(rows)
 
     @property
     def scored_mask(self) -> torch.Tensor:
@@ -89,17 +103,20 @@ def pad_right(t: torch.Tensor, length: int, value: float = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def response_stats(ac: ActorCritic, roll: Rollout, settings: RolloutSettings) -> tuple[torch.Tensor, ...]:
+def response_stats(ac: ActorCritic, roll: Rollout, settings: RolloutSettings,
+                   pixels: PixelRows | None = None) -> tuple[torch.Tensor, ...]:
     """Old log-probs, values (or an empty tensor), reference log-probs and KL of one chunk, (b, R)
-    each, ``forward_batch_size`` rows at a time so ``full`` KL never holds the chunk's logits."""
+    each, ``forward_batch_size`` rows at a time so ``full`` KL never holds the chunk's logits.
+    ``pixels``: the chunk's rows' image inputs."""
     temperature, q = settings.sampling.temperature, roll.query_len
     parts = []
     for m in range(0, roll.input_ids.shape[0], settings.forward_batch_size):
         ids, attn = roll.input_ids[m : m + settings.forward_batch_size], roll.attention_mask[m : m + settings.forward_batch_size]
-        logits, values = ac(ids, attn, q)  # (b, R, V), (b, R) or None
+        rows = pixels.select(range(m, m + ids.shape[0])) if pixels is not None else None
+        logits, values = ac(ids, attn, q, rows)  # (b, R, V), (b, R) or None
         logp = logprobs_from_logits(logits, ids[:, q:], temperature)
         if settings.need_reference:
-            ref_logits = ac.reference_logits(ids, attn, q)
+            ref_logits = ac.reference_logits(ids, attn, q, rows)
             ref_logp = logprobs_from_logits(ref_logits, ids[:, q:], temperature)
             full = settings.kl_estimator == "full"
             kl = kl_penalty(logp, ref_logp, settings.kl_estimator, logits if full else None,
@@ -130,13 +147,26 @@ def response_rows(roll: Rollout) -> list[list[int]]:
 
 
 def score_meta(prompts: PromptSet, ids: list[int], resp_ids: list[list[int]], settings: RolloutSettings) -> ScoreMeta:
-    """Labels, and the templated prompts and full responses that full-text presets (llamafactory,
-    openrlhf) send as those trainers do."""
+    """Labels, the templated prompts and full responses that full-text presets (llamafactory,
+    openrlhf) send as those trainers do, and each prompt's image paths (so a judge sees what was asked)."""
     return ScoreMeta(
         labels=[prompts.labels[i] for i in ids],
         templated_prompts=None if prompts.templated is None else [prompts.templated[i] for i in ids],
         full_responses=settings.decode_full(resp_ids) if settings.decode_full is not None else None,
+        images=None if prompts.images is None else [tuple(prompts.images[i]) for i in ids],
     )
+
+
+def generate(engine: RolloutEngine, q_ids: torch.Tensor, q_mask: torch.Tensor, sampling: SamplingParams,
+             pixels: PixelRows | None) -> Rollout:
+    """One chunk from the engine, with its rows' images when it has any."""
+    rows = pixels.select(range(q_ids.shape[0])) if pixels is not None else None
+    if rows is None:
+        return engine.generate(q_ids, q_mask, sampling)
+    if not getattr(engine, "accepts_images", False):
+        raise ValueError(f"the prompts have images, but the {type(engine).__name__} rollout engine takes text only; "
+                         "set rollout_engine: hf for image prompts.")
+    return engine.generate(q_ids, q_mask, sampling, pixels=rows)
 
 
 def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
@@ -150,11 +180,14 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
     q_ids, q_mask = pad_left([prompts.queries[i] for i in idx], settings.pad_token_id)
     q_ids, q_mask = q_ids.to(device), q_mask.to(device)
     t0 = time.perf_counter()
+    pixels = prompts.pixel_rows(idx, device)  # (B) rows' image inputs; None for a text batch
+    chunk_pixels = [None if pixels is None else pixels.slice(c, c + rows) for c in range(0, len(idx), rows)]
     rolls, futures, texts = [], [], []
     with settings.gather():
         for c in range(0, len(idx), rows):
             with ac.adapter_lock:  # a LoRA reward model on the same base switches adapters on its thread
-                roll = engine.generate(q_ids[c : c + rows], q_mask[c : c + rows], settings.sampling)
+                roll = generate(engine, q_ids[c : c + rows], q_mask[c : c + rows], settings.sampling,
+                                chunk_pixels[c // rows])
             resp_ids = response_rows(roll)
             chunk_texts = settings.decode(resp_ids)
             ids = idx[c : c + rows]
@@ -164,7 +197,7 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
             texts += chunk_texts
     t_gen = time.perf_counter() - t0
     with ac.adapter_lock:
-        stats = [response_stats(ac, roll, settings) for roll in rolls]
+        stats = [response_stats(ac, roll, settings, p) for roll, p in zip(rolls, chunk_pixels, strict=True)]
     t_rollout = time.perf_counter() - t0
 
     # Gather chunks into (B, R) tensors, each padded to the longest response of the batch.
@@ -187,4 +220,5 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
         valid=torch.tensor(scored.valid, device=device, dtype=torch.float32),
         texts=texts, n_failed=scored.n_failed, failure_reasons=scored.reasons, reward_metrics={**scored.metrics, **engine_metrics},
         timing={"time/generate": t_gen, "time/rollout": t_rollout, "time/score_wait": t_wait},
+        pixels=pixels,
     )

@@ -23,6 +23,7 @@ from alignkit.algos.advantages import AdvantageParams
 from alignkit.data.encode import encode_prompt
 from alignkit.data.loader import Example
 from alignkit.data.templates import get_template
+from alignkit.data.vision import VisionProcessor
 from alignkit.generation import HFEngine, RolloutEngine, SamplingParams, stop_token_ids
 from alignkit.models.actor_critic import ActorCritic, build_actor_critic
 from alignkit.models.loading import (
@@ -203,16 +204,20 @@ def save(r: PPORun, done: int) -> None:
 
 
 def load_prompts(cfg: PPOConfig, tokenizer, examples: list[Example]) -> PromptSet:
-    """Template-encoded prompts (room left for max_new_tokens) and the prompt text the reward sees."""
+    """Template-encoded prompts (room left for max_new_tokens), the prompt text the reward sees and,
+    on a VL model, each prompt's images."""
     template = get_template(cfg.template, tokenizer)
+    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer)  # None: a text-only model
     prompt_len = max(8, cfg.cutoff_len - cfg.max_new_tokens)
-    queries = [encode_prompt(tokenizer, template, ex, prompt_len, cfg.default_system, cfg.enable_thinking)
+    queries = [encode_prompt(tokenizer, template, ex, prompt_len, cfg.default_system, cfg.enable_thinking, vision)
                for ex in examples]
     return PromptSet(
         queries=queries,
         texts=[ex.last_user_text() for ex in examples],
         labels=[ex.label for ex in examples],
         templated=RewardService.full_texts(tokenizer, queries),
+        images=[ex.images for ex in examples] if any(ex.images for ex in examples) else None,
+        vision=vision,
     )
 
 

@@ -88,7 +88,7 @@ def micro_batch_loss(learner: Learner, s: UpdateSettings, exp: Experience, batch
     q = exp.query_len
     cols, rows = trim_padding(exp.attention_mask[i], q)
     ids, qi, mask = exp.input_ids[i][:, cols], q - cols.start, exp.mask[i][:, rows]
-    logits, vpred = learner.model(ids, exp.attention_mask[i][:, cols], qi)
+    logits, vpred = learner.model(ids, exp.attention_mask[i][:, cols], qi, exp.pixels_of(i))
     logp = logprobs_from_logits(logits, ids[:, qi:], s.temperature)
     pg_loss, pg_stats = policy_loss(logp, exp.logprobs[i][:, rows], advantages[i][:, rows], mask, s.cliprange_low,
                                     s.cliprange_high, s.loss_agg_mode, s.max_len)

@@ -1,0 +1,178 @@
+"""Image prompts on a vision-language model (the tiny Qwen3-VL): LLaMA-Factory's ``images`` column and
+``<image>`` placeholders, pixel inputs through rollout and every forward pass, image paths to the judge.
+
+The images are examples/data/images/*.png (32x32 shapes); the tiny model's image processor resizes
+them to 56x56, four image tokens each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from alignkit.algos import logprobs_from_logits
+from alignkit.config import load_config
+from alignkit.data.collators import pad_left
+from alignkit.data.encode import encode_prompt
+from alignkit.data.loader import DataError, load_examples
+from alignkit.data.templates import get_template
+from alignkit.data.vision import PixelRows, VisionProcessor
+from alignkit.generation import HFEngine, SamplingParams
+from alignkit.judge.process import JudgeProcess
+from alignkit.models.actor_critic import ActorCritic
+from alignkit.models.loading import load_causal_lm, load_tokenizer
+from alignkit.models.tiny import build_tiny
+from alignkit.train import ppo, sft
+from alignkit.train.tracking import read_metrics
+from tests.conftest import EXAMPLES
+
+DATA = EXAMPLES / "data"
+IMAGES = DATA / "images"
+
+
+@pytest.fixture(scope="module")
+def vl_model(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("qwen3_vl") / "model", arch="qwen3_vl", hidden_size=64,
+                      intermediate_size=128, num_layers=2, pretrain_steps=30)
+
+
+@pytest.fixture(scope="module")
+def vl(vl_model):
+    tokenizer = load_tokenizer(str(vl_model))
+    return tokenizer, VisionProcessor.load(vl_model, tokenizer), load_causal_lm(str(vl_model)).eval()
+
+
+def prompt_batch(tokenizer, vision, examples):
+    queries = [encode_prompt(tokenizer, get_template("chatml"), ex, 256, None, None, vision) for ex in examples]
+    ids, mask = pad_left(queries, tokenizer.pad_token_id)
+    return ids, mask, PixelRows.build(vision, [ex.images for ex in examples])
+
+
+def test_tiny_vl_checkpoint_has_an_image_processor(vl_model, vl):
+    tokenizer, vision, _ = vl
+    assert (vl_model / "preprocessor_config.json").is_file()
+    assert vision is not None and vision.pad == "<|image_pad|>"
+    grid = vision.encode([str(IMAGES / "red_square.png")])["image_grid_thw"]
+    assert grid.tolist() == [[1, 4, 4]] and vision.num_tokens(grid) == [4]
+    # A text-only checkpoint has no processor: image rows on it are an error (test_bad_image_rows).
+    assert VisionProcessor.load(build_tiny(vl_model.parent / "text", arch="qwen3", hidden_size=32, num_layers=1,
+                                           pretrain_steps=0), tokenizer) is None
+
+
+def test_placeholders_become_image_tokens(vl):
+    tokenizer, vision, _ = vl
+    ex = load_examples("mm_prompts_demo", str(DATA), "prompt")[6]  # "<image> or <image>: which one is round?"
+    assert [p.rsplit("/", 1)[1] for p in ex.images] == ["red_square.png", "blue_circle.png"]
+    text = tokenizer.decode(encode_prompt(tokenizer, get_template("chatml"), ex, 256, None, None, vision))
+    image = "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"
+    assert f"<|im_start|>user\n{image} or {image}: which one is round?<|im_end|>" in text
+
+
+def test_the_image_changes_the_response_distribution(vl):
+    """Same text, two images: the log-probs of one fixed response differ, so the pixels reach the model."""
+    tokenizer, vision, lm = vl
+    red = load_examples("mm_prompts_demo", str(DATA), "prompt")[0]
+    blue = dataclasses.replace(red, images=[str(IMAGES / "blue_circle.png")])
+    ids, mask, pixels = prompt_batch(tokenizer, vision, [red, blue])
+    assert torch.equal(ids[0], ids[1])  # the very same tokens
+    response = torch.tensor(tokenizer.encode("The picture shows a shape.<|im_end|>"))[None].repeat(2, 1)
+    full, full_mask = torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1)
+    ac = ActorCritic(lm, value_head=False)
+    with torch.no_grad():
+        logp = logprobs_from_logits(ac(full, full_mask, ids.shape[1], pixels.select([0, 1]))[0], response, 1.0)
+        text_only = logprobs_from_logits(ac(full, full_mask, ids.shape[1])[0], response, 1.0)
+    assert (logp[0] - logp[1]).abs().max() > 1e-3, "the image did not change the response's log-probs"
+    assert not torch.allclose(logp[0], text_only[0]), "the pixels were ignored"
+
+
+def test_rollout_and_training_forward_agree_on_image_prompts(vl):
+    """Tokens sampled with the KV cache (3-D rope positions from the prompt's images, left padding,
+    rows with 0, 1 and 2 images in one batch) get the same log-probs from the full forward pass."""
+    tokenizer, vision, lm = vl
+    examples = load_examples("mm_prompts_demo", str(DATA), "prompt")
+    ids, mask, pixels = prompt_batch(tokenizer, vision, examples)
+    engine = HFEngine(lm, tokenizer.pad_token_id, with_logprobs=True)
+    torch.manual_seed(0)
+    rows = pixels.select(range(len(examples)))
+    roll = engine.generate(ids, mask, SamplingParams(8, (tokenizer.eos_token_id,)), pixels=rows)
+    assert not (roll.input_ids[:, roll.query_len:] == vision.image_token_id).any(), "an image token was sampled"
+    with torch.no_grad():
+        logits = ActorCritic(lm, value_head=False)(roll.input_ids, roll.attention_mask, roll.query_len, rows)[0]
+    logits[..., list(engine.suppress_ids)] = float("-inf")  # the sampler never draws image placeholders
+    logp = logprobs_from_logits(logits, roll.input_ids[:, roll.query_len:], 1.0)
+    assert ((logp - roll.logprobs).abs() * roll.response_mask).max() < 1e-4
+
+
+def write_rows(tmp_path, rows, entry_columns):
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "dataset_info.json").write_text(json.dumps(
+        {"bad": {"file_name": "rows.json", "formatting": "sharegpt", "columns": entry_columns}}))
+
+
+@pytest.mark.parametrize("images, text, expected", [
+    (["images/nowhere.png"], "<image>Hi", r"row 0: image 'images/nowhere.png' not found .*relative to dataset_dir"),
+    (["images/red_square.png"], "Hi, no placeholder", r"row 0: 1 image\(s\) in 'pics' but 0 <image> placeholder"),
+    (["images/red_square.png"], "<image><image>Hi", r"row 0: 1 image\(s\) in 'pics' but 2 <image> placeholder"),
+    ("images/red_square.png", "<image>Hi", None),  # one path as a plain string is fine
+])
+def test_bad_image_rows(tmp_path, images, text, expected):
+    (tmp_path / "images").symlink_to(IMAGES)
+    write_rows(tmp_path, [{"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "Yes."}],
+                           "pics": images}], {"messages": "conversations", "images": "pics"})
+    if expected is None:
+        assert load_examples("bad", str(tmp_path), "sft")[0].images == [str((IMAGES / "red_square.png").resolve())]
+        return
+    with pytest.raises(DataError, match=rf"rows.json: {expected}"):
+        load_examples("bad", str(tmp_path), "sft")
+
+
+def test_images_on_a_text_only_model_name_the_row(tmp_path_factory, tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    ex = load_examples("mm_prompts_demo", str(DATA), "prompt")[0]
+    vision = VisionProcessor.load(tiny_model_dir, tokenizer)
+    with pytest.raises(DataError, match=r"mm_prompts_demo.json:0: this row has 1 image\(s\), but the model takes "
+                                        r"no images.*drop the 'images' column"):
+        encode_prompt(tokenizer, get_template("chatml"), ex, 256, None, None, vision)
+
+
+def test_cutoff_through_an_image_is_an_error(vl):
+    tokenizer, vision, _ = vl
+    ex = load_examples("mm_prompts_demo", str(DATA), "prompt")[1]  # the image comes last: "... shape? <image>"
+    ex = dataclasses.replace(ex, messages=[{"role": "user", "content": "<image>" + ex.messages[0]["content"][:-7]}])
+    with pytest.raises(DataError, match="cutoff_len cuts through this row's images"):
+        encode_prompt(tokenizer, get_template("chatml"), ex, 12, None, None, vision)
+
+
+@pytest.mark.slow
+def test_grpo_with_image_prompts_against_the_judge(vl_model, tmp_path):
+    """Two GRPO steps on image prompts; the judge server records the image paths it was sent."""
+    with JudgeProcess(rule="count_good") as judge:
+        cfg = load_config(EXAMPLES / "grpo_tiny.yaml", [
+            f"model_name_or_path={vl_model}", "adapter_name_or_path=null", f"output_dir={tmp_path / 'grpo'}",
+            f"dataset_dir={DATA}", "dataset=mm_prompts_demo", "report_to=none", "plot_loss=false",
+            "reward_model_type=api", f"reward_model={judge.url}/score", "reward_api.max_retries=0",
+            "max_steps=2", "num_generations=2", "per_device_train_batch_size=2", "ppo_buffer_size=2",
+            "max_new_tokens=6", "save_steps=100", "lora_target=all"])
+        run = ppo.run(cfg)
+        stats = judge.stats()
+    rows = [r for r in read_metrics(run) if "env/reward_mean" in r]
+    assert len(rows) == 2 and all(r["reward/failures"] == 0 for r in rows)
+    sent = stats["images"]
+    assert sent and all(p.startswith(str(IMAGES.resolve())) for p in sent), sent
+    # Each prompt's group (2 samples) carries its image: 4 prompts a step, 2 steps.
+    assert sum(sent.values()) >= 2 * 2 * 2
+
+
+@pytest.mark.slow
+def test_sft_with_images_three_steps(vl_model, tmp_path):
+    cfg = load_config(None, [
+        "stage=sft", f"model_name_or_path={vl_model}", "dataset=mm_sft_demo", f"dataset_dir={DATA}",
+        "template=chatml", f"output_dir={tmp_path / 'sft'}", "per_device_train_batch_size=2", "learning_rate=5e-3",
+        "max_steps=3", "logging_steps=1", "save_steps=100", "lora_rank=4", "lora_target=all", "report_to=none",
+        "plot_loss=false"])
+    out = sft.run(cfg)
+    losses = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
