@@ -15,7 +15,8 @@ import torch
 
 from alignkit.algos import logprobs_from_logits
 from alignkit.config import load_config
-from alignkit.data.collators import pad_left
+from alignkit.data.collators import SFTCollator, pad_left
+from alignkit.data.encode import encode_supervised_examples
 from alignkit.data.encode import encode_prompt
 from alignkit.data.loader import DataError, load_examples
 from alignkit.data.templates import get_template
@@ -25,7 +26,8 @@ from alignkit.judge.process import JudgeProcess
 from alignkit.models.actor_critic import ActorCritic
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.models.tiny import build_tiny
-from alignkit.train import ppo, sft
+from alignkit.rewards.presets import AlignkitPreset, CustomPreset, OpenAIJudgePreset
+from alignkit.train import dpo, ppo, rm, sft
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES
 
@@ -146,20 +148,39 @@ def test_cutoff_through_an_image_is_an_error(vl):
         encode_prompt(tokenizer, get_template("chatml"), ex, 12, None, None, vision)
 
 
+def test_reward_requests_carry_the_image_references():
+    """alignkit: an images list of paths; custom: wherever the payload says "{images}"; openai_judge:
+    image_url content parts with data: URLs (an API cannot read the trainer's disk)."""
+    red = str(IMAGES / "red_square.png")
+    item, text_item = ("<image>What is it?", "A square.", None, (red,)), ("Hi", "Hello.", None, ())
+    assert AlignkitPreset().build([item, text_item])["items"] == [
+        {"prompt": "<image>What is it?", "response": "A square.", "label": None, "images": [red]},
+        {"prompt": "Hi", "response": "Hello.", "label": None}]
+    custom = CustomPreset({"q": "{prompt}", "a": "{response}", "pics": "{images}"}, None, "score", None)
+    assert custom.build([item])["pics"] == [red]
+    content = OpenAIJudgePreset("judge", "{prompt} -> {response}", r"\d+").build([item])["messages"][0]["content"]
+    assert content[0] == {"type": "text", "text": "<image>What is it? -> A square."}
+    assert content[1]["image_url"]["url"].startswith("data:image/png;base64,iVBOR")  # the PNG's own bytes
+    assert OpenAIJudgePreset("judge", "{prompt}", r"\d+").build([text_item])["messages"][0]["content"] == "Hi"
+
+
 @pytest.mark.slow
-def test_grpo_with_image_prompts_against_the_judge(vl_model, tmp_path):
-    """Two GRPO steps on image prompts; the judge server records the image paths it was sent."""
+@pytest.mark.parametrize("recipe", ["grpo_tiny.yaml", "ppo_tiny.yaml"])
+def test_rl_with_image_prompts_against_the_judge(vl_model, tmp_path, recipe):
+    """Two GRPO (or PPO with a value head) steps on image prompts against the judge server, which
+    records the image paths it was sent (rollout/forward agreement: test_rollout_and_training_...)."""
     with JudgeProcess(rule="count_good") as judge:
-        cfg = load_config(EXAMPLES / "grpo_tiny.yaml", [
+        cfg = load_config(EXAMPLES / recipe, [
             f"model_name_or_path={vl_model}", "adapter_name_or_path=null", f"output_dir={tmp_path / 'grpo'}",
             f"dataset_dir={DATA}", "dataset=mm_prompts_demo", "report_to=none", "plot_loss=false",
             "reward_model_type=api", f"reward_model={judge.url}/score", "reward_api.max_retries=0",
             "max_steps=2", "num_generations=2", "per_device_train_batch_size=2", "ppo_buffer_size=2",
-            "max_new_tokens=6", "save_steps=100", "lora_target=all"])
+            "max_new_tokens=6", "save_steps=100", "lora_target=all", "ppo_epochs=1"])
         run = ppo.run(cfg)
         stats = judge.stats()
     rows = [r for r in read_metrics(run) if "env/reward_mean" in r]
     assert len(rows) == 2 and all(r["reward/failures"] == 0 for r in rows)
+    assert all(r["ppo/loss/total"] == r["ppo/loss/total"] for r in rows)  # an update ran (not NaN)
     sent = stats["images"]
     assert sent and all(p.startswith(str(IMAGES.resolve())) for p in sent), sent
     # Each prompt's group (2 samples) carries its image: 4 prompts a step, 2 steps.
@@ -176,3 +197,30 @@ def test_sft_with_images_three_steps(vl_model, tmp_path):
     out = sft.run(cfg)
     losses = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_sft_batches_carry_pixels_for_their_image_rows(vl):
+    tokenizer, vision, _ = vl
+    examples = load_examples("mm_sft_demo", str(DATA), "sft")
+    feats = encode_supervised_examples(tokenizer, get_template("chatml"), examples, 256, None, None, vision)
+    batch = SFTCollator(tokenizer.pad_token_id, vision)([feats[6], feats[7]])  # two images, then a text row
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]] and batch["pixel_values"].shape[0] == 32
+    assert batch["mm_token_type_ids"].sum(-1).tolist() == [8, 0]
+    assert "pixel_values" not in SFTCollator(tokenizer.pad_token_id, vision)([feats[7]])  # text stays text
+
+
+def preference_config(stage, model, out, *extra):
+    return load_config(EXAMPLES / f"{stage}_tiny.yaml", [
+        f"model_name_or_path={model}", "dataset=mm_prefs_demo", f"dataset_dir={DATA}", f"output_dir={out}",
+        "report_to=none", "plot_loss=false", "per_device_train_batch_size=2", "max_steps=2", "logging_steps=1",
+        "save_steps=100", "val_size=0", "eval_strategy=no", *extra])
+
+
+@pytest.mark.slow
+def test_dpo_and_rm_with_images(vl_model, tmp_path):
+    out = dpo.run(preference_config("dpo", vl_model, tmp_path / "dpo"))
+    margins = [r["train/rewards/margins"] for r in read_metrics(out) if "train/rewards/margins" in r]
+    assert len(margins) == 2 and all(torch.isfinite(torch.tensor(margins)))
+    out = rm.run(preference_config("rm", vl_model, tmp_path / "rm"))
+    losses = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

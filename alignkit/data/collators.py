@@ -1,4 +1,8 @@
-"""Batching: left padding for generation, right padding for training sequences."""
+"""Batching: left padding for generation, right padding for training sequences.
+
+With a ``VisionProcessor`` (a VL model), features that carry ``images`` (paths) get their pixel
+tensors here, batch by batch: ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 import torch
 
 from alignkit.data.encode import IGNORE_INDEX
+from alignkit.data.vision import VisionProcessor, batch_images
 
 
 def _as_list(seq: Any) -> list[int]:
@@ -45,12 +50,14 @@ class SFTCollator:
     """Right-pads ``input_ids`` (with ``pad_id``) and ``labels`` (with -100)."""
 
     pad_id: int
+    vision: VisionProcessor | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         length = max(len(_as_list(f["input_ids"])) for f in features)
         input_ids, attention_mask = _pad_right([f["input_ids"] for f in features], self.pad_id, length)
         labels = _pad([f["labels"] for f in features], IGNORE_INDEX, length, left=False)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}  # each (B, T)
+        images = batch_images(self.vision, [f.get("images") or [] for f in features], input_ids)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **images}  # (B, T)
 
 
 @dataclass
@@ -58,9 +65,11 @@ class PairCollator:
     """Right-pads chosen and rejected sequences to ONE common length, so a trainer can
     ``torch.cat`` them into a single (2B, T) forward pass. Features carry ``chosen_ids``,
     ``rejected_ids`` and optionally ``margin``; a ``margin`` tensor (B,) is returned when
-    any feature has one (missing margins are 0)."""
+    any feature has one (missing margins are 0). With images, ``pixels`` holds the kwargs of the
+    (2B, T) forward: each pair's images twice, chosen rows first, as the ids are concatenated."""
 
     pad_id: int
+    vision: VisionProcessor | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         chosen = [f["chosen_ids"] for f in features]
@@ -73,4 +82,7 @@ class PairCollator:
             )
         if any(f.get("margin") is not None for f in features):
             batch["margin"] = torch.tensor([float(f.get("margin") or 0.0) for f in features])
+        images = [f.get("images") or [] for f in features] * 2
+        both = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        batch.update(batch_images(self.vision, images, both))
         return batch

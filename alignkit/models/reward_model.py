@@ -101,12 +101,15 @@ class RewardModel(nn.Module):
         """The transformer without its LM head (LoRA layers, if any, are injected in place)."""
         return self.model.get_base_model().base_model if self.is_lora else self.model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **images: torch.Tensor) -> torch.Tensor:
+        """(B,) scores; ``images``: a VL batch's pixel inputs (``pixel_values``, ``image_grid_thw``,
+        ``mm_token_type_ids``), from which transformers also lays out the 3-D rope positions."""
         hidden = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            position_ids=None if images else position_ids_from_mask(attention_mask),
             use_cache=False,
+            **images,
         ).last_hidden_state  # (B, T, H)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
         return self.score(last.to(self.score.weight.dtype)).squeeze(-1).float()  # (B,)

@@ -15,8 +15,8 @@ import copy
 import json
 import mimetypes
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 Item = tuple  # (prompt, response, label) or (prompt, response, label, images: tuple of paths)

@@ -36,8 +36,9 @@ from alignkit.algos.preference import (
     simpo_loss,
 )
 from alignkit.data.encode import encode_responses
-from alignkit.data.loader import Example, Kind, split_train_val
+from alignkit.data.loader import Kind, split_train_val
 from alignkit.data.templates import get_template
+from alignkit.data.vision import VisionProcessor, batch_images
 from alignkit.models.io import restore_model, save_model
 from alignkit.models.loading import (
     build_policy_model,
@@ -68,18 +69,24 @@ class PreferenceCollator:
     """Rows holding ``<name>_ids`` for each name in ``sequences`` become one right-padded (S*B, T)
     batch, sequence kind by kind (all chosen, then all rejected), so one forward pass reads them all.
     Every other key of a row (``prompt_len``, precomputed reference log-probs, a KTO tag) becomes a
-    (B,) tensor."""
+    (B,) tensor, but ``images`` (a row's paths), which become the pixel inputs of all S*B sequences."""
 
     pad_id: int
     sequences: tuple[str, ...]
+    vision: VisionProcessor | None = None
 
     def __call__(self, rows: list[dict]) -> Batch:
         seqs = [torch.tensor(row[f"{name}_ids"]) for name in self.sequences for row in rows]
         batch = {"input_ids": pad_sequence(seqs, batch_first=True, padding_value=self.pad_id),  # (S*B, T)
                  "attention_mask": pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True)}
-        for key in (k for k in rows[0] if not k.endswith("_ids")):
+        for key in (k for k in rows[0] if not k.endswith("_ids") and k != "images"):
             batch[key] = torch.tensor([row[key] for row in rows])
+        images = [row.get("images") or [] for row in rows] * len(self.sequences)
+        batch.update(batch_images(self.vision, images, batch["input_ids"]))
         return batch
+
+
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 def response_mask(batch: Batch) -> torch.Tensor:
@@ -95,7 +102,9 @@ def response_mask(batch: Batch) -> torch.Tensor:
 
 def response_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed and average log-probs of each sequence's response tokens: (S*B,), (S*B,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    images = {k: batch[k] for k in IMAGE_KEYS if k in batch}  # a VL batch's pixel inputs
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **images).logits
     token_logps = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])  # (N, T-1): t predicts t+1
     mask = response_mask(batch)[:, 1:]
     return sequence_logps(token_logps, mask), sequence_logps(token_logps, mask, average=True)
@@ -200,15 +209,17 @@ def pair_loss_sum(cfg: DPOConfig, frozen: nn.Module | None, model: nn.Module, ba
 # ---------------------------------------------------------------- data, evaluation, results
 
 
-def tokenize(cfg: DPOConfig, tokenizer, examples) -> list[dict]:
-    """``chosen_ids``/``rejected_ids`` (prompt + response + end-of-turn) and ``prompt_len``."""
+def tokenize(cfg: DPOConfig, tokenizer, examples, vision: VisionProcessor | None = None) -> list[dict]:
+    """``chosen_ids``/``rejected_ids`` (prompt + response + end-of-turn), ``prompt_len`` and a
+    row's ``images`` (paths) when it has some."""
     template = get_template(cfg.template, tokenizer)
     rows = []
     for ex in examples:
         prompt, (chosen, rejected) = encode_responses(tokenizer, template, ex, [ex.chosen, ex.rejected],
-                                                      cfg.cutoff_len, cfg.default_system, cfg.enable_thinking)
+                                                      cfg.cutoff_len, cfg.default_system, cfg.enable_thinking, vision)
         if chosen != rejected:  # an identical pair has no gradient and can never be ranked right
-            rows.append({"chosen_ids": prompt + chosen, "rejected_ids": prompt + rejected, "prompt_len": len(prompt)})
+            rows.append({"chosen_ids": prompt + chosen, "rejected_ids": prompt + rejected, "prompt_len": len(prompt),
+                         **({"images": ex.images} if ex.images else {})})
     if len(rows) < len(examples):
         logger.warning("dataset %s: %d of %d pairs have identical chosen and rejected after cutoff_len=%d; "
                        "they are left out", cfg.dataset, len(examples) - len(rows), len(examples), cfg.cutoff_len)
@@ -245,7 +256,7 @@ class Recipe:
 
     name: str  # the stage, as the progress bar shows it
     kind: Kind  # how the dataset's rows are parsed: "pairwise" (DPO) or "kto"
-    tokenize: Callable[[Any, Any, list[Example]], list[dict]]  # (cfg, tokenizer, examples) -> rows
+    tokenize: Callable[..., list[dict]]  # (cfg, tokenizer, examples, vision processor or None) -> rows
     sequences: tuple[str, ...]  # each row's ``<name>_ids``, in collated order
     ref_keys: tuple[str, ...]  # where precomputed reference log-probs go, one per sequence kind
     # (cfg, frozen reference or None, model, batch) -> summed loss and summed metrics of a micro-batch
@@ -264,9 +275,11 @@ def run_preference(cfg: PreferenceConfig, recipe: Recipe) -> Path:
     # held-out examples are split off before a pair becomes two KTO rows.
     policy, frozen = build_models(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer)  # None: a text-only model
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
-    train, val = recipe.tokenize(cfg, tokenizer, train_ex), recipe.tokenize(cfg, tokenizer, val_ex) if val_ex else []
-    collate = PreferenceCollator(tokenizer.pad_token_id, recipe.sequences)
+    train = recipe.tokenize(cfg, tokenizer, train_ex, vision)
+    val = recipe.tokenize(cfg, tokenizer, val_ex, vision) if val_ex else []
+    collate = PreferenceCollator(tokenizer.pad_token_id, recipe.sequences, vision)
 
     # 3. Reference log-probs: once for the dataset (precompute_ref_logprobs), or per batch in the loss.
     frozen = prepare_reference(cfg, accelerator, (policy, frozen), train + val, collate, recipe.ref_keys)

@@ -41,10 +41,14 @@ def unpaired(examples: list[Example]) -> list[tuple[Example, str, bool]]:
     return rows
 
 
-def tokenize(cfg: KTOConfig, tokenizer, examples: list[Example]) -> list[dict]:
+def tokenize(cfg: KTOConfig, tokenizer, examples: list[Example], vision=None) -> list[dict]:
     """``completion_ids`` (prompt + answer), ``kl_ids`` (the same prompt + another row's answer,
     half the dataset away, so pairs split into two rows never meet their own answer: the mismatched
-    pairs z0 is estimated on, as LLaMA-Factory builds them), ``prompt_len`` and ``desirable``."""
+    pairs z0 is estimated on, as LLaMA-Factory builds them), ``prompt_len`` and ``desirable``.
+    Rows with images are refused: KTO's half-batch passes (``sub_batch``) do not carry pixels yet."""
+    if with_images := next((ex for ex in examples if ex.images), None):
+        raise ValueError(f"{with_images.source}: kto does not take image rows yet (sft, rm, dpo and ppo do); "
+                         "drop the 'images' column from the dataset's entry in dataset_info.json.")
     template = get_template(cfg.template, tokenizer)
     rows = unpaired(examples)
     feats = []

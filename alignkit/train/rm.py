@@ -18,6 +18,7 @@ from alignkit.data.collators import PairCollator
 from alignkit.data.encode import encode_pair
 from alignkit.data.loader import split_train_val
 from alignkit.data.templates import get_template
+from alignkit.data.vision import VisionProcessor
 from alignkit.models.loading import build_policy_model, load_tokenizer, split_adapters
 from alignkit.models.reward_model import RewardModel, pairwise_loss, restore_reward_model, save_reward_model
 from alignkit.train.common import preflight, setup_run
@@ -28,15 +29,17 @@ EVAL_FILE = "eval_results.json"
 PLOTTED = ["train/loss", "train/accuracy", "eval/loss", "eval/accuracy", "eval/margin"]
 
 
-def tokenize(cfg: RMConfig, tokenizer, examples) -> list[dict]:
-    """``chosen_ids``/``rejected_ids`` (prompt + response + end-of-turn) and the row's margin."""
+def tokenize(cfg: RMConfig, tokenizer, examples, vision: VisionProcessor | None = None) -> list[dict]:
+    """``chosen_ids``/``rejected_ids`` (prompt + response + end-of-turn), the row's margin and images."""
     template = get_template(cfg.template, tokenizer)
     feats = []
     for ex in examples:
-        chosen, rejected = encode_pair(tokenizer, template, ex, cfg.cutoff_len, cfg.default_system, cfg.enable_thinking)
+        chosen, rejected = encode_pair(tokenizer, template, ex, cfg.cutoff_len, cfg.default_system, cfg.enable_thinking,
+                                       vision)
         # An identical pair has no gradient and can never be ranked right; it only skews accuracy.
         if chosen != rejected:
-            feats.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": ex.margin})
+            feats.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": ex.margin,
+                          **({"images": ex.images} if ex.images else {})})
     if dropped := len(examples) - len(feats):
         logger.warning("dropped %d of %d pairs whose chosen and rejected are identical after cutoff_len=%d",
                        dropped, len(examples), cfg.cutoff_len)
@@ -46,10 +49,12 @@ def tokenize(cfg: RMConfig, tokenizer, examples) -> list[dict]:
 
 
 def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One (2B, T) forward for chosen and rejected together (PairCollator pads both to one length)."""
+    """One (2B, T) forward for chosen and rejected together (PairCollator pads both to one length,
+    and gives a VL batch's pixel inputs for the (2B) rows)."""
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    return model(ids, mask).chunk(2)  # (B,), (B,)
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in batch}
+    return model(ids, mask, **images).chunk(2)  # (B,), (B,)
 
 
 @torch.no_grad()
@@ -93,9 +98,10 @@ def run(cfg: RMConfig) -> Path:
     # 2. Reward model (LM + score head) and tokenized pairs.
     rm = RewardModel.from_causal_lm(build_policy_model(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer)  # None: a text-only model
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
-    train, val = tokenize(cfg, tokenizer, train_ex), tokenize(cfg, tokenizer, val_ex) if val_ex else []
-    collate = PairCollator(tokenizer.pad_token_id)
+    train, val = tokenize(cfg, tokenizer, train_ex, vision), tokenize(cfg, tokenizer, val_ex, vision) if val_ex else []
+    collate = PairCollator(tokenizer.pad_token_id, vision)
     meta = run_meta(cfg)
 
     # 3. Train. The loss is the mean over the global batch's pairs. The held-out pairs are

@@ -18,6 +18,7 @@ from alignkit.data.encode import IGNORE_INDEX as IGNORE
 from alignkit.data.encode import encode_supervised_examples
 from alignkit.data.loader import split_train_val
 from alignkit.data.templates import get_template
+from alignkit.data.vision import VisionProcessor
 from alignkit.models.architectures import forward_with_aux
 from alignkit.models.io import restore_model, save_model
 from alignkit.models.loading import build_policy_model, load_tokenizer
@@ -27,10 +28,10 @@ from alignkit.train.loop import Stage, fit
 logger = logging.getLogger(__name__)
 
 
-def tokenize(cfg: SFTConfig, tokenizer, examples) -> list[dict[str, list[int]]]:
+def tokenize(cfg: SFTConfig, tokenizer, examples, vision: VisionProcessor | None = None) -> list[dict]:
     template = get_template(cfg.template, tokenizer)
     feats = encode_supervised_examples(tokenizer, template, examples, cfg.cutoff_len, cfg.default_system,
-                                       cfg.enable_thinking)
+                                       cfg.enable_thinking, vision)
     if examples and not feats:
         raise ValueError(f"dataset {cfg.dataset}: no example has a supervised token left after cutoff_len={cfg.cutoff_len}")
     return feats
@@ -38,8 +39,13 @@ def tokenize(cfg: SFTConfig, tokenizer, examples) -> list[dict[str, list[int]]]:
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over supervised positions."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logits = model(**model_inputs(batch)).logits  # (B, T, V)
     return cross_entropy_sum(logits, batch["labels"])
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The forward's kwargs: ids and mask, plus a VL batch's pixel inputs (SFTCollator makes them)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,8 +58,7 @@ def train_loss_sum(model, batch: dict[str, torch.Tensor], aux_coef: float) -> tu
     """``token_loss_sum`` plus, on a MoE model with ``moe_aux_loss_coef > 0``, the router's
     load-balancing loss. That loss is a micro-batch mean; weighting it by the micro-batch's supervised
     tokens makes ``fit``'s division by the global token count average it like the token loss."""
-    logits, aux = forward_with_aux(model, aux_coef, input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"])
+    logits, aux = forward_with_aux(model, aux_coef, **model_inputs(batch))
     loss = cross_entropy_sum(logits, batch["labels"])
     if aux is None:
         return loss, {}
@@ -86,9 +91,10 @@ def run(cfg: SFTConfig) -> Path:
 
     # 2. Model and tokenized data.
     model, tokenizer = build_policy_model(cfg), load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer)  # None: a text-only model
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
-    train, val = tokenize(cfg, tokenizer, train_ex), tokenize(cfg, tokenizer, val_ex) if val_ex else []
-    collate = SFTCollator(tokenizer.pad_token_id)
+    train, val = tokenize(cfg, tokenizer, train_ex, vision), tokenize(cfg, tokenizer, val_ex, vision) if val_ex else []
+    collate = SFTCollator(tokenizer.pad_token_id, vision)
 
     # 3. Train. The loss is averaged over the supervised tokens of the whole global batch.
     def eval_loss(m: nn.Module) -> dict[str, float]:
