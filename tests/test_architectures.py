@@ -17,7 +17,7 @@ from alignkit.export.config import ExportConfig
 from alignkit.models.architectures import auto_class_for, expert_parameters, router_modules
 from alignkit.models.loading import build_policy_model, load_causal_lm
 from alignkit.models.tiny import build_tiny
-from alignkit.train import ppo, sft
+from alignkit.train import dpo, ppo, sft
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES
 
@@ -106,6 +106,22 @@ def test_moe_aux_loss_enters_the_sft_loss(tmp_path_factory, data, tmp_path):
     after = next(r for r in read_metrics(with_aux) if "train/loss" in r)
     assert "train/aux_loss" not in before and after["train/aux_loss"] > 0
     # Same data and weights at step 1: the total differs by exactly the weighted router loss.
+    assert after["train/loss"] == pytest.approx(before["train/loss"] + after["train/aux_loss"], rel=1e-4)
+
+
+def test_moe_aux_loss_enters_the_dpo_loss(tmp_path_factory, tmp_path):
+    model = tiny(tmp_path_factory, "qwen3_moe")
+
+    def run(out, *extra):
+        cfg = load_config(EXAMPLES / "dpo_tiny.yaml", [
+            f"model_name_or_path={model}", f"dataset_dir={EXAMPLES / 'data'}", f"output_dir={out}", "report_to=none",
+            "plot_loss=false", "per_device_train_batch_size=2", "max_steps=1", "logging_steps=1", "save_steps=100",
+            "val_size=0", "eval_strategy=no", "max_samples=4", *extra])
+        return next(r for r in read_metrics(dpo.run(cfg)) if "train/loss" in r)
+
+    before, after = run(tmp_path / "plain"), run(tmp_path / "aux", "moe_aux_loss_coef=0.5")
+    assert "train/aux_loss" not in before and after["train/aux_loss"] > 0
+    # Step 1 (a zero LoRA update): the total differs from plain DPO by exactly the weighted router loss.
     assert after["train/loss"] == pytest.approx(before["train/loss"] + after["train/aux_loss"], rel=1e-4)
 
 

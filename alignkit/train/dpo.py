@@ -39,6 +39,7 @@ from alignkit.data.encode import encode_responses
 from alignkit.data.loader import Kind, split_train_val
 from alignkit.data.templates import get_template
 from alignkit.data.vision import VisionProcessor, batch_images
+from alignkit.models.architectures import forward_with_aux
 from alignkit.models.io import restore_model, save_model
 from alignkit.models.loading import (
     build_policy_model,
@@ -102,12 +103,20 @@ def response_mask(batch: Batch) -> torch.Tensor:
 
 def response_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed and average log-probs of each sequence's response tokens: (S*B,), (S*B,)."""
+    total, avg, _ = policy_logps(model, batch, 0.0)
+    return total, avg
+
+
+def policy_logps(model: nn.Module, batch: Batch, aux_coef: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``response_logps`` and, on a MoE model with ``moe_aux_loss_coef > 0``, the weighted router
+    load-balancing loss of the same forward (None otherwise), as SFT adds it."""
     images = {k: batch[k] for k in IMAGE_KEYS if k in batch}  # a VL batch's pixel inputs
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   **images).logits
+    logits, aux = forward_with_aux(model, aux_coef, input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"], use_cache=False, **images)
     token_logps = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])  # (N, T-1): t predicts t+1
     mask = response_mask(batch)[:, 1:]
-    return sequence_logps(token_logps, mask), sequence_logps(token_logps, mask, average=True)
+    return sequence_logps(token_logps, mask), sequence_logps(token_logps, mask, average=True), aux
 
 
 @torch.no_grad()
@@ -198,12 +207,17 @@ def pair_loss_sum(cfg: DPOConfig, frozen: nn.Module | None, model: nn.Module, ba
     elif cfg.uses_reference:
         ref_total, ref_avg = reference_logps(model, frozen, batch)
         ref_chosen, ref_rejected = (ref_avg if cfg.length_normalised else ref_total).chunk(2)
-    # 2. Policy log-probs of chosen and rejected: one (2B, T) forward pass.
-    total, avg = response_logps(model, batch)
+    # 2. Policy log-probs of chosen and rejected: one (2B, T) forward pass (and a MoE's router loss).
+    total, avg, aux = policy_logps(model, batch, cfg.moe_aux_loss_coef)
     chosen, rejected = (avg if cfg.length_normalised else total).chunk(2)
     # 3. The preference loss, plus pref_ftx x the chosen response's mean token NLL (LLaMA-Factory's ftx).
     losses = preference_losses(cfg, chosen, rejected, ref_chosen, ref_rejected) - cfg.pref_ftx * avg.chunk(2)[0]
-    return losses.sum(), pair_metrics(cfg.pref_beta, chosen, rejected, ref_chosen, ref_rejected)
+    metrics = pair_metrics(cfg.pref_beta, chosen, rejected, ref_chosen, ref_rejected)
+    if aux is None:
+        return losses.sum(), metrics
+    # The router loss is a micro-batch mean; times its pairs, fit's division by the global pair count averages it.
+    n = chosen.shape[0]
+    return losses.sum() + aux * n, {**metrics, "aux_loss": aux.detach() * n}
 
 
 # ---------------------------------------------------------------- data, evaluation, results
