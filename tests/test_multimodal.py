@@ -16,8 +16,7 @@ import torch
 from alignkit.algos import logprobs_from_logits
 from alignkit.config import load_config
 from alignkit.data.collators import SFTCollator, pad_left
-from alignkit.data.encode import encode_supervised_examples
-from alignkit.data.encode import encode_prompt
+from alignkit.data.encode import encode_prompt, encode_supervised_examples
 from alignkit.data.loader import DataError, load_examples
 from alignkit.data.templates import get_template
 from alignkit.data.vision import PixelRows, VisionProcessor
