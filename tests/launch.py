@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import EXAMPLES, ROOT
 
 WORLD = 2
+TAIL = int(os.environ.get("LAUNCH_STDERR_TAIL", "6000"))  # stderr characters a failed launch reports
 requires_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
     reason="DeepSpeed is not installed: run scripts/setup_deepspeed.sh (deepspeed==0.19.8 into .venv)",
@@ -47,5 +48,5 @@ def launch(config: Path, overrides: list[str], env: dict[str, str] | None = None
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                 **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-TAIL:]}"
     return proc

@@ -5,15 +5,19 @@ is alignkit's own fully_shard, the code path GPUs run (accelerate's FSDP plugin 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from alignkit.cli import main
 from alignkit.config import load_config
-from alignkit.train import sft
+from alignkit.train import sft, sharding
 from alignkit.train.checkpoint import load_state
+from alignkit.train.common import FSDP_ENV
 from alignkit.train.ppo.loop import build_models
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES
@@ -128,6 +132,21 @@ def test_zero3_rollout_gathers_parameters_once(tiny_model_dir, tmp_path):
     assert per_layer["8"]["all_gather_into_tensor"] > 3 * per_layer["2"]["all_gather_into_tensor"]
 
 
+def test_fsdp_rollout_gathers_parameters_once(tiny_model_dir, tmp_path):
+    """FSDP2's own all-gather collectives, counted while sampling 2 and 8 tokens."""
+    result = tmp_path / "gathers.json"
+    launch(EXAMPLES / "ppo_tiny.yaml", [str(result), f"model_name_or_path={tiny_model_dir}", "adapter_name_or_path=null",
+                                        f"output_dir={tmp_path / 'out'}", "reward_model=count_good"],
+           accelerate="fsdp", module="tests.fsdp_rollout_probe")
+    counts = json.loads(result.read_text())
+    once, per_layer = counts["gather_once"], counts["per_layer"]
+    # Inside rollout_context: every unit unsharded once (one all-gather each), whatever the number of tokens.
+    assert once["2"] == once["8"]
+    assert 0 < once["8"]["all_gather"] <= counts["n_units"]
+    # Without it FSDP gathers every block again for every token: the counter sees real gathers.
+    assert per_layer["8"]["all_gather"] > 3 * per_layer["2"]["all_gather"]
+
+
 @requires_deepspeed
 def test_ppo_accumulation_under_deepspeed_steps_once_per_mini_batch(tiny_model_dir, prompts_dir, tmp_path):  # noqa: F811
     # The same rollout batch of 2 prompts per rank (per_device x accumulation) and one mini-batch: backed
@@ -147,3 +166,92 @@ def test_ppo_accumulation_under_deepspeed_steps_once_per_mini_batch(tiny_model_d
         one, accum = load_file(str(runs["one"] / name)), load_file(str(runs["accum"] / name))
         assert_same(one, accum, atol=2e-6, rtol=1e-5)
     assert all(accum[k].abs().max() > 1e-4 for k in accum)  # the step moved the weights (value head)
+
+
+# Every stage under every sharded backend, one launch per backend running the stages one after another
+# (tests/stages_probe.py; 2 ranks, 1-2 steps), against the same runs in one process. Files compared by
+# name (checkpoints aside) and tensors by key; values where the math is the same: 2 ranks x micro-batch
+# 2 = 1 process x 4 for the fit stages, not for GRPO (each rank samples its own responses).
+FIT = ["report_to=none", "plot_loss=false", "eval_strategy=no", "val_size=0", "seed=3", "lora_dropout=0",
+       "lr_scheduler_type=constant", "warmup_ratio=0", f"dataset_dir={EXAMPLES / 'data'}", "save_steps=1000"]
+STAGES = {
+    # stage: (example config, overrides, per-device batch on 2 ranks / on 1, weight files, atol of the values)
+    "rm": ("rm_tiny", [*FIT, "max_steps=2", "learning_rate=1e-3"], ("2", "4"),
+           (ADAPTER, "score_head.safetensors"), 5e-5),
+    "dpo": ("dpo_tiny", [*FIT, "max_steps=2", "learning_rate=1e-3"], ("2", "4"), (ADAPTER,), 5e-5),
+    # Full fine-tuning with SGD: each weight moves by lr x its gradient, so reduction-order noise stays
+    # at float32 level (Adam's first step, about lr x sign(g), would amplify it on near-zero gradients).
+    "sft_full": ("sft_tiny", [*FIT, "max_steps=2", "finetuning_type=full", "optim=sgd", "learning_rate=0.05"],
+                 ("2", "4"), ("model.safetensors",), 1e-5),
+    "grpo": ("grpo_tiny", ["report_to=none", "plot_loss=false", "seed=3", "lora_dropout=0", "save_steps=1000",
+                           f"dataset_dir={EXAMPLES / 'data'}", "adapter_name_or_path=null", "num_generations=2",
+                           "ppo_buffer_size=1", "max_new_tokens=8", "max_steps=1"], ("1", "2"), (ADAPTER,), None),
+}
+
+
+def stage_args(stage: str, model_dir, out, batch: str) -> list[str]:
+    config, args, *_ = STAGES[stage]
+    return [str(EXAMPLES / f"{config}.yaml"), f"model_name_or_path={model_dir}", f"output_dir={out}", *args,
+            f"per_device_train_batch_size={batch}"]
+
+
+@pytest.fixture(scope="module")
+def single_stages(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Each stage's run in one process, with the doubled batch."""
+    root = tmp_path_factory.mktemp("single")
+    for stage, spec in STAGES.items():
+        assert main(["train", *stage_args(stage, tiny_model_dir, root / stage, spec[2][1])]) == 0
+    return {stage: root / stage for stage in STAGES}
+
+
+def top_files(out: Path) -> set[str]:
+    return {p.name for p in out.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("config", BACKENDS)
+def test_every_stage_saves_what_one_process_saves(config, tiny_model_dir, single_stages, tmp_path):
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps([stage_args(s, tiny_model_dir, tmp_path / s, spec[2][0]) for s, spec in STAGES.items()]))
+    launch(runs, [], accelerate=config, module="tests.stages_probe")
+    for stage, (*_, files, atol) in STAGES.items():
+        out, single = tmp_path / stage, single_stages[stage]
+        assert top_files(out) == top_files(single), stage
+        for name in files:
+            one, sharded = load_file(str(single / name)), load_file(str(out / name))
+            if atol is None:
+                assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in sharded.items()}, stage
+            else:
+                assert_same(one, sharded, atol=atol, rtol=1e-4)
+
+
+def fake_accelerator(name: str, monkeypatch) -> SimpleNamespace:
+    """What ``common.backend`` reads of an Accelerator launched with examples/accelerate/{name}.yaml."""
+    monkeypatch.setenv(FSDP_ENV, str(name == "fsdp").lower())
+    zero = name.startswith("deepspeed_zero")
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED if zero else DistributedType.MULTI_CPU,
+                           num_processes=2, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
+                               zero_stage=int(name[-1]) if zero else None)))
+
+
+@pytest.mark.parametrize(("config", "combo", "message"), [
+    ("deepspeed_zero3", {"lora_reward": True}, "reward_model_type: lora"),
+    ("fsdp", {"lora_reward": True}, "reward_model_type: lora"),
+    ("deepspeed_zero3", {"vllm": True}, "rollout_engine: vllm"),
+    ("fsdp", {"vllm": True}, "rollout_engine: vllm"),
+])
+def test_unsupported_combinations_are_refused(config, combo, message, monkeypatch):
+    with pytest.raises(NotImplementedError, match=message):
+        sharding.check_supported(fake_accelerator(config, monkeypatch), **combo)
+
+
+@pytest.mark.parametrize("config", ["ddp", "deepspeed_zero2"])
+def test_lora_reward_and_vllm_run_unsharded_weights(config, monkeypatch):
+    sharding.check_supported(fake_accelerator(config, monkeypatch), lora_reward=True, vllm=True)
+
+
+@pytest.mark.parametrize(("key", "value"), [("VERSION", "1"), ("OFFLOAD_PARAMS", "true"),
+                                            ("ACTIVATION_CHECKPOINTING", "true")])
+def test_fsdp_keys_alignkit_does_not_honour_are_refused(key, value, monkeypatch):
+    monkeypatch.setenv(f"FSDP_{key}", value)
+    with pytest.raises(NotImplementedError, match=f"fsdp_{key.lower()}"):
+        sharding.check_supported(fake_accelerator("fsdp", monkeypatch))

@@ -20,7 +20,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from alignkit.config import StageConfig
-from alignkit.models.loading import count_parameters
 from alignkit.train import sharding
 from alignkit.train.common import build_optimizer, global_batch_indices, resume, total_steps
 from alignkit.train.tracking import MetricLogger, plot_metrics
@@ -57,6 +56,13 @@ class Sizes:
     global_bs: int  # rows per optimizer step over all ranks
     num_steps: int  # optimizer steps in the run
     eval_every: int  # optimizer steps between in-run evaluations
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters. A model loaded under ZeRO-3's ``zero.Init`` holds empty local
+    tensors (each rank keeps its partition elsewhere); DeepSpeed records the real size as ``ds_numel``."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
 
 
 def plan(cfg: StageConfig, n_train: int, world: int) -> Sizes:

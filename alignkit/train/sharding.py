@@ -98,7 +98,13 @@ def shard(accelerator: Accelerator, model: nn.Module) -> None:
     # The outermost Hugging Face model only: tied embeddings and lm_head must share one unit.
     hf = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
     hf = [m for m in hf if not any(m is not o and any(m is x for x in o.modules()) for o in hf)]
-    units = [m for m in model.modules() if m is not model and (type(m).__name__ in blocks or any(m is o for o in hf))]
+    groups = [[m] for m in hf if m is not model]
+    # A reward model's forward calls its backbone (the transformer without the LM head) directly, so
+    # the outer model's hooks would never gather the embeddings: the backbone is the unit there, in one
+    # group with the (unused) modules outside it that hold a tied weight (FSDP2 refuses a split tie).
+    if isinstance(entry := getattr(model, "backbone", None), PreTrainedModel) and not any(entry is m for m in hf):
+        groups = [[entry, *tied_outside(hf[0], entry)]]
+    units = [[m] for m in model.modules() if m is not model and type(m).__name__ in blocks]
     # bf16 weights for the forward, fp32 master weights and gradient reduction (as accelerate's bf16).
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if accelerator.mixed_precision == "bf16" else \
         MixedPrecisionPolicy()
@@ -107,12 +113,20 @@ def shard(accelerator: Accelerator, model: nn.Module) -> None:
     for p in model.parameters():
         if p.requires_grad:
             torch.distributed.broadcast(p.data, src=0)
-    for m in reversed(units):
-        fully_shard(m, reshard_after_forward=reshard_after_forward(), mp_policy=mp)
+    for group in [*reversed(units), *groups]:  # innermost first: blocks, then the Hugging Face models
+        fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=reshard_after_forward(), mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     # FSDP2 takes as root the first unit to run forward; PPO's first forward is a rollout through
     # ac.lm, which would then wrongly be the root. Settle it now (FSDP2 has no public call for this).
     model._get_fsdp_state()._lazy_init()
+
+
+def tied_outside(outer: nn.Module, inner: nn.Module) -> list[nn.Module]:
+    """The modules of ``outer`` outside ``inner`` owning a parameter that is also ``inner``'s (a tied LM head)."""
+    own = {id(p) for p in inner.parameters()}
+    inside = {id(m) for m in inner.modules()}
+    return [m for m in outer.modules() if id(m) not in inside
+            and any(id(p) in own for p in m.parameters(recurse=False))]
 
 
 def reshard_after_forward() -> bool:
@@ -237,9 +251,9 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
 
 @contextmanager
 def full_weights(accelerator: Accelerator, model: nn.Module) -> Iterator[None]:
-    """Inside the block, rank 0's save functions (``save_pretrained``, ``state_dict``) write the whole
-    trained weights (a collective: all ranks enter). ZeRO-3 gathers them; FSDP gathers the trainable
-    weights to rank 0 and has every ``state_dict`` there return them instead of the local shards."""
+    """Inside the block, rank 0's save functions (``save_pretrained``, ``state_dict``, a head's
+    ``.weight``) see the whole trained weights (a collective: all ranks enter). ZeRO-3 gathers them;
+    FSDP gathers the trainable weights to rank 0 and puts them in place of the local shards there."""
     name = backend(accelerator)
     if name == "zero3":
         with gathered(accelerator, [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]):
@@ -249,29 +263,40 @@ def full_weights(accelerator: Accelerator, model: nn.Module) -> Iterator[None]:
         yield
         return
     full, _ = full_state(model)
-    handles = serve_state_dict(model, full) if accelerator.is_main_process else []
+    if not accelerator.is_main_process:
+        yield
+        return
+    with plain_parameters(model, full):
+        yield
+
+
+@contextmanager
+def plain_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> Iterator[None]:
+    """FSDP: each parameter of ``model`` named in ``full`` replaced, inside the block, by a plain
+    parameter holding that whole tensor (tied parameters stay one), then the DTensor shard put back.
+
+    Whatever a save reads (``state_dict`` through peft or transformers, or a parameter directly, as
+    the reward model's score head) is then the whole weight. No forward may run inside the block."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():  # sharded state: FSDP's state_dict pre-hook then leaves the swap alone
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain: dict[int, nn.Parameter] = {}
+    swapped = []
+    for module in model.modules():
+        for local, p in list(module._parameters.items()):
+            if p is not None and names.get(id(p)) in full:
+                if id(p) not in plain:
+                    plain[id(p)] = nn.Parameter(full[names[id(p)]], requires_grad=p.requires_grad)
+                swapped.append((module, local, p))
+                module._parameters[local] = plain[id(p)]
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
-
-
-def serve_state_dict(model: nn.Module, full: dict[str, torch.Tensor]) -> list:
-    """A ``state_dict`` post-hook on each module that owns an entry of ``full`` (keyed by its name in
-    ``model``), swapping the entry in: any save that goes through ``state_dict`` on ``model`` or a
-    submodule (peft's adapter, a value head) then writes ``full``."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    handles = []
-    for module in model.modules():
-        own = {local: names[id(p)] for local, p in module.named_parameters(recurse=False) if names.get(id(p)) in full}
-        if own:
-            def swap(mod, state, prefix, meta, own=own):
-                for local, name in own.items():
-                    if prefix + local in state:
-                        state[prefix + local] = full[name]
-            handles.append(module.register_state_dict_post_hook(swap))
-    return handles
+        for module, local, p in swapped:
+            module._parameters[local] = p
 
 
 def save_checkpoint(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, out: Path,
