@@ -238,15 +238,18 @@ def fake_accelerator(name: str, monkeypatch) -> SimpleNamespace:
     ("fsdp", {"lora_reward": True}, "reward_model_type: lora"),
     ("deepspeed_zero3", {"vllm": True}, "rollout_engine: vllm"),
     ("fsdp", {"vllm": True}, "rollout_engine: vllm"),
+    ("deepspeed_zero3", {"frozen_reference": True}, "frozen copy"),
 ])
 def test_unsupported_combinations_are_refused(config, combo, message, monkeypatch):
     with pytest.raises(NotImplementedError, match=message):
         sharding.check_supported(fake_accelerator(config, monkeypatch), **combo)
 
 
-@pytest.mark.parametrize("config", ["ddp", "deepspeed_zero2"])
-def test_lora_reward_and_vllm_run_unsharded_weights(config, monkeypatch):
-    sharding.check_supported(fake_accelerator(config, monkeypatch), lora_reward=True, vllm=True)
+@pytest.mark.parametrize("config", ["ddp", "deepspeed_zero2", "fsdp"])
+def test_what_runs_is_not_refused(config, monkeypatch):
+    unsharded = config != "fsdp"  # a LoRA reward and vLLM need the policy's weights whole
+    sharding.check_supported(fake_accelerator(config, monkeypatch), lora_reward=unsharded, vllm=unsharded,
+                             frozen_reference=True)
 
 
 @pytest.mark.parametrize(("key", "value"), [("VERSION", "1"), ("OFFLOAD_PARAMS", "true"),

@@ -51,6 +51,7 @@ from alignkit.models.loading import (
     model_dtype,
 )
 from alignkit.models.reference import adapters_disabled
+from alignkit.train import sharding
 from alignkit.train.common import preflight, setup_run
 from alignkit.train.dpo_config import DPOConfig, PreferenceConfig
 from alignkit.train.loop import Stage, fit, plan
@@ -284,6 +285,8 @@ def run_preference(cfg: PreferenceConfig, recipe: Recipe) -> Path:
     examples = preflight(cfg, recipe.kind)
     check_reference_path(cfg)
     accelerator, out = setup_run(cfg)
+    sharding.check_supported(accelerator, frozen_reference=cfg.uses_reference and (
+        cfg.finetuning_type == "full" or bool(cfg.ref_model)))
 
     # 2. Policy, reference (its own copy only with ref_model or full fine-tuning), tokenized rows;
     # held-out examples are split off before a pair becomes two KTO rows.

@@ -47,9 +47,17 @@ def is_fsdp(accelerator: Accelerator) -> bool:
     return backend(accelerator) == "fsdp"
 
 
-def check_supported(accelerator: Accelerator, lora_reward: bool = False, vllm: bool = False) -> None:
+def check_supported(accelerator: Accelerator, lora_reward: bool = False, vllm: bool = False,
+                    frozen_reference: bool = False) -> None:
     """Refuse, on every rank before anything is prepared, what alignkit does not run sharded."""
     name = backend(accelerator)
+    if name == "zero3" and frozen_reference:
+        raise NotImplementedError(
+            "A DPO/KTO reference kept as its own frozen copy (finetuning_type: full, or ref_model) is not run "
+            "under ZeRO-3: zero.Init loads it partitioned and, outside DeepSpeed's engine, nothing gathers it. "
+            "Use finetuning_type: lora without ref_model (the reference is the policy with its adapter disabled), "
+            "or train under ZeRO-2 or FSDP (deepspeed_zero2.yaml, fsdp.yaml)."
+        )
     if name in ("zero3", "fsdp") and lora_reward:
         raise NotImplementedError(
             f"reward_model_type: lora scores on a background thread with the policy's own ({name} sharded) "
@@ -289,7 +297,10 @@ def plain_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> Iterato
         for local, p in list(module._parameters.items()):
             if p is not None and names.get(id(p)) in full:
                 if id(p) not in plain:
-                    plain[id(p)] = nn.Parameter(full[names[id(p)]], requires_grad=p.requires_grad)
+                    whole = full[names[id(p)]]
+                    # A view into a larger gathered buffer: safetensors refuses to save a partial storage.
+                    whole = whole.clone() if whole.untyped_storage().nbytes() != whole.nbytes else whole
+                    plain[id(p)] = nn.Parameter(whole, requires_grad=p.requires_grad)
                 swapped.append((module, local, p))
                 module._parameters[local] = plain[id(p)]
     try:
