@@ -84,8 +84,8 @@ class StageConfig(BaseModel):
         "weight but the LM head, MoE routers and frozen vision parts (docs/models.md)."
     )
     moe_aux_loss_coef: float = Field(
-        0.0, ge=0.0, description="MoE models, SFT/DPO: weight of the router load-balancing loss added to the loss "
-        "(0: off; Qwen3-MoE pretrains with 0.001). RM and RL do not add it (docs/models.md)."
+        0.0, ge=0.0, description="MoE models, SFT/RM/DPO/KTO: weight of the router load-balancing loss added to the "
+        "loss (0: off; Qwen3-MoE pretrains with 0.001). PPO/GRPO do not add it; DeepSeek-V3 has none (docs/models.md)."
     )
     freeze_vision_tower: bool = Field(True, description="Vision-language models: keep the vision encoder frozen.")
     freeze_multi_modal_projector: bool = Field(

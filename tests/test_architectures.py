@@ -14,10 +14,11 @@ from alignkit.cli import main
 from alignkit.config import load_config
 from alignkit.export import export_model
 from alignkit.export.config import ExportConfig
-from alignkit.models.architectures import auto_class_for, expert_parameters, router_modules
+from alignkit.models.architectures import auto_class_for, expert_parameters, forward_with_aux, router_modules
 from alignkit.models.loading import build_policy_model, load_causal_lm
+from alignkit.models.reward_model import RewardModel
 from alignkit.models.tiny import build_tiny
-from alignkit.train import dpo, ppo, sft
+from alignkit.train import dpo, kto, ppo, rm, sft
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES
 
@@ -109,20 +110,50 @@ def test_moe_aux_loss_enters_the_sft_loss(tmp_path_factory, data, tmp_path):
     assert after["train/loss"] == pytest.approx(before["train/loss"] + after["train/aux_loss"], rel=1e-4)
 
 
-def test_moe_aux_loss_enters_the_dpo_loss(tmp_path_factory, tmp_path):
+def first_step_losses(model, stage, example: str, *extra) -> tuple[dict, dict]:
+    """Step-1 metrics of ``stage`` on the tiny MoE without and with ``moe_aux_loss_coef=0.5``."""
+    runs = {"dpo": dpo.run, "kto": kto.run, "rm": rm.run}
+
+    def run(name, *more):
+        cfg = load_config(EXAMPLES / example, [
+            f"model_name_or_path={model}", f"dataset_dir={EXAMPLES / 'data'}", f"output_dir={model.parent / name}",
+            "report_to=none", "plot_loss=false", "per_device_train_batch_size=2", "max_steps=1", "logging_steps=1",
+            "save_steps=100", "val_size=0", "eval_strategy=no", "max_samples=4", *extra, *more])
+        return next(r for r in read_metrics(runs[stage](cfg)) if "train/loss" in r)
+
+    return run(f"{stage}_plain"), run(f"{stage}_aux", "moe_aux_loss_coef=0.5")
+
+
+@pytest.mark.parametrize(("stage", "example"), [("dpo", "dpo_tiny.yaml"), ("kto", "kto_tiny.yaml"),
+                                                ("rm", "rm_tiny.yaml")])
+def test_moe_aux_loss_enters_the_preference_and_reward_losses(stage, example, tmp_path_factory):
+    # The reward model runs the backbone without its LM head, which returns router logits but no
+    # loss: alignkit computes it with transformers' own load_balancing_loss_func.
     model = tiny(tmp_path_factory, "qwen3_moe")
-
-    def run(out, *extra):
-        cfg = load_config(EXAMPLES / "dpo_tiny.yaml", [
-            f"model_name_or_path={model}", f"dataset_dir={EXAMPLES / 'data'}", f"output_dir={out}", "report_to=none",
-            "plot_loss=false", "per_device_train_batch_size=2", "max_steps=1", "logging_steps=1", "save_steps=100",
-            "val_size=0", "eval_strategy=no", "max_samples=4", *extra])
-        return next(r for r in read_metrics(dpo.run(cfg)) if "train/loss" in r)
-
-    before, after = run(tmp_path / "plain"), run(tmp_path / "aux", "moe_aux_loss_coef=0.5")
+    before, after = first_step_losses(model, stage, example)
     assert "train/aux_loss" not in before and after["train/aux_loss"] > 0
-    # Step 1 (a zero LoRA update): the total differs from plain DPO by exactly the weighted router loss.
+    # Step 1 (a zero LoRA update, the same seeded score head): the total differs from the plain loss
+    # by exactly the weighted router loss.
     assert after["train/loss"] == pytest.approx(before["train/loss"] + after["train/aux_loss"], rel=1e-4)
+
+
+def test_moe_aux_loss_of_a_reward_model_equals_the_causal_lms(tmp_path_factory):
+    # The same tokens through the causal LM (whose head computes aux_loss) and the RM's backbone.
+    model = tiny(tmp_path_factory, "qwen3_moe")
+    lm = load_causal_lm(str(model))
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 7, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        want = lm(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+        _, got = RewardModel.from_causal_lm(lm)(ids, mask, aux_coef=0.5)
+    assert float(got) == pytest.approx(0.5 * float(want), rel=1e-6)
+
+
+def test_moe_aux_loss_on_a_model_without_one_is_an_error(tmp_path_factory):
+    lm = load_causal_lm(str(tiny(tmp_path_factory, "deepseek_v3")))  # balances experts with a bias, no loss
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM computes no router load-balancing loss"):
+        forward_with_aux(lm, 0.5, input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
 @pytest.mark.parametrize("arch", VL_ARCHS)

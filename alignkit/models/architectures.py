@@ -9,6 +9,7 @@ MoE router or a frozen vision tower), and how a tiny random model of each family
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,12 +159,40 @@ def has_router_aux_loss(model: torch.nn.Module) -> bool:
 
 def forward_with_aux(model: torch.nn.Module, coef: float, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(logits, aux_loss * coef)``; the second is None unless ``coef > 0`` and the model is a MoE
-    that returns a router load-balancing loss (Switch Transformer eq. 4, as transformers computes it
-    over the non-padded tokens of ``attention_mask``)."""
+    (``router_aux_loss`` on the router logits of the same forward, over ``attention_mask``'s tokens)."""
     if coef > 0 and has_router_aux_loss(model):
         out = model(**inputs, output_router_logits=True)
-        return out.logits, coef * out.aux_loss
+        return out.logits, coef * router_aux_loss(model, out.router_logits, inputs.get("attention_mask"))
     return model(**inputs).logits, None
+
+
+def router_aux_loss(model: torch.nn.Module, router_logits: tuple[torch.Tensor, ...],
+                    attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The router load-balancing loss (Switch Transformer eq. 4-6) as the model's own transformers
+    family computes it: its modeling module's ``load_balancing_loss_func`` on one (B*T, E) logits
+    tensor per MoE layer, padding excluded through the (B, T) ``attention_mask``.
+
+    One function for every stage: a causal LM's head returns the same value as ``aux_loss``, but a
+    bare backbone (the reward model's, which drops the LM head) returns only the router logits.
+    """
+    loss_fn = _balance_loss_function(model)
+    top_k = _unwrap(model).config.get_text_config().num_experts_per_tok
+    return loss_fn(tuple(router_logits), router_logits[0].shape[-1], top_k, attention_mask)
+
+
+def _balance_loss_function(model: torch.nn.Module) -> Callable:
+    """``load_balancing_loss_func`` of the module that defines the model's class; an error for a
+    family that has none rather than a coefficient that silently weights nothing."""
+    base = _unwrap(model)
+    loss_fn = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    if loss_fn is None:
+        raise ValueError(
+            f"moe_aux_loss_coef: {type(base).__name__} computes no router load-balancing loss in transformers "
+            f"(its module {type(base).__module__} has no load_balancing_loss_func; DeepSeek-V3 balances its "
+            "experts without an auxiliary loss, through the router's per-expert bias), so there is nothing to "
+            "weight. Set moe_aux_loss_coef: 0 for this model."
+        )
+    return loss_fn
 
 
 # ---------------------------------------------------------------- image inputs (Qwen-VL)

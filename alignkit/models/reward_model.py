@@ -30,6 +30,7 @@ from transformers import AutoModelForSequenceClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from alignkit.models.actor_critic import position_ids_from_mask
+from alignkit.models.architectures import has_router_aux_loss, router_aux_loss
 from alignkit.models.io import read_weights, restore_model
 from alignkit.models.loading import check_model_dir, load_causal_lm, load_tokenizer, merge_adapters
 
@@ -101,18 +102,31 @@ class RewardModel(nn.Module):
         """The transformer without its LM head (LoRA layers, if any, are injected in place)."""
         return self.model.get_base_model().base_model if self.is_lora else self.model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **images: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, aux_coef: float = 0.0,
+                **images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """(B,) scores; ``images``: a VL batch's pixel inputs (``pixel_values``, ``image_grid_thw``,
-        ``mm_token_type_ids``), from which transformers also lays out the 3-D rope positions."""
-        hidden = self.backbone(
+        ``mm_token_type_ids``), from which transformers also lays out the 3-D rope positions.
+
+        With ``aux_coef > 0`` (training): ``(scores, aux_coef * router load-balancing loss)``, the
+        second None for a dense model. It goes through ``forward`` so DDP sees one call per step.
+        """
+        with_aux = aux_coef > 0 and has_router_aux_loss(self.backbone)
+        out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=None if images else position_ids_from_mask(attention_mask),
             use_cache=False,
+            **({"output_router_logits": True} if with_aux else {}),
             **images,
-        ).last_hidden_state  # (B, T, H)
+        )
+        hidden = out.last_hidden_state  # (B, T, H)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
-        return self.score(last.to(self.score.weight.dtype)).squeeze(-1).float()  # (B,)
+        scores = self.score(last.to(self.score.weight.dtype)).squeeze(-1).float()  # (B,)
+        if aux_coef <= 0:
+            return scores
+        # The backbone has no LM head, so it returns the router logits but never the loss itself.
+        aux = aux_coef * router_aux_loss(self.backbone, out.router_logits, attention_mask) if with_aux else None
+        return scores, aux
 
 
 @torch.no_grad()

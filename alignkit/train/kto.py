@@ -22,7 +22,7 @@ from alignkit.algos.preference import implicit_rewards, kto_loss, kto_reference_
 from alignkit.data.encode import encode_responses
 from alignkit.data.loader import Example
 from alignkit.data.templates import get_template
-from alignkit.train.dpo import Batch, Recipe, reference_logps, response_logps, run_preference
+from alignkit.train.dpo import Batch, Recipe, policy_logps, reference_logps, response_logps, run_preference
 from alignkit.train.dpo_config import KTOConfig
 
 logger = logging.getLogger(__name__)
@@ -98,12 +98,18 @@ def kto_loss_sum(cfg: KTOConfig, frozen: nn.Module | None, model: nn.Module, bat
     # 2. Policy log-probs of the mismatched answers (without grad: z0 is a constant), then of the answers.
     with torch.no_grad():
         kl_logps, _ = response_logps(model, sub_batch(batch, 1))
-    logps, avg = response_logps(model, sub_batch(batch, 0))
+    logps, avg, aux = policy_logps(model, sub_batch(batch, 0), cfg.moe_aux_loss_coef)  # aux: a MoE's router loss
     # 3. The reference point z0, the loss, plus pref_ftx x the desirable answers' mean token NLL.
     z0, desirable = kto_reference_point(kl_logps, ref_kl_logps), batch["desirable"]
     losses = kto_loss(logps, ref_logps, desirable, z0, cfg.pref_beta, cfg.kto_chosen_weight, cfg.kto_rejected_weight)
     losses = losses - cfg.pref_ftx * avg * desirable
-    return losses.sum(), kto_metrics(cfg.pref_beta, logps, ref_logps, desirable, z0)
+    metrics = kto_metrics(cfg.pref_beta, logps, ref_logps, desirable, z0)
+    if aux is None:
+        return losses.sum(), metrics
+    # The router loss is a mean over the answers' tokens; times the micro-batch's rows, fit's division
+    # by the global row count averages it like the KTO loss. (The no-grad z0 pass adds none.)
+    n = logps.shape[0]
+    return losses.sum() + aux * n, {**metrics, "aux_loss": aux.detach() * n}
 
 
 KTO = Recipe("kto", "kto", tokenize, ("completion", "kl"), ("ref_logps", "ref_kl_logps"), kto_loss_sum, PLOTTED)

@@ -48,13 +48,17 @@ def tokenize(cfg: RMConfig, tokenizer, examples, vision: VisionProcessor | None 
     return feats
 
 
-def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One (2B, T) forward for chosen and rejected together (PairCollator pads both to one length,
-    and gives a VL batch's pixel inputs for the (2B) rows)."""
+def pair_rewards(model, batch: dict[str, torch.Tensor], aux_coef: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(B,) chosen and rejected rewards from one (2B, T) forward (PairCollator pads both to one
+    length, and gives a VL batch's pixel inputs for the (2B) rows), and with ``aux_coef > 0`` on a
+    MoE the weighted router load-balancing loss of that forward (None otherwise)."""
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     images = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in batch}
-    return model(ids, mask, **images).chunk(2)  # (B,), (B,)
+    out = model(ids, mask, aux_coef, **images)
+    scores, aux = out if aux_coef > 0 else (out, None)
+    return *scores.chunk(2), aux
 
 
 @torch.no_grad()
@@ -64,7 +68,7 @@ def evaluate(model, feats, collate, batch_size: int, device) -> dict[str, float]
     r_c, r_r, losses = [], [], []
     for i in range(0, len(feats), batch_size):
         batch = {k: v.to(device) for k, v in collate(feats[i : i + batch_size]).items()}
-        c, r = pair_rewards(model, batch)
+        c, r, _ = pair_rewards(model, batch)
         r_c.append(c)
         r_r.append(r)
         losses.append(pairwise_loss(c, r, batch.get("margin")))
@@ -83,11 +87,19 @@ def run_meta(cfg: RMConfig) -> dict:
             "cutoff_len": cfg.cutoff_len}
 
 
-def pair_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Summed pairwise loss of a micro-batch, and how many of its pairs are ranked right."""
-    r_chosen, r_rejected = pair_rewards(model, batch)
+def pair_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], aux_coef: float = 0.0
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed pairwise loss of a micro-batch, and how many of its pairs are ranked right; on a MoE
+    with ``moe_aux_loss_coef > 0`` plus the router load-balancing loss, as SFT and DPO add it."""
+    r_chosen, r_rejected, aux = pair_rewards(model, batch, aux_coef)
     loss = pairwise_loss(r_chosen, r_rejected, batch.get("margin")).sum()
-    return loss, {"accuracy": (r_chosen > r_rejected).sum()}
+    metrics = {"accuracy": (r_chosen > r_rejected).sum()}
+    if aux is None:
+        return loss, metrics
+    # The router loss is a mean over the (2B) sequences' tokens; times the B pairs, fit's division by
+    # the global pair count averages it like the pairwise loss.
+    n = r_chosen.shape[0]
+    return loss + aux * n, {**metrics, "aux_loss": aux.detach() * n}
 
 
 def run(cfg: RMConfig) -> Path:
@@ -110,7 +122,8 @@ def run(cfg: RMConfig) -> Path:
         return evaluate(m, val, collate, cfg.per_device_eval_batch_size, accelerator.device)
 
     results = fit(cfg, accelerator, out, Stage(
-        name="rm", model=rm, train=train, collate=collate, loss_sum=pair_loss_sum, count=len,
+        name="rm", model=rm, train=train, collate=collate, count=len,
+        loss_sum=lambda m, batch: pair_loss_sum(m, batch, cfg.moe_aux_loss_coef),
         save=lambda m, d: save_reward_model(m, d, tokenizer, meta), restore=restore_reward_model,
         evaluate=eval_pairs if val else None, plotted=PLOTTED,
     ))
