@@ -84,6 +84,9 @@ def test_sft_grpo_export_per_architecture(model_dir, data, tmp_path):
     assert reloaded.config.architectures == cls.from_pretrained(model).config.architectures
     # ... and export's own verification (plain load with that class, weight names, logits) passes.
     assert report["passed"], report["verify"]
+    # A VL export keeps the image processor next to the weights.
+    assert report["processor_files"] == (["preprocessor_config.json"] if arch in VL_ARCHS else [])
+    assert (out / "preprocessor_config.json").is_file() == (arch in VL_ARCHS)
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)

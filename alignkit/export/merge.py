@@ -10,7 +10,13 @@ from transformers import AutoConfig, AutoTokenizer
 
 from alignkit.data.templates import get_template
 from alignkit.export.config import DTYPES, ExportConfig
-from alignkit.export.output import base_dtype, copy_extras, finish_report, prepare_export_dir
+from alignkit.export.output import (
+    base_dtype,
+    copy_extras,
+    copy_processor_files,
+    finish_report,
+    prepare_export_dir,
+)
 from alignkit.export.reward import export_reward_model, is_reward_run
 from alignkit.export.template import export_chat_template
 from alignkit.export.verify import verify_export, vllm_check
@@ -61,13 +67,14 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    # 3. Save weights (sharded), tokenizer with the run's chat template, extras.
+    # 3. Save weights (sharded), tokenizer with the run's chat template, processor files, extras.
     model.save_pretrained(out, max_shard_size=int(cfg.export_size * 1e9))
     del model
     chat_template = export_chat_template(tokenizer, spec.template, spec.default_system)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out)
+    processor_files = copy_processor_files(spec.base, out)
     extras = copy_extras(spec, out)
 
     report: dict[str, Any] = {
@@ -78,6 +85,7 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
         "template": spec.template,
         "default_system": spec.default_system,
         "dtype": str(dtype).removeprefix("torch."),
+        "processor_files": processor_files,
         "extras": extras,
     }
     if cfg.verify:

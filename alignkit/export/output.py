@@ -19,6 +19,10 @@ EXTRAS_DIR = "extras"
 # Training-only files a run directory may hold next to its policy adapter.
 EXTRA_FILES = ("value_head.safetensors",)
 EXTRA_DIRS = ("critic_adapter",)
+# A vision-language checkpoint's processor settings (image/video resizing, patching), which
+# ``AutoImageProcessor``/``AutoProcessor`` and inference engines read from the model directory.
+# Not chat_template.json: the export's chat template is the run's, saved with the tokenizer.
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
 
 def base_dtype(path: str) -> torch.dtype:
@@ -60,4 +64,15 @@ def copy_extras(spec: ModelSpec, out: Path) -> list[str]:
         if (src / name).is_dir():
             shutil.copytree(src / name, out / EXTRAS_DIR / name, dirs_exist_ok=True)
             copied.append(f"{EXTRAS_DIR}/{name}/")
+    return copied
+
+
+def copy_processor_files(base: str, out: Path) -> list[str]:
+    """Copy the base's processor files (``PROCESSOR_FILES``) into the export: merging rewrites
+    the weights and tokenizer only, and a VL export without them cannot preprocess an image."""
+    copied = []
+    for name in PROCESSOR_FILES:
+        if (Path(base) / name).is_file():
+            shutil.copy2(Path(base) / name, out / name)
+            copied.append(name)
     return copied

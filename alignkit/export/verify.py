@@ -141,27 +141,64 @@ VLLM_CHECK_NEW_TOKENS = 16
 def vllm_check(out: Path) -> dict[str, Any]:
     """Load the export in vLLM and compare it with transformers on ``VERIFY_PROMPTS`` (rendered
     with the export's own chat template): greedy tokens, and the log-probs vLLM reports for the
-    first response token (its top 5). Skipped, with the reason, only when vLLM is not importable."""
+    first response token (its top 5). Skipped, with the reason, only when vLLM is not importable;
+    an architecture this vLLM build cannot run, or an engine that fails to load the export, is a
+    failed check (``ok: false``) whose status says why, never a traceback."""
     from alignkit.generation.vllm_engine import CPU_KVCACHE_GB, INSTALL_HINT
 
     try:
         import vllm
     except ImportError as e:
         return {"status": f"skipped: no GPU/vLLM: vllm is not importable here ({e}); {INSTALL_HINT}"}
+    archs = AutoConfig.from_pretrained(out).architectures or []
+    if reason := vllm_unsupported(archs):
+        return {"status": f"unsupported by this vLLM build: {reason}", "ok": False, "vllm_version": vllm.__version__}
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompts = [_vllm_check_prompt(tokenizer, p) for p in VERIFY_PROMPTS]
     want_tokens, want_logp, stop, dtype = _hf_greedy(out, tokenizer, prompts)
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GB)
-    llm = vllm.LLM(model=str(out), dtype=str(dtype).removeprefix("torch."), enforce_eager=True, seed=0,
-                   max_model_len=max(len(p) for p in prompts) + VLLM_CHECK_NEW_TOKENS + 8,
-                   **({"gpu_memory_utilization": 0.5} if torch.cuda.is_available() else {}))
+    try:
+        llm = vllm.LLM(model=str(out), dtype=str(dtype).removeprefix("torch."), enforce_eager=True, seed=0,
+                       max_model_len=max(len(p) for p in prompts) + VLLM_CHECK_NEW_TOKENS + 8,
+                       **({"gpu_memory_utilization": 0.5} if torch.cuda.is_available() else {}))
+    except Exception as e:  # vLLM reports a failed load as many types; the engine's log holds the cause
+        return {"status": f"failed: vLLM {vllm.__version__} could not load the export ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0]}); the vLLM log above has the cause", "ok": False,
+                "vllm_version": vllm.__version__, "architectures": archs}
     try:
         params = vllm.SamplingParams(temperature=0.0, max_tokens=VLLM_CHECK_NEW_TOKENS, stop_token_ids=stop,
                                      ignore_eos=True, logprobs=5)
         samples = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
     finally:
         llm.llm_engine.engine_core.shutdown()
+    return _compare(tokenizer, samples, want_tokens, want_logp, dtype) | {"vllm_version": vllm.__version__}
+
+
+def vllm_unsupported(archs: list[str]) -> str | None:
+    """Why this vLLM cannot run these architectures, or None. vLLM registers each model class by
+    module and imports it only when loading; a module that does not import here (vLLM's Qwen3-VL
+    needs torchvision, which a CPU vLLM environment may lack) fails deep inside the engine with
+    "failed to be inspected", so it is imported here first to name the cause. An architecture vLLM
+    does not register is not refused: vLLM may still run it through its transformers backend."""
+    import importlib
+
+    from vllm import ModelRegistry
+
+    for arch in archs:
+        module = getattr(ModelRegistry.models.get(arch), "module_name", None)
+        if module is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            return f"{arch} is implemented in {module}, which does not import here ({type(e).__name__}: {e})"
+    return None
+
+
+def _compare(tokenizer, samples, want_tokens: list[list[int]], want_logp: list[torch.Tensor],
+             dtype: torch.dtype) -> dict[str, Any]:
+    """The check's verdict: vLLM's greedy tokens and first-token log-probs against transformers'."""
     got_tokens = [list(s.token_ids) for s in samples]
     diff = max(abs(lp.logprob - float(w[t])) for s, w in zip(samples, want_logp, strict=True) for t, lp in s.logprobs[0].items())
     tol = VLLM_LOGPROB_TOLERANCE.get(dtype, 1e-1)
@@ -169,7 +206,7 @@ def vllm_check(out: Path) -> dict[str, Any]:
     # Half precision may flip a near-tie late in a greedy run; its first token must still agree.
     tokens_ok = all(same) if dtype == torch.float32 else all(g[0] == w[0] for g, w in zip(got_tokens, want_tokens, strict=True))
     return {
-        "status": "ran", "ok": tokens_ok and diff <= tol, "vllm_version": vllm.__version__,
+        "status": "ran", "ok": tokens_ok and diff <= tol,
         "dtype": str(dtype).removeprefix("torch."), "device": "cuda" if torch.cuda.is_available() else "cpu",
         "greedy_tokens_equal": f"{sum(same)}/{len(same)} prompts ({VLLM_CHECK_NEW_TOKENS} new tokens max)",
         "first_token_logprob_max_abs_diff": diff, "tolerance": tol,

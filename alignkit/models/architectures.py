@@ -273,13 +273,19 @@ def _gemma3(size: dict) -> PretrainedConfig:
 
 
 def _deepseek_v3(size: dict) -> PretrainedConfig:
-    # Multi-head latent attention (low-rank q and kv; as many kv heads as heads), a dense first layer,
-    # then routed + shared experts.
+    # Multi-head latent attention (low-rank q, a compressed kv latent; as many kv heads as heads), a dense
+    # first layer, then routed + shared experts. The latent keeps the real model's sizes (kv_lora_rank
+    # 512 + rope 64 = 576), the only ones vLLM's CPU MLA kernel runs. ``topk_method``/``scoring_func``
+    # are not transformers config fields (it always routes so) but the real config.json has them and
+    # vLLM reads them: without them it builds a softmax router with no ``e_score_correction_bias``.
+    # Untied embeddings, as the real model: vLLM's DeepSeek ignores ``tie_word_embeddings`` (its
+    # lm_head would stay zero).
     head = size["hidden_size"] // size["num_heads"]
-    return _dense(DeepseekV3Config, dict(size, num_kv_heads=size["num_heads"]), n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
-                  n_group=1, topk_group=1, q_lora_rank=size["hidden_size"] // 2, kv_lora_rank=head,
-                  qk_rope_head_dim=head // 2, qk_nope_head_dim=head // 2, v_head_dim=head,
-                  rope_interleave=False, **_moe_sizes(size))
+    size = dict(size, num_kv_heads=size["num_heads"], tie_word_embeddings=False)
+    return _dense(DeepseekV3Config, size, n_routed_experts=4, n_shared_experts=1,
+                  first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=size["hidden_size"] // 2,
+                  kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=head // 2, v_head_dim=head,
+                  topk_method="noaux_tc", scoring_func="sigmoid", **_moe_sizes(size))
 
 
 def _vl(config_cls, text: PretrainedConfig, tok_ids: dict[str, int]) -> PretrainedConfig:
