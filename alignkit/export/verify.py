@@ -142,7 +142,7 @@ def vllm_check(out: Path) -> dict[str, Any]:
     """Load the export in vLLM and compare it with transformers on ``VERIFY_PROMPTS`` (rendered
     with the export's own chat template): greedy tokens, and the log-probs vLLM reports for the
     first response token (its top 5). Skipped, with the reason, only when vLLM is not importable;
-    an architecture this vLLM build cannot run, or an engine that fails to load the export, is a
+    an architecture this vLLM build cannot run, or an engine that fails to load or run the export, is a
     failed check (``ok: false``) whose status says why, never a traceback."""
     from alignkit.generation.vllm_engine import CPU_KVCACHE_GB, INSTALL_HINT
 
@@ -158,21 +158,27 @@ def vllm_check(out: Path) -> dict[str, Any]:
     want_tokens, want_logp, stop, dtype = _hf_greedy(out, tokenizer, prompts)
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GB)
-    try:
-        llm = vllm.LLM(model=str(out), dtype=str(dtype).removeprefix("torch."), enforce_eager=True, seed=0,
-                       max_model_len=max(len(p) for p in prompts) + VLLM_CHECK_NEW_TOKENS + 8,
-                       **({"gpu_memory_utilization": 0.5} if torch.cuda.is_available() else {}))
-    except Exception as e:  # vLLM reports a failed load as many types; the engine's log holds the cause
-        return {"status": f"failed: vLLM {vllm.__version__} could not load the export ({type(e).__name__}: "
+    try:  # vLLM reports a failed load or a dead engine as many types; the engine's log holds the cause
+        samples = _vllm_greedy(vllm, out, prompts, stop, dtype)
+    except Exception as e:
+        return {"status": f"failed: vLLM {vllm.__version__} could not load or run the export ({type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0]}); the vLLM log above has the cause", "ok": False,
                 "vllm_version": vllm.__version__, "architectures": archs}
+    return _compare(tokenizer, samples, want_tokens, want_logp, dtype) | {"vllm_version": vllm.__version__}
+
+
+def _vllm_greedy(vllm, out: Path, prompts: list[list[int]], stop: list[int], dtype: torch.dtype) -> list:
+    """vLLM's greedy completions of ``prompts`` (with the top-5 log-probs of each token), its engine
+    shut down after."""
+    llm = vllm.LLM(model=str(out), dtype=str(dtype).removeprefix("torch."), enforce_eager=True, seed=0,
+                   max_model_len=max(len(p) for p in prompts) + VLLM_CHECK_NEW_TOKENS + 8,
+                   **({"gpu_memory_utilization": 0.5} if torch.cuda.is_available() else {}))
     try:
         params = vllm.SamplingParams(temperature=0.0, max_tokens=VLLM_CHECK_NEW_TOKENS, stop_token_ids=stop,
                                      ignore_eos=True, logprobs=5)
-        samples = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+        return [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
     finally:
         llm.llm_engine.engine_core.shutdown()
-    return _compare(tokenizer, samples, want_tokens, want_logp, dtype) | {"vllm_version": vllm.__version__}
 
 
 def vllm_unsupported(archs: list[str]) -> str | None:
