@@ -34,7 +34,7 @@ def judge_api_settings(url: str) -> dict:
     """The shipped ``custom`` preset (examples/judge_custom.yaml), pointed at the demo judge.
 
     The demo judge scores with ``fluent_answer``, a bounded 0..10 rubric (on topic, well formed,
-    within a length budget, no repeated bigrams); scores are kept on that scale.
+    within a length budget of 8 words, none from 12, no repeated bigrams); scores are kept on that scale.
     """
     api = yaml.safe_load((_examples() / "judge_custom.yaml").read_text())["reward_api"]
     api.update(url=url + "/custom/evaluate", score_range=[0, 10], normalize=False, cache=None,
@@ -43,14 +43,22 @@ def judge_api_settings(url: str) -> dict:
     return api
 
 
-# PPO settings of the demo on top of examples/ppo_tiny.yaml: the adaptive KL controller holding the
-# sequence KL near a small target (short answers: a few tenths of a nat), reacting within a few
-# dozen steps; samples every 5 steps; the judge's drift checked on fixed reference answers.
-DEMO_PPO = ["adap_kl_ctrl=true", "init_kl_coef=0.3", "ppo_target=0.5", "kl_horizon=500", "log_samples_every=5",
+# The demo's data (examples/data/make_data.py): the SFT answers are on topic, but nine in ten pad a fine
+# first sentence with filler ("... I think it is very good, thank you."), past the judge's length
+# budget; so the SFT model mostly rambles and PPO has a real behaviour to learn: stop after one sentence.
+DEMO_SFT = ["dataset=sft_fluent", "num_train_epochs=6"]
+# PPO on top of examples/ppo_tiny.yaml: 16 prompts a step in one mini-batch; scores normalised by their
+# running mean/std, so the KL coefficient is in units of the score's spread; the adaptive controller
+# holds the sequence KL near 0.4 nats (a few hundredths per token); the critic on its own adapter so
+# the value loss does not pull the policy around; the learning rate warms up over the first quarter
+# while the critic learns; samples every 5 steps; the judge's drift checked on fixed reference answers.
+DEMO_PPO = ["dataset=prompts_fluent", "per_device_train_batch_size=16", "ppo_buffer_size=1", "learning_rate=1e-3",
+            "lr_scheduler_type=constant_with_warmup", "warmup_ratio=0.25", "ppo_score_norm=true", "critic_adapter=true",
+            "adap_kl_ctrl=true", "init_kl_coef=1.0", "ppo_target=0.4", "kl_horizon=1000", "log_samples_every=5",
             "reward_probe_every=10"]
 
 
-def run_demo(output: Path, steps: int = 100, keep_server: bool = False) -> dict:
+def run_demo(output: Path, steps: int = 120, keep_server: bool = False) -> dict:
     import os
     import secrets
 
@@ -74,9 +82,9 @@ def run_demo(output: Path, steps: int = 100, keep_server: bool = False) -> dict:
     print("[1/6] tiny model (Qwen2 architecture, BPE tokenizer trained on shipped text)")
     tiny = build_tiny(output / "tiny")
 
-    print("[2/6] SFT (LoRA) on examples/data/sft_demo.json")
+    print("[2/6] SFT (LoRA) on examples/data/sft_fluent.json")
     sft_dir = sft.run(load_config(examples / "sft_tiny.yaml", [
-        f"model_name_or_path={tiny}", f"output_dir={output / 'sft'}", *common]))
+        f"model_name_or_path={tiny}", f"output_dir={output / 'sft'}", *DEMO_SFT, *common]))
 
     # A bearer token the judge requires; the client reads it from the environment, so it is
     # never written to a config, a log or a checkpoint.
@@ -102,7 +110,7 @@ def run_demo(output: Path, steps: int = 100, keep_server: bool = False) -> dict:
         cmp = run_compare(CompareConfig(
             model_a={"model_name_or_path": str(sft_dir), "name": "SFT"},
             model_b={"model_name_or_path": str(export_dir), "name": "PPO"},
-            dataset="prompts_demo", dataset_dir=str(examples / "data"), max_samples=32, max_new_tokens=32,
+            dataset="prompts_fluent", dataset_dir=str(examples / "data"), max_samples=32, max_new_tokens=32,
             reward_model_type="api", reward_model=judge.url + "/custom/evaluate",
             reward_api=judge_api_settings(judge.url), output_dir=str(output / "compare")))
     finally:
@@ -142,9 +150,15 @@ def summarise(ppo_dir: Path, export_report: dict, cmp: dict, outputs: dict[str, 
         "repeat_share": {side: fmean(ngram_repeat_share(ex[f"response_{k}"].split()) for ex in cmp["examples"])
                          for side, k in (("sft", "a"), ("ppo", "b"))},
         "examples": [{"prompt": ex["prompt"], "sft": ex["response_a"], "sft_score": ex["reward_a"],
-                      "ppo": ex["response_b"], "ppo_score": ex["reward_b"]} for ex in cmp["examples"][:3]],
+                      "ppo": ex["response_b"], "ppo_score": ex["reward_b"]} for ex in changed_first(cmp["examples"])[:3]],
         "outputs": outputs,
     }
+
+
+def changed_first(examples: list[dict]) -> list[dict]:
+    """The compare examples in order, those where PPO answers differently from SFT first: the
+    before/after a reader needs (the win/tie/loss shares say how often that happens)."""
+    return sorted(examples, key=lambda ex: ex["response_a"] == ex["response_b"])
 
 
 def print_summary(s: dict) -> None:
@@ -155,7 +169,7 @@ def print_summary(s: dict) -> None:
     print(f"repeated 3-gram share of the answers: SFT {s['repeat_share']['sft']:.1%}, PPO {s['repeat_share']['ppo']:.1%}")
     print("report health checks needing attention: "
           f"{s['health'] or 'none'} (details and samples in the report)")
-    print("\nbefore (SFT) / after (PPO), judge score in brackets:")
+    print("\nbefore (SFT) / after (PPO) on the first compare prompts where they differ, judge score in brackets:")
     for ex in s["examples"]:
         print(f"  {ex['prompt']}\n    SFT [{ex['sft_score']}] {ex['sft']}\n    PPO [{ex['ppo_score']}] {ex['ppo']}")
     for name, path in s["outputs"].items():
@@ -167,7 +181,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a tiny model against a local judge (minutes, CPU)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="outputs/demo", help="directory for every output (default outputs/demo)")
-    p.add_argument("--steps", type=int, default=100, help="PPO steps (default 100)")
+    p.add_argument("--steps", type=int, default=120, help="PPO steps (default 120)")
     p.add_argument("--keep-server", action="store_true", help="leave the judge server running at the end")
     p.set_defaults(func=cmd_demo)
 

@@ -267,7 +267,7 @@ def test_registry_columns_and_tags(tmp_path):
 
 def test_unknown_dataset_lists_known_names(tmp_path):
     with pytest.raises(
-        DataError, match="known: .*prefs_demo, prefs_sharegpt, prompts_demo, sft_demo, sft_sharegpt"
+        DataError, match="known: .*prefs_demo, prefs_sharegpt, prompts_demo, prompts_fluent, sft_demo, sft_fluent, sft_sharegpt"
     ):
         load_examples("nope", str(EXAMPLES), "sft")
 

@@ -54,7 +54,7 @@ _NOT_TOPIC = frozenset(
     "a an the this that it is are was be do does did what how who why which you your i my our we to of in on "
     "for and or with about write sentence say something tell me please greeting".split()
 )
-FLUENT_MAX_WORDS, FLUENT_HARD_MAX_WORDS = 8, 16  # the length budget: full credit up to 8 words, none at 16
+FLUENT_MAX_WORDS, FLUENT_HARD_MAX_WORDS = 8, 12  # the length budget: full credit up to 8 words, none from 12
 
 
 def _words(text: str) -> list[str]:

@@ -143,6 +143,31 @@ def sharegpt_pref_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+# The demo's SFT data is deliberately uneven: most answers pad a fine first sentence with filler, so
+# the SFT model rambles past the judge's length budget and PPO has a real behaviour to learn.
+FILLER = "I think it is very good, thank you."
+FLUENT_CONCISE_SHARE = 0.1
+
+
+def fluent_prompts() -> list[str]:
+    return [about(s) for s in SUBJECTS] + [f"Write a sentence about {o}." for o in OBJECTS]
+
+
+def fluent_sft_rows(rng: random.Random, n: int) -> list[dict]:
+    """On-topic answers (the prompt's subject or object), one short sentence in FLUENT_CONCISE_SHARE
+    of the rows and the same sentence plus FILLER in the rest."""
+    rows = []
+    for i in range(n):
+        subject, verb, obj = rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)
+        prompt = about(subject) if i % 2 == 0 else f"Write a sentence about {obj}."
+        ending = f" {rng.choice(PLAIN_ENDINGS)}" if rng.random() < 0.5 else ""
+        answer = f"{subject} {verb} {obj}{ending}."
+        if rng.random() >= FLUENT_CONCISE_SHARE:
+            answer += " " + FILLER
+        rows.append({"instruction": prompt, "input": "", "output": answer})
+    return rows
+
+
 def prompt_rows(rng: random.Random, n: int) -> list[dict]:
     prompts = [q for q, _ in QUESTIONS] + [about(s) for s in SUBJECTS]
     prompts += [f"Write a sentence about {o}." for o in OBJECTS]
@@ -166,6 +191,8 @@ REGISTRY = {
         "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
     },
     "prompts_demo": {"file_name": "prompts_demo.jsonl", "columns": {"prompt": "prompt"}},
+    "sft_fluent": {"file_name": "sft_fluent.json"},
+    "prompts_fluent": {"file_name": "prompts_fluent.jsonl", "columns": {"prompt": "prompt"}},
 }
 
 
@@ -177,7 +204,14 @@ def main() -> None:
     (HERE / "prefs_demo.json").write_text(json.dumps(pref_rows(rng, 200), **dump) + "\n")
     (HERE / "prefs_sharegpt.json").write_text(json.dumps(sharegpt_pref_rows(rng, 8), **dump) + "\n")
     (HERE / "prompts_demo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(rng, 128)))
-    (HERE / "dataset_info.json").write_text(json.dumps(REGISTRY, indent=2) + "\n")
+    (HERE / "sft_fluent.json").write_text(json.dumps(fluent_sft_rows(rng, 200), **dump) + "\n")
+    prompts = fluent_prompts()
+    (HERE / "prompts_fluent.jsonl").write_text("".join(json.dumps({"prompt": rng.choice(prompts)}) + "\n"
+                                                       for _ in range(128)))
+    # Entries written by hand (the multimodal and KTO sets) are kept; this script's are refreshed.
+    info_path = HERE / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info_path.write_text(json.dumps({**info, **REGISTRY}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
