@@ -26,7 +26,7 @@ SPECIAL_TOKENS = [PAD, IM_START, EOS, "<think>", "</think>"]
 
 # ChatML, as Qwen2 uses it; no default system prompt so tests see exactly what they pass.
 # Bump when the build changes, so cached tiny models are rebuilt.
-_VERSION = "2"
+_VERSION = "3"  # 3: deepseek_v3 shaped like the real checkpoint (noaux_tc, MLA 512 + 64, untied)
 # The tiny VL models' image processor (Qwen2-VL's, which Qwen3-VL uses): the vision tower's patch,
 # merge and temporal sizes; min/max pixels small so image prompts cost a few tokens on CPU.
 TINY_IMAGE_PROCESSOR = dict(patch_size=14, merge_size=2, temporal_patch_size=2,

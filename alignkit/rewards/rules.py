@@ -67,7 +67,7 @@ def fluent_answer(prompt: str, response: str, label: str | None) -> float:
     ``10 x topic x form x budget x (1 - repetition)``, each factor in [0, 1]:
     topic: 0.5 plus half the share of the prompt's topic words (the label's, when given) that the
     answer uses; form: starts with a capital letter and ends with ``. ! ?``; budget: 1 up to 8
-    words (one short sentence), falling linearly to 0 at 16, 0 below 2 words;
+    words (one short sentence), falling linearly to 0 at 12, 0 below 2 words;
     repetition: share of the answer's word bigrams that repeat an earlier one, doubled. Saying a
     word again and again, padding the length or dropping the topic all lower the score, so unlike
     ``count_good`` there is no way to score above 10.
