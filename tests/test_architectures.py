@@ -102,6 +102,23 @@ def test_moe_lora_all_adapts_experts_and_attention_not_the_router(arch, tmp_path
     assert expert_parameters(load_causal_lm(str(model))) == ["experts.down_proj", "experts.gate_up_proj"]
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_ppo_with_a_value_head_on_a_moe_model(arch, tmp_path_factory, data, tmp_path):
+    # PPO proper on a MoE base: the value head reads the policy's hidden states, the reference is
+    # the adapter switched off; both go through the routed experts. Two steps, finite losses.
+    model = tiny(tmp_path_factory, arch)
+    cfg = load_config(EXAMPLES / "ppo_tiny.yaml", [
+        f"model_name_or_path={model}", f"output_dir={tmp_path / 'ppo'}", f"dataset_dir={EXAMPLES / 'data'}",
+        "adapter_name_or_path=null", "report_to=none", "plot_loss=false", f"reward_model={data / 'rule.py'}:score",
+        "lora_target=all", "max_steps=2", "per_device_train_batch_size=2", "ppo_buffer_size=1", "max_new_tokens=8",
+        "save_steps=100"])
+    rows = [r for r in read_metrics(ppo.run(cfg)) if "env/reward_mean" in r]
+    assert len(rows) == 2
+    for key in ("ppo/loss/value", "ppo/loss/policy", "objective/kl"):
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in rows), (key, rows)
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # step 1: policy == reference
+
+
 def test_moe_aux_loss_enters_the_sft_loss(tmp_path_factory, data, tmp_path):
     model = tiny(tmp_path_factory, "qwen3_moe")
     plain = sft.run(sft_config(model, data, tmp_path / "plain", "max_steps=1"))
