@@ -114,15 +114,21 @@ def test_ppo_lora_resumes_exactly(config, tiny_model_dir, prompts_dir, tmp_path,
     assert "PASSED" in capsys.readouterr().out
 
 
-@requires_deepspeed
-def test_zero3_rollout_gathers_parameters_once(tiny_model_dir, tmp_path):
-    """DeepSpeed's own all-gather calls, counted while sampling 2 and 8 tokens."""
+def rollout_gathers(config: str, tiny_model_dir, tmp_path) -> tuple[dict, dict, dict]:
+    """Launch ``tests/<zero3|fsdp>_rollout_probe.py``: the backend's own all-gather calls, counted
+    while sampling 2 and 8 tokens with and without ``rollout_context``."""
     result = tmp_path / "gathers.json"
+    probe = "tests.zero3_rollout_probe" if config == "deepspeed_zero3" else "tests.fsdp_rollout_probe"
     launch(EXAMPLES / "ppo_tiny.yaml", [str(result), f"model_name_or_path={tiny_model_dir}", "adapter_name_or_path=null",
                                         f"output_dir={tmp_path / 'out'}", "reward_model=count_good"],
-           accelerate="deepspeed_zero3", module="tests.zero3_rollout_probe")
+           accelerate=config, module=probe)
     counts = json.loads(result.read_text())
-    once, per_layer = counts["gather_once"], counts["per_layer"]
+    return counts, counts["gather_once"], counts["per_layer"]
+
+
+@requires_deepspeed
+def test_zero3_rollout_gathers_parameters_once(tiny_model_dir, tmp_path):
+    counts, once, per_layer = rollout_gathers("deepspeed_zero3", tiny_model_dir, tmp_path)
     # Inside rollout_context: one GatheredParameters, each parameter all-gathered at most once,
     # whatever the number of tokens.
     assert once["2"] == once["8"]
@@ -133,13 +139,7 @@ def test_zero3_rollout_gathers_parameters_once(tiny_model_dir, tmp_path):
 
 
 def test_fsdp_rollout_gathers_parameters_once(tiny_model_dir, tmp_path):
-    """FSDP2's own all-gather collectives, counted while sampling 2 and 8 tokens."""
-    result = tmp_path / "gathers.json"
-    launch(EXAMPLES / "ppo_tiny.yaml", [str(result), f"model_name_or_path={tiny_model_dir}", "adapter_name_or_path=null",
-                                        f"output_dir={tmp_path / 'out'}", "reward_model=count_good"],
-           accelerate="fsdp", module="tests.fsdp_rollout_probe")
-    counts = json.loads(result.read_text())
-    once, per_layer = counts["gather_once"], counts["per_layer"]
+    counts, once, per_layer = rollout_gathers("fsdp", tiny_model_dir, tmp_path)
     # Inside rollout_context: every unit unsharded once (one all-gather each), whatever the number of tokens.
     assert once["2"] == once["8"]
     assert 0 < once["8"]["all_gather"] <= counts["n_units"]

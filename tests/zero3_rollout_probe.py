@@ -12,30 +12,16 @@ counts what really happens: DeepSpeed's all-gather collectives (its comm backend
 
 from __future__ import annotations
 
-import json
 import sys
-from collections import Counter
-from contextlib import nullcontext
-from pathlib import Path
 
 import deepspeed
-import torch
 from deepspeed import comm
 
 from alignkit.config import load_config
-from alignkit.generation import HFEngine, SamplingParams
 from alignkit.train import sharding
 from alignkit.train.common import build_optimizer, make_accelerator
 from alignkit.train.ppo.loop import build_models
-
-COUNTS: Counter = Counter()
-
-
-def counting(name: str, fn):
-    def wrapper(*args, **kwargs):
-        COUNTS[name] += 1
-        return fn(*args, **kwargs)
-    return wrapper
+from tests.rollout_counts import count_rollouts, counting
 
 
 def main(config: str, result: str, overrides: list[str]) -> None:
@@ -52,23 +38,7 @@ def main(config: str, result: str, overrides: list[str]) -> None:
             setattr(backend, name, counting(name, getattr(backend, name)))
     deepspeed.zero.GatheredParameters.__enter__ = counting("GatheredParameters", deepspeed.zero.GatheredParameters.__enter__)
 
-    engine = HFEngine(ac.lm, pad_token_id=0)
-    ids = torch.randint(5, 100, (2, 6), generator=torch.Generator().manual_seed(0))
-    out: dict = {"gather_once": {}, "per_layer": {}, "n_params": len(list(ac.lm.parameters()))}
-    for mode, context in (("gather_once", lambda: sharding.rollout_context(accelerator, model, ac.lm)),
-                          ("per_layer", nullcontext)):
-        for n in (2, 8):
-            COUNTS.clear()
-            with context():
-                roll = engine.generate(ids, torch.ones_like(ids), SamplingParams(n, eos_ids=(10_000,)))
-            assert roll.response_mask.shape[1] == n
-            out[mode][n] = dict(COUNTS)
-    # The model still trains after the rollout (hooks back in place): a forward with gradients.
-    logits, _ = model(ids, torch.ones_like(ids), 3)
-    accelerator.backward(logits.float().mean())
-    if accelerator.is_main_process:
-        Path(result).write_text(json.dumps(out))
-    accelerator.wait_for_everyone()
+    count_rollouts(accelerator, model, ac, {"n_params": len(list(ac.lm.parameters()))}, result)
 
 
 if __name__ == "__main__":
