@@ -40,12 +40,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     module = importlib.import_module(STAGE_MODULES[cfg.stage])
     out = module.run(cfg)
+    end_distributed()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: rank 0 reports
         return 0
     print(f"done: outputs in {out}")
     write_training_report(out)
     print(f"  next: alignkit export --from {out} --export_dir {out}-merged   (or alignkit report {out})")
     return 0
+
+
+def end_distributed() -> None:
+    """Tear the process group down at exit, as PyTorch asks, rather than in interpreter shutdown,
+    where a rank that had finished a 2-process gloo run was seen to abort ("terminate called without
+    an active exception", SIGABRT) and fail the launch. At exit, not now: a script may run several
+    stages in one process on the same group."""
+    import atexit
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and not getattr(end_distributed, "registered", False):
+        atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
+        end_distributed.registered = True
 
 
 def write_training_report(out) -> None:
