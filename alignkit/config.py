@@ -244,7 +244,7 @@ def normalise_keys(raw: dict, cls: type[BaseModel], where: str) -> dict:
     unsupported keys are one ``ConfigError`` naming ``where`` and every such key at once, an
     unknown key with a "did you mean" suggestion."""
     out: dict[str, Any] = {}
-    known = set(cls.model_fields)
+    known = set(cls.model_fields) | getattr(cls, "ALSO_ACCEPTED", set())  # keys a model_validator moves
     problems: list[str] = []
     for key, value in raw.items():
         key = ALIASES.get(key, key)

@@ -9,7 +9,6 @@ from alignkit.algos import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
-    compute_rewards,
     entropy_from_logits,
     kl_penalty,
     logprobs_from_logits,
@@ -18,6 +17,7 @@ from alignkit.algos import (
     masked_whiten,
     postprocess_scores,
     selective_log_softmax,
+    shape_rewards,
 )
 
 X = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 7.0]], dtype=torch.float64)
@@ -158,7 +158,7 @@ WORKED_KL = [1.2, 0.5, 2.3, 3.6, 4.8, 1.5, 4.5, 1.0, 5.3, 2.1]
 WORKED_REWARDS = [-0.24, -0.1, -0.46, -0.72, -0.96, -0.3, -0.9, -0.2, -1.06, 3.38]
 
 
-def test_compute_rewards_worked_example_with_right_padding():
+def test_shape_rewards_worked_example_with_right_padding():
     # Row 0 is the worked example; row 1 is 4 tokens long, padded with garbage log-probs.
     logprobs = torch.full((2, 12), -0.5, dtype=torch.float64)
     ref_logprobs = logprobs.clone()
@@ -169,7 +169,8 @@ def test_compute_rewards_worked_example_with_right_padding():
     mask[0, :10], mask[1, :4] = 1, 1
     scores = torch.tensor([3.8, -1.0], dtype=torch.float64)
 
-    rewards, non_score_reward, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.2)
+    kl = kl_penalty(logprobs, ref_logprobs, "kl") * mask  # the loop's per-token k1 estimate, zero on padding
+    rewards, non_score_reward = shape_rewards(scores, kl, mask, kl_coef=0.2)
 
     assert rewards[0].tolist() == pytest.approx(WORKED_REWARDS + [0, 0])
     assert rewards[1].tolist() == pytest.approx([-0.2, -0.2, -0.2, -1.2] + [0] * 8)
@@ -177,10 +178,10 @@ def test_compute_rewards_worked_example_with_right_padding():
     torch.testing.assert_close(non_score_reward, -0.2 * kl)
 
 
-def test_compute_rewards_rejects_empty_response():
+def test_shape_rewards_rejects_empty_response():
     z = torch.zeros(1, 3)
     with pytest.raises(ValueError, match="at least one real token"):
-        compute_rewards(torch.zeros(1), z, z, z, kl_coef=0.1)
+        shape_rewards(torch.zeros(1), z, z, kl_coef=0.1)
 
 
 # --- KL controllers ----------------------------------------------------------------------

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignkit.algos import compute_gae, explained_variance, policy_loss, value_loss
+from alignkit.algos import compute_gae, explained_variance, value_loss
+from alignkit.algos.losses import LossInputs, ppo_clip
 
 
 def reference_gae(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
@@ -77,7 +78,7 @@ def test_policy_loss_clips_constructed_ratios():
     advantages = torch.tensor([[1.0] * 4, [-1.0] * 4], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
 
-    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, cliprange=0.2)
+    loss, stats = ppo_clip(LossInputs(logprobs, old_logprobs, advantages, mask.float(), 0.2, 0.2))
     loss.backward()
 
     assert loss.item() == pytest.approx((-0.5 - 1.0 - 1.1 - 1.2 + 0.8 + 1.5) / 6)

@@ -57,7 +57,8 @@ class ScriptedEngine:
         self.reply = tokenizer(text, add_special_tokens=False)["input_ids"]
         self.synced = 0
 
-    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams) -> Rollout:
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams,
+                 pixels: dict | None = None) -> Rollout:
         reply = (self.reply + [sampling.eos_ids[0]])[: sampling.max_new_tokens]
         response = torch.tensor([reply] * query_ids.shape[0], device=query_ids.device)  # (B, R)
         response_mask, no_eos = first_eos_mask(response, list(sampling.eos_ids))
@@ -66,6 +67,12 @@ class ScriptedEngine:
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         self.synced += 1
+
+    def check_sync(self, rollouts, trainer_logprobs, sampling) -> None:
+        return None  # it reports no log-probs of its own
+
+    def close(self) -> None:
+        return None
 
 
 def test_stub_rollout_engine_drives_a_ppo_step(tiny_model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Pure tensor math for RLHF: log-probs, KL, reward shaping, GAE, whitening, PPO losses.
+"""Pure tensor math for RLHF: log-probs, KL, reward shaping, GAE, whitening, policy losses.
 
 Functions take tensors and masks and return tensors; the training loop owns the config.
 """
@@ -12,18 +12,17 @@ from alignkit.algos.kl import (
     kl_penalty,
 )
 from alignkit.algos.logprobs import entropy_from_logits, logprobs_from_logits, selective_log_softmax
+from alignkit.algos.losses import LOSS_ALIASES, POLICY_LOSSES, LossInputs, compute_policy_loss, register_loss
 from alignkit.algos.normalize import masked_mean, masked_var, masked_whiten
 from alignkit.algos.ppo import (
     LOSS_AGG_MODES,
     aggregate_loss,
     compute_gae,
     explained_variance,
-    policy_loss,
     value_loss,
 )
 from alignkit.algos.shaping import (
     RunningMoments,
-    compute_rewards,
     overlong_penalty,
     postprocess_scores,
     shape_rewards,
@@ -40,7 +39,6 @@ __all__ = [
     "FixedKLController",
     "RunningMoments",
     "compute_gae",
-    "compute_rewards",
     "entropy_from_logits",
     "explained_variance",
     "kl_penalty",
@@ -48,7 +46,11 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
-    "policy_loss",
+    "LOSS_ALIASES",
+    "POLICY_LOSSES",
+    "LossInputs",
+    "compute_policy_loss",
+    "register_loss",
     "postprocess_scores",
     "selective_log_softmax",
     "shape_rewards",

@@ -46,15 +46,28 @@ Estimator = Callable[[AdvantageInputs, AdvantageParams], tuple[torch.Tensor, tor
 
 @dataclass(frozen=True)
 class EstimatorSpec:
+    """A registered estimator, what it needs from a run and the defaults it brings. A config reads
+    these for the keys it does not set, and never names an estimator itself."""
+
     fn: Estimator
-    needs_critic: bool  # the run builds a value head and trains it only when True
+    needs_critic: bool = True  # the run builds a value head and trains it only when True
+    needs_groups: bool = False  # compares responses to one prompt: num_generations >= 2
+    kl_in_loss: bool = False  # default of use_kl_loss: KL as a loss term (GRPO) rather than a reward penalty
+    loss_agg_mode: str = "token_mean"  # default loss_agg_mode
+    beta: float | None = None  # default init_kl_coef (None: 0.04 for a KL loss, 0.2 for a KL penalty)
 
 
 ESTIMATORS: dict[str, EstimatorSpec] = {}
+# OpenRLHF's and verl's spellings of the same estimators.
+ESTIMATOR_ALIASES: dict[str, str] = {}
 
 
-def register_estimator(name: str, fn: Estimator, needs_critic: bool = True) -> None:
-    ESTIMATORS[name] = EstimatorSpec(fn, needs_critic)
+def register_estimator(name: str, fn: Estimator, needs_critic: bool = True, *, needs_groups: bool = False,
+                       kl_in_loss: bool = False, loss_agg_mode: str = "token_mean", beta: float | None = None,
+                       aliases: tuple[str, ...] = ()) -> None:
+    """Register ``fn`` as ``advantage_estimator: name`` (and under ``aliases``) with its spec."""
+    ESTIMATORS[name] = EstimatorSpec(fn, needs_critic, needs_groups, kl_in_loss, loss_agg_mode, beta)
+    ESTIMATOR_ALIASES.update({alias: name for alias in aliases})
 
 
 def estimate(name: str, inputs: AdvantageInputs, params: AdvantageParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,23 +190,15 @@ def reinforce_pp_baseline(inputs: AdvantageInputs, params: AdvantageParams) -> t
     return _reinforce_pp(inputs, inputs.scores - baseline, usable)
 
 
-register_estimator("grpo", grpo, needs_critic=False)
-register_estimator("dr_grpo", dr_grpo, needs_critic=False)
-register_estimator("rloo", rloo, needs_critic=False)
-register_estimator("reinforce_pp", reinforce_pp, needs_critic=False)
-register_estimator("reinforce_pp_baseline", reinforce_pp_baseline, needs_critic=False)
-
-# OpenRLHF's and verl's spellings of the same estimators.
-ESTIMATOR_ALIASES = {
-    "group_norm": "grpo",
-    "drgrpo": "dr_grpo",
-    "reinforce": "reinforce_pp",
-    "reinforce_plus_plus": "reinforce_pp",
-    "reinforce++": "reinforce_pp",
-    "reinforce_baseline": "reinforce_pp_baseline",
-    "reinforce_plus_plus_baseline": "reinforce_pp_baseline",
-    "reinforce++_baseline": "reinforce_pp_baseline",
-}
+register_estimator("grpo", grpo, needs_critic=False, needs_groups=True, kl_in_loss=True, aliases=("group_norm",))
+# Dr. GRPO's other half: no per-response length normalisation in the loss (Liu et al. 2025 sec. 3.1).
+register_estimator("dr_grpo", dr_grpo, needs_critic=False, needs_groups=True, kl_in_loss=True,
+                   loss_agg_mode="seq_mean_token_sum_norm", aliases=("drgrpo",))
+register_estimator("rloo", rloo, needs_critic=False, needs_groups=True)
+register_estimator("reinforce_pp", reinforce_pp, needs_critic=False,
+                   aliases=("reinforce", "reinforce_plus_plus", "reinforce++"))
+register_estimator("reinforce_pp_baseline", reinforce_pp_baseline, needs_critic=False, needs_groups=True,
+                   aliases=("reinforce_baseline", "reinforce_plus_plus_baseline", "reinforce++_baseline"))
 
 
 def group_stats(scores: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor

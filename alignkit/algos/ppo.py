@@ -1,4 +1,6 @@
-"""PPO with a value head: GAE, the clipped policy and value losses, explained variance.
+"""PPO with a value head: GAE, loss aggregation, the clipped value loss, explained variance.
+
+The policy losses (PPO's clipped one, GSPO, CISPO) are in ``alignkit.algos.losses``.
 
 All (B, T) tensors are response tokens with right padding described by ``mask``.
 """
@@ -56,38 +58,6 @@ def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, mode: str = "token_
     else:
         raise ValueError(f"unknown loss_agg_mode {mode!r}; expected one of {', '.join(LOSS_AGG_MODES)}")
     return per_seq[rows].sum() / rows.sum().clamp(min=1)
-
-
-def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    cliprange: float,
-    cliprange_high: float | None = None,
-    loss_agg_mode: str = "token_mean",
-    max_len: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), aggregated by ``loss_agg_mode``.
-
-    logprobs (with grad), old_logprobs, advantages, mask: (B, T). The ratio is clipped to
-    [1 - cliprange, 1 + cliprange_high] (``cliprange_high`` defaults to ``cliprange``; a larger
-    one is DAPO's clip-higher, Yu et al. 2025 sec. 3.1, against entropy collapse). Returns
-    ``(loss, stats)`` with detached scalar stats ``approxkl`` (½ mean (logp - old)², as TRL) and
-    ``clipfrac`` (share of tokens where the clipped term is the active one).
-    """
-    high = cliprange if cliprange_high is None else cliprange_high
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    pg_losses = -advantages * ratio
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
-    loss = aggregate_loss(torch.maximum(pg_losses, pg_losses_clipped), mask, loss_agg_mode, max_len)
-    with torch.no_grad():
-        stats = {
-            "approxkl": 0.5 * masked_mean(log_ratio.square(), mask),
-            "clipfrac": masked_mean((pg_losses_clipped > pg_losses).to(logprobs.dtype), mask),
-        }
-    return loss, stats
 
 
 def value_loss(

@@ -8,47 +8,23 @@ from typing import Any
 
 import torch
 
-from alignkit.algos.kl import kl_penalty
-
-
-def compute_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float,
-    kl_kind: str = "kl",
-    logits: torch.Tensor | None = None,
-    ref_logits: torch.Tensor | None = None,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token rewards: ``-kl_coef * KL`` on every response token, score on the last one.
-
-    scores (B,); logprobs, ref_logprobs, mask (B, T) with right padding, rows of any length
-    >= 1; ``logits``/``ref_logits``/``temperature`` only for ``kl_kind="full"`` (see
-    ``kl_penalty``). Returns ``(rewards, non_score_reward, kl)``, each (B, T), zero on padding.
-    The score goes on the last real token, not on position T - 1, which is padding for every
-    row shorter than the longest (Huang et al. 2024, "The N+ Implementation Details of RLHF
-    with PPO": the score belongs to the EOS token).
-    """
-    mask = mask.to(logprobs.dtype)
-    kl = kl_penalty(logprobs, ref_logprobs, kl_kind, logits, ref_logits, temperature) * mask
-    rewards, non_score_reward = shape_rewards(scores, kl, mask, kl_coef)
-    return rewards, non_score_reward, kl
-
 
 def shape_rewards(
     scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``compute_rewards`` from a per-token KL already computed, (B, T): ``(rewards, non_score_reward)``.
+    """Per-token rewards: ``-kl_coef * KL`` on every response token, score on the last one.
 
-    The PPO loop computes KL chunk by chunk during rollout (so ``full`` KL never holds the
-    whole batch's logits) and shapes here once the scores arrive.
+    scores (B,); kl (a ``kl_penalty`` estimate), mask (B, T) with right padding, rows of any
+    length >= 1. Returns ``(rewards, non_score_reward)``, each (B, T), zero on padding. The score
+    goes on the last real token, not on position T - 1, which is padding for every row shorter
+    than the longest (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO": the
+    score belongs to the EOS token). The PPO loop computes KL chunk by chunk during rollout (so
+    ``full`` KL never holds the whole batch's logits) and shapes here once the scores arrive.
     """
     mask = mask.to(kl.dtype)
     lengths = mask.sum(1).long()  # (B,)
     if bool((lengths == 0).any()):
-        raise ValueError("compute_rewards: every response needs at least one real token in mask")
+        raise ValueError("shape_rewards: every response needs at least one real token in mask")
     non_score_reward = -kl_coef * kl * mask
     rewards = non_score_reward.clone()
     rows = torch.arange(rewards.shape[0], device=rewards.device)

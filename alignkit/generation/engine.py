@@ -1,8 +1,10 @@
 """The rollout-engine seam: the RL loop asks an engine for samples and never knows which one it holds.
 
-An engine turns a left-padded batch of prompts into a ``Rollout`` (tokens, masks, EOS flags)
-and is told when the policy's weights changed (``sync_weights``). Log-probs used in any loss
-come from the trainer's own forward pass, never from the engine: an engine only samples.
+An engine turns a left-padded batch of prompts (and their images, on a VL model) into a ``Rollout``
+(tokens, masks, EOS flags, and its own log-probs when it has them), is told when the policy's
+weights changed (``sync_weights``) and reports whether it still samples from them (``check_sync``).
+Log-probs used in the loss come from the trainer's own forward pass; an engine's are kept as the
+behaviour log-probs of what it sampled. Engines are built by name (``registry.build_engine``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from alignkit.generation.sampling import Rollout, sample
+from alignkit.generation.weights import SyncCheck, check_sync
 from alignkit.models.architectures import placeholder_token_ids
 
 
@@ -29,15 +32,23 @@ class SamplingParams:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """``generate`` samples one response per row; ``sync_weights`` follows a policy update."""
+    """``generate`` samples one response per row; ``sync_weights`` follows a policy update;
+    ``check_sync`` says whether the engine still samples from the policy's weights."""
 
-    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams) -> Rollout:
-        """(B, Q) left-padded prompt ids and mask -> a ``Rollout`` of B sequences. An engine that takes
-        image prompts sets ``accepts_images = True`` and takes a ``pixels=`` keyword (HFEngine)."""
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams,
+                 pixels: dict[str, torch.Tensor] | None = None) -> Rollout:
+        """(B, Q) left-padded prompt ids and mask -> a ``Rollout`` of B sequences. ``pixels``: the
+        rows' image inputs (a VL model); an engine registered without ``accepts_images`` never gets them."""
         ...
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         """Make the next ``generate`` sample from ``policy``'s current weights."""
+        ...
+
+    def check_sync(self, rollouts: list[Rollout], trainer_logprobs: list[torch.Tensor], sampling: SamplingParams
+                   ) -> SyncCheck | None:
+        """The engine's log-probs of its samples against the trainer's, (b, R) per chunk; None when
+        the engine reports none."""
         ...
 
     def close(self) -> None:
@@ -45,33 +56,44 @@ class RolloutEngine(Protocol):
         ...
 
 
+def engine_sync_check(engine_tolerance: float, rollouts: list[Rollout], trainer_logprobs: list[torch.Tensor],
+                      sampling: SamplingParams) -> SyncCheck | None:
+    """``check_sync`` for an engine that puts its own log-probs in ``Rollout.logprobs``."""
+    return check_sync([r.logprobs for r in rollouts], trainer_logprobs, [r.response_mask for r in rollouts],
+                      sampling.top_k > 0 or sampling.top_p < 1.0, engine_tolerance)
+
+
 class HFEngine:
     """alignkit's own KV-cache sampler on the trained model itself (``sampling.sample``).
 
     It samples from the very module being trained, so ``sync_weights`` has nothing to copy. It
     takes image prompts (``pixels``: a Qwen-VL chunk's pixel inputs). ``with_logprobs`` makes it
-    report its own log-probs, so ``rollout/engine_logprob_diff`` checks that the KV-cache loop
-    (positions, images) and the training forward agree; off by default, since a bf16 cache drifts.
+    report its own log-probs, so ``check_sync`` checks that the KV-cache loop (positions, images)
+    and the training forward agree; off by default, since a bf16 cache drifts.
     """
 
-    accepts_images = True
-
-    def __init__(self, model: torch.nn.Module, pad_token_id: int, with_logprobs: bool = False):
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, with_logprobs: bool = False,
+                 sync_tolerance: float = 0.05):
         self.model = model
         self.pad_token_id = pad_token_id
         self.with_logprobs = with_logprobs
+        self.sync_tolerance = sync_tolerance
         # A VL model's image/video pad tokens are never sampled: every later forward would take a
         # sampled one for an image slot (and fail on the count of image features).
         self.suppress_ids = placeholder_token_ids(model)
 
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams,
-                 pixels: dict | None = None) -> Rollout:
+                 pixels: dict[str, torch.Tensor] | None = None) -> Rollout:
         return sample(self.model, self.pad_token_id, query_ids, query_mask, sampling.max_new_tokens,
                       sampling.temperature, sampling.top_k, sampling.top_p, list(sampling.eos_ids), pixels,
                       self.suppress_ids, self.with_logprobs)
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         return None
+
+    def check_sync(self, rollouts: list[Rollout], trainer_logprobs: list[torch.Tensor], sampling: SamplingParams
+                   ) -> SyncCheck | None:
+        return engine_sync_check(self.sync_tolerance, rollouts, trainer_logprobs, sampling)
 
     def close(self) -> None:
         return None

@@ -27,14 +27,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.generation.engine import SamplingParams
+from alignkit.generation.engine import SamplingParams, engine_sync_check
 from alignkit.generation.sampling import Rollout, first_eos_mask
+from alignkit.generation.weights import (
+    SyncCheck,
+    merged_weights,
+    policy_lm,
+    trainable_modules,
+    widen_to_fused,
+)
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = ("install vLLM: on a GPU `pip install 'alignkit[vllm]'` next to your CUDA torch; on CPU "
                 "`./scripts/setup_vllm.sh` and run with .venv-vllm/bin/python (docs/vllm.md)")
-POLICY_ADAPTER = "default"
 # The CPU backend sizes its KV cache from this (GiB) instead of gpu_memory_utilization; vLLM's
 # default takes a large share of the machine's memory, which the trainer needs.
 CPU_KVCACHE_GB = "1"
@@ -82,92 +88,6 @@ def _quiet_partial_reload():
             lg.setLevel(level)
 
 
-def _policy_lm(policy: nn.Module) -> nn.Module:
-    """The language model inside an ``ActorCritic`` (its ``lm``), or the model itself."""
-    return getattr(policy, "lm", policy)
-
-
-def _plain_model(lm: nn.Module) -> tuple[nn.Module, bool]:
-    from peft import PeftModel
-
-    return (lm.get_base_model(), True) if isinstance(lm, PeftModel) else (lm, False)
-
-
-def trainable_modules(lm: nn.Module) -> set[str]:
-    """Names (plain-model naming) of the modules whose weights an optimizer step can change:
-    the policy adapter's LoRA layers, or for full fine-tuning every module with a trainable
-    parameter. LoRA is decided by adapter, not ``requires_grad``, which peft toggles when other
-    adapters (critic, reward) are switched in."""
-    from peft.tuners.lora import LoraLayer
-
-    model, is_lora = _plain_model(lm)
-    if is_lora:
-        return {name for name, m in model.named_modules() if isinstance(m, LoraLayer) and POLICY_ADAPTER in _adapters(m)}
-    return {name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
-
-
-def _adapters(layer) -> set[str]:
-    return set(layer.lora_A) | set(getattr(layer, "lora_embedding_A", {}))
-
-
-def merged_weights(lm: nn.Module, modules: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """The policy as a plain HF state dict (contiguous CPU copies), LoRA adapter "default" merged:
-    ``W + delta`` with peft's own ``get_delta_weight`` (scale, fan-in/fan-out), computed out of
-    place. ``modules``: only these modules' parameters. Tied weights appear once (the input
-    embedding), since both names must carry identical values."""
-    from peft.tuners.lora import LoraLayer
-
-    model, _ = _plain_model(lm)
-    out: dict[str, torch.Tensor] = {}
-    lora_prefixes = []
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        lora_prefixes.append(name + ".")
-        if modules is not None and name not in modules:
-            continue
-        if getattr(module, "use_dora", {}).get(POLICY_ADAPTER, False):
-            raise NotImplementedError(f"weight sync of DoRA adapters ({name}); use plain LoRA with rollout_engine: vllm")
-        for pname, p in module.get_base_layer().named_parameters(recurse=False):
-            value = p.detach()
-            if pname == "weight" and POLICY_ADAPTER in _adapters(module) and not module.merged:
-                value = (value.float() + module.get_delta_weight(POLICY_ADAPTER).float()).to(p.dtype)
-            out[f"{name}.{pname}"] = value
-    for name, p in model.named_parameters():  # deduplicated: a tied lm_head is not listed
-        if any(name.startswith(pre) for pre in lora_prefixes):
-            continue
-        if "modules_to_save" in name or "original_module" in name:
-            raise NotImplementedError(f"weight sync of peft modules_to_save ({name})")
-        if modules is None or name.rpartition(".")[0] in modules:
-            out[name] = p.detach()
-    return {k: v.to("cpu").contiguous() for k, v in out.items()}  # safetensors.save copies them
-
-
-def widen_to_fused(modules: set[str], packed: dict[str, list[str]]) -> set[str]:
-    """Add the siblings that vLLM fuses with each module into one layer (``packed``: its
-    ``packed_modules_mapping``), so a reload never gets part of a layer's weights."""
-    groups = [members for members in packed.values() if len(members) > 1]
-    out = set(modules)
-    for name in modules:
-        parent, _, leaf = name.rpartition(".")
-        for members in groups:
-            if leaf in members:
-                out.update(f"{parent}.{m}" if parent else m for m in members)
-    return out
-
-
-def logprob_diff(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
-    """Sync check: mean |engine - trainer| log-prob over response tokens, (B, R) each -> float.
-
-    Compare like with like: ``Rollout.logprobs`` are under the sampling distribution, so with
-    top-k/top-p on, the trainer's side must be computed from ``filter_logits(logits / T, ...)``.
-    """
-    m = mask.bool()
-    # where, not a product: off the mask a filtered distribution can give -inf (and -inf * 0 = nan).
-    diff = torch.where(m, (engine_logprobs.float() - trainer_logprobs.float()).abs(), 0.0)
-    return float(diff.sum() / m.sum().clamp(min=1))
-
-
 class VLLMEngine:
     """Samples with a vLLM ``LLM`` in this node, sharing its devices with the trainer.
 
@@ -175,7 +95,7 @@ class VLLMEngine:
     weights are replaced by the policy's at the first ``sync_weights``. Until then vLLM samples
     from the weights in ``model``, so call ``sync_weights(policy)`` once before the first
     ``generate`` whenever they differ (SFT adapters merged into the base, a resumed run).
-    The ``vllm_*`` settings map to ``vllm.LLM``'s arguments of the same names; ``llm_kwargs`` go
+    The ``rollout:`` settings (``VLLMSettings``) map to ``vllm.LLM``'s arguments of the same names; ``llm_kwargs`` go
     to it as they are. ``gpu_memory_utilization`` is the share of the GPU vLLM takes (weights and
     KV cache) next to the trainer; on CPU the KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB instead.
     """
@@ -183,16 +103,17 @@ class VLLMEngine:
     def __init__(self, model: str | Path, pad_token_id: int, *, dtype: str = "auto", max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1,
                  enable_sleep_mode: bool = False, enforce_eager: bool | None = None, seed: int = 0,
-                 **llm_kwargs: Any):
+                 sync_tolerance: float = 0.05, **llm_kwargs: Any):
         vllm = import_vllm()
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             if enable_sleep_mode:
-                raise ValueError("vllm_enable_sleep_mode: vLLM's sleep mode needs a GPU; set it to false on CPU")
+                raise ValueError("rollout.enable_sleep_mode: vLLM's sleep mode needs a GPU; set it to false on CPU")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GB)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
         self._vllm = vllm
         self.pad_token_id = pad_token_id
+        self.sync_tolerance = sync_tolerance
         self.sleep_mode = enable_sleep_mode
         self.llm = vllm.LLM(
             model=str(model), dtype=dtype, max_model_len=max_model_len, seed=seed,
@@ -212,10 +133,13 @@ class VLLMEngine:
         self.asleep = False
         self.last_sync: dict[str, float] = {}  # seconds, bytes, tensors of the latest sync (for logs)
 
-    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams) -> Rollout:
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams,
+                 pixels: dict[str, torch.Tensor] | None = None) -> Rollout:
         """(B, Q) left-padded prompts -> a ``Rollout`` with ``sample``'s conventions: response
         right-padded to the longest, tokens after the first EOS replaced by pad, mask up to and
         including the first EOS; plus the engine's log-probs of the sampled tokens."""
+        if pixels is not None:  # registered without accepts_images: the loop refuses image prompts first
+            raise ValueError("the vllm rollout engine takes text prompts only; set rollout.engine: hf for image prompts")
         if self.synced_lm is None and not self.warned:
             logger.warning("vLLM samples from the weights it loaded from disk: sync_weights(policy) was never called")
             self.warned = True
@@ -258,7 +182,7 @@ class VLLMEngine:
         from safetensors.torch import save
 
         t0 = time.perf_counter()
-        lm = _policy_lm(policy)
+        lm = policy_lm(policy)
         # A model's first sync sends everything (its frozen weights may differ from what vLLM holds).
         same = self.synced_lm is not None and self.synced_lm() is lm
         modules = widen_to_fused(trainable_modules(lm), self.packed) if same else None
@@ -268,6 +192,10 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.synced_lm = weakref.ref(lm)
         self.last_sync = {"seconds": time.perf_counter() - t0, "bytes": float(len(data)), "tensors": float(n)}
+
+    def check_sync(self, rollouts: list[Rollout], trainer_logprobs: list[torch.Tensor], sampling: SamplingParams
+                   ) -> SyncCheck | None:
+        return engine_sync_check(self.sync_tolerance, rollouts, trainer_logprobs, sampling)
 
     def _wake(self) -> None:
         if self.asleep:

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from alignkit.algos.advantages import ESTIMATOR_ALIASES, ESTIMATORS
+from alignkit.algos.losses import LOSS_ALIASES, POLICY_LOSSES
 from alignkit.config import StageConfig, register_stage
+from alignkit.generation.registry import EngineSettings, HFSettings, engine_settings
 from alignkit.rewards.spec import RewardContext, RewardSpec
 
-# Estimators whose KL sits in the loss (GRPO style, k3) unless use_kl_loss says otherwise; the
-# others put a per-token KL penalty in the reward (PPO, RLOO, REINFORCE++).
-KL_IN_LOSS = {"grpo", "dr_grpo"}
+# The flat keys of earlier releases (and LLaMA-Factory's vllm_* names), moved into ``rollout:``.
+FLAT_ROLLOUT_KEYS = {"rollout_engine": "engine", "vllm_gpu_memory_utilization": "gpu_memory_utilization",
+                     "vllm_tensor_parallel_size": "tensor_parallel_size", "vllm_enable_sleep_mode": "enable_sleep_mode",
+                     "vllm_max_model_len": "max_model_len", "vllm_sync_tolerance": "sync_tolerance"}
 
 
 class PPOConfig(StageConfig, RewardSpec):
@@ -28,19 +31,17 @@ class PPOConfig(StageConfig, RewardSpec):
     rollout_chunk_size: int | None = Field(
         None, ge=1, description="Sample in chunks of this many prompts so scoring starts before the whole batch is done (default: one chunk)."
     )
-    # Rollout engine (docs/vllm.md)
-    rollout_engine: Literal["hf", "vllm"] = Field(
-        "hf", description="hf: alignkit's KV-cache sampler on the trained model; vllm: a colocated vLLM engine, "
-        "weights synced after every update (needs vLLM installed)."
+    # Rollout engine (docs/vllm.md): a typed block per engine (alignkit.generation.registry).
+    rollout: SerializeAsAny[EngineSettings] = Field(
+        default_factory=HFSettings, description="The rollout engine and its settings: {engine: hf} (alignkit's "
+        "KV-cache sampler on the trained model) or {engine: vllm, gpu_memory_utilization, tensor_parallel_size, "
+        "enable_sleep_mode, max_model_len, sync_tolerance}. The flat keys rollout_engine and vllm_* are aliases."
     )
-    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="vllm: share of device memory vLLM may take.")
-    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vllm: devices one engine shards the model over.")
-    vllm_enable_sleep_mode: bool = Field(False, description="vllm: release vLLM's memory during the update (GPU only).")
-    vllm_max_model_len: int | None = Field(None, ge=8, description="vllm: longest sequence (default: cutoff_len).")
-    vllm_sync_tolerance: float = Field(
-        0.05, gt=0.0, description="vllm: stop when the engine's and the trainer's log-probs of the sampled tokens "
-        "differ by more than this (mean |diff| per token, checked every step with top_k 0 and top_p 1)."
+    dynamic_sampling: bool = Field(
+        False, description="DAPO dynamic sampling: sample more prompts until the batch is filled with groups whose "
+        "scores are not all equal (at most max_sampling_rounds rounds; rollout/sampling_rounds counts them)."
     )
+    max_sampling_rounds: int = Field(3, ge=1, description="dynamic_sampling: rounds of sampling per step at most.")
     # PPO
     ppo_buffer_size: int = Field(
         1, ge=1, description="Mini-batches per rollout batch: rollout = per_device x accum x buffer prompts per rank, "
@@ -60,10 +61,17 @@ class PPOConfig(StageConfig, RewardSpec):
     kl_penalty: Literal["kl", "abs", "mse", "full"] = Field("kl", description="Per-token KL estimator.")
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor.")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    policy_loss: str = Field(
+        "ppo", description="ppo (clipped, per token) | gspo (sequence ratio, Qwen's for MoE) | cispo (clipped "
+        "stop-gradient weights, MiniMax-M1); OpenRLHF/verl spellings (vanilla, gspo_token) accepted (docs/algorithms.md)."
+    )
     cliprange: float = Field(0.2, gt=0.0, description="Policy ratio clip range.")
-    cliprange_low: float | None = Field(None, gt=0.0, description="Ratio clipped below at 1 - cliprange_low (default cliprange).")
+    cliprange_low: float | None = Field(
+        None, gt=0.0, description="Ratio clipped below at 1 - cliprange_low (default: the loss's own, else cliprange)."
+    )
     cliprange_high: float | None = Field(
-        None, gt=0.0, description="Ratio clipped above at 1 + cliprange_high (default cliprange; DAPO's clip-higher uses 0.28)."
+        None, gt=0.0, description="Ratio clipped above at 1 + cliprange_high (default: the loss's own, else "
+        "cliprange; DAPO's clip-higher uses 0.28)."
     )
     cliprange_value: float = Field(0.2, gt=0.0, description="Value clip range.")
     vf_coef: float = Field(0.1, ge=0.0, description="Value loss coefficient.")
@@ -87,8 +95,8 @@ class PPOConfig(StageConfig, RewardSpec):
     )
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Estimator of the KL loss term (Schulman 2020).")
     loss_agg_mode: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
-        "token_mean", description="How token losses become one: token_mean, seq_mean_token_mean (GRPO), "
-        "seq_mean_token_sum_norm (Dr. GRPO; default for dr_grpo)."
+        "token_mean", description="How token losses become one: token_mean, seq_mean_token_mean (GRPO; default "
+        "for gspo), seq_mean_token_sum_norm (Dr. GRPO; default for dr_grpo)."
     )
     filter_zero_std_groups: bool = Field(
         False, description="Leave groups whose valid rewards are all equal out of the loss (DAPO dynamic sampling, counted)."
@@ -129,31 +137,48 @@ class PPOConfig(StageConfig, RewardSpec):
     logging_steps: int = Field(1, ge=1, description="Log metrics every N PPO steps.")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the prompt set (ignored if max_steps>0).")
 
+    ALSO_ACCEPTED: ClassVar[frozenset[str]] = frozenset(FLAT_ROLLOUT_KEYS)
+
     @model_validator(mode="before")
     @classmethod
-    def _estimator_defaults(cls, data: Any) -> Any:
-        """Defaults that depend on the estimator, for keys the config does not set."""
+    def _spec_defaults(cls, data: Any) -> Any:
+        """Aliases resolved, the flat rollout keys moved into ``rollout``, and the defaults the
+        estimator's and the loss's specs carry for keys the config does not set (an explicit key
+        wins, then the loss's default, then the estimator's)."""
         if not isinstance(data, dict):
             return data
-        name = data.get("advantage_estimator", "gae")
+        name, loss = data.get("advantage_estimator", "gae"), data.get("policy_loss", "ppo")
         name = ESTIMATOR_ALIASES.get(name, name) if isinstance(name, str) else name
-        data = {**data, "advantage_estimator": name}
+        loss = LOSS_ALIASES.get(loss, loss) if isinstance(loss, str) else loss
+        data = {**data, "advantage_estimator": name, "policy_loss": loss}
         if isinstance(data.get("ref_model_adapters"), str):
             data["ref_model_adapters"] = [s.strip() for s in data["ref_model_adapters"].split(",") if s.strip()]
-        kl_loss = data.setdefault("use_kl_loss", name in KL_IN_LOSS)
-        data.setdefault("init_kl_coef", 0.04 if kl_loss else 0.2)
-        data.setdefault("adap_kl_ctrl", not kl_loss)
-        data.setdefault("loss_agg_mode", "seq_mean_token_sum_norm" if name == "dr_grpo" else "token_mean")
+        if flat := {FLAT_ROLLOUT_KEYS[k]: data.pop(k) for k in list(data) if k in FLAT_ROLLOUT_KEYS}:
+            block = data.get("rollout")
+            data["rollout"] = {**flat, **(block.model_dump() if isinstance(block, EngineSettings) else block or {})}
+        spec = ESTIMATORS.get(name) if isinstance(name, str) else None
+        loss_spec = POLICY_LOSSES.get(loss) if isinstance(loss, str) else None
+        if spec is not None:
+            kl_loss = data.setdefault("use_kl_loss", spec.kl_in_loss)
+            data.setdefault("init_kl_coef", spec.beta if spec.beta is not None else 0.04 if kl_loss else 0.2)
+            data.setdefault("adap_kl_ctrl", not kl_loss)
+            data.setdefault("loss_agg_mode", (loss_spec and loss_spec.loss_agg_mode) or spec.loss_agg_mode)
         return data
+
+    @field_validator("rollout", mode="before")
+    @classmethod
+    def _engine_settings(cls, v: Any) -> EngineSettings:
+        return engine_settings(v)
+
+    @field_validator("policy_loss")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        return _known(name, "policy loss", POLICY_LOSSES, LOSS_ALIASES)
 
     @field_validator("advantage_estimator")
     @classmethod
     def _known_estimator(cls, name: str) -> str:
-        if name not in ESTIMATORS:
-            close = difflib.get_close_matches(name, sorted(ESTIMATORS) + sorted(ESTIMATOR_ALIASES), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown estimator {name!r}{hint} Known: {', '.join(sorted(ESTIMATORS))}")
-        return name
+        return _known(name, "estimator", ESTIMATORS, ESTIMATOR_ALIASES)
 
     @model_validator(mode="after")
     def _check_reference_model(self) -> PPOConfig:
@@ -171,8 +196,7 @@ class PPOConfig(StageConfig, RewardSpec):
         if self.critic_adapter:
             raise ValueError(f"critic_adapter: true needs a critic, but advantage_estimator: "
                              f"{self.advantage_estimator} has none; remove critic_adapter")
-        grouped = self.advantage_estimator not in ("reinforce_pp",)
-        if grouped and self.num_generations < 2:
+        if ESTIMATORS[self.advantage_estimator].needs_groups and self.num_generations < 2:
             raise ValueError(f"advantage_estimator: {self.advantage_estimator} compares responses to the same "
                              "prompt: set num_generations >= 2 (e.g. 4)")
         return self
@@ -192,9 +216,25 @@ class PPOConfig(StageConfig, RewardSpec):
         )
 
     @property
+    def clip_range(self) -> tuple[float, float]:
+        """``(low, high)``: the ratio is clipped to [1 - low, 1 + high]. An explicit key wins, then
+        the loss's own default (GSPO's is 3e-4 / 4e-4), then ``cliprange``."""
+        spec = POLICY_LOSSES[self.policy_loss]
+        low = self.cliprange_low or spec.cliprange_low or self.cliprange
+        return low, self.cliprange_high or spec.cliprange_high or self.cliprange
+
+    @property
     def rollout_batch_size(self) -> int:
         """Prompts per rank per step (each sampled num_generations times)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.ppo_buffer_size
+
+
+def _known(name: str, what: str, registry: dict, aliases: dict[str, str]) -> str:
+    if name not in registry:
+        close = difflib.get_close_matches(name, sorted(registry) + sorted(aliases), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {what} {name!r}{hint} Known: {', '.join(sorted(registry))}")
+    return name
 
 
 register_stage("ppo", PPOConfig)

@@ -1,7 +1,9 @@
 """One rollout batch as an ``Experience``: sample, submit for scoring, forward passes, collect.
 
 ``make_experience`` is phase one of a PPO step (TRL 0.11's ``generate`` + ``batched_forward_pass``):
-it returns plain tensors the later phases (shaping, advantages, update, metrics) read.
+it returns plain tensors the later phases (shaping, advantages, update, metrics) read, the policy
+version that sampled them, the engine's own (behaviour) log-probs when it reports them, and the
+batch's ``RolloutStats``. ``concat`` and ``Experience.select`` re-batch experiences (dynamic sampling).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from alignkit.algos import kl_penalty, logprobs_from_logits
 from alignkit.data.collators import pad_left
 from alignkit.data.vision import PixelRows, VisionProcessor
-from alignkit.generation import Rollout, RolloutEngine, SamplingParams
+from alignkit.generation import Rollout, RolloutEngine, SamplingParams, SyncCheck
 from alignkit.models.actor_critic import ActorCritic
 from alignkit.rewards.base import ScoreMeta
 from alignkit.rewards.service import RewardService
@@ -58,6 +60,28 @@ class RolloutSettings:
 
 
 @dataclass
+class RolloutStats:
+    """What making one Experience cost and what the reward service counted on the way."""
+
+    timing: dict[str, float] = field(default_factory=dict)  # time/generate, time/rollout, time/score_wait
+    n_failed: int = 0  # failed scores (masked out of the update, never zero-filled)
+    failure_reasons: list[str | None] = field(default_factory=list)  # per sample, None where the score is valid
+    reward_metrics: dict[str, float] = field(default_factory=dict)  # the reward service's counters
+    sync: SyncCheck | None = None  # the engine's log-probs against the trainer's (engines that report them)
+    rounds: int = 1  # sampling rounds that made the batch (dynamic sampling)
+
+    def merge(self, other: RolloutStats) -> RolloutStats:
+        """Two rounds' stats: times and counters summed, the worse sync check kept."""
+        counters = {k: self.reward_metrics.get(k, 0.0) + other.reward_metrics.get(k, 0.0)
+                    for k in set(self.reward_metrics) | set(other.reward_metrics)}
+        syncs = [c for c in (self.sync, other.sync) if c is not None]
+        return RolloutStats(
+            {k: self.timing.get(k, 0.0) + other.timing.get(k, 0.0) for k in set(self.timing) | set(other.timing)},
+            self.n_failed + other.n_failed, self.failure_reasons + other.failure_reasons, counters,
+            max(syncs, key=lambda c: c.logprob_diff) if syncs else None, self.rounds + other.rounds)
+
+
+@dataclass
 class Experience:
     """One rank's rollout batch of B = prompts x num_generations samples, each prompt's group
     contiguous. Q = padded prompt length, R = longest response."""
@@ -75,10 +99,9 @@ class Experience:
     valid: torch.Tensor  # (B,) float: 1 where the score may be used (in the update and in any baseline)
     group_ids: torch.Tensor  # (B,) the prompt's dataset row: samples of one group share it
     texts: list[str]  # responses as sent to the reward
-    n_failed: int = 0
-    failure_reasons: list[str | None] = field(default_factory=list)  # per sample, None where the score is valid
-    reward_metrics: dict[str, float] = field(default_factory=dict)  # the reward service's counters
-    timing: dict[str, float] = field(default_factory=dict)  # time/generate, time/rollout, time/score_wait
+    stats: RolloutStats = field(default_factory=RolloutStats)
+    policy_version: int = 0  # optimizer updates the sampling policy had seen (the learner's step count)
+    behaviour_logprobs: torch.Tensor | None = None  # (B, R) the engine's own log-probs of its samples, if any
     keep: torch.Tensor | None = None  # (B,) float: 0 drops a valid sample from the loss only (filters)
     pixels: PixelRows | None = None  # per sample, its prompt's image inputs (Qwen-VL); None: a text batch
 
@@ -128,18 +151,6 @@ def response_stats(ac: ActorCritic, roll: Rollout, settings: RolloutSettings,
     return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
 
-def sync_check(rolls: list[Rollout], stats: list[tuple[torch.Tensor, ...]], sampling: SamplingParams
-               ) -> dict[str, float]:
-    """``rollout/engine_logprob_diff``: mean |engine - trainer| log-prob of the sampled tokens, when
-    the engine reports its own (vLLM). A stale or wrong weight sync shows here first. Compared only
-    without top-k/top-p, where both are log-softmax(logits / temperature) of the same weights."""
-    if any(r.logprobs is None for r in rolls) or sampling.top_k > 0 or sampling.top_p < 1.0:
-        return {}
-    diff = sum(((r.logprobs - s[0]).abs() * r.response_mask).sum() for r, s in zip(rolls, stats, strict=True))
-    n = sum(r.response_mask.sum() for r in rolls)
-    return {"rollout/engine_logprob_diff": float(diff / n.clamp(min=1))}
-
-
 def response_rows(roll: Rollout) -> list[list[int]]:
     """Each sample's response token ids without padding (through its EOS when it has one)."""
     resp = roll.input_ids[:, roll.query_len :]
@@ -161,16 +172,11 @@ def generate(engine: RolloutEngine, q_ids: torch.Tensor, q_mask: torch.Tensor, s
              pixels: PixelRows | None) -> Rollout:
     """One chunk from the engine, with its rows' images when it has any."""
     rows = pixels.select(range(q_ids.shape[0])) if pixels is not None else None
-    if rows is None:
-        return engine.generate(q_ids, q_mask, sampling)
-    if not getattr(engine, "accepts_images", False):
-        raise ValueError(f"the prompts have images, but the {type(engine).__name__} rollout engine takes text only; "
-                         "set rollout_engine: hf for image prompts.")
     return engine.generate(q_ids, q_mask, sampling, pixels=rows)
 
 
 def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
-                    prompts: PromptSet, idx: list[int]) -> Experience:
+                    prompts: PromptSet, idx: list[int], policy_version: int = 0) -> Experience:
     """Sample ``num_generations`` responses to each prompt of ``idx`` chunk by chunk, scoring each
     chunk in the background while the next one samples and the forward passes run; then wait
     for the scores. A prompt's group never spans two ranks: each rank expands its own prompts."""
@@ -203,7 +209,8 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
     # Gather chunks into (B, R) tensors, each padded to the longest response of the batch.
     q, R = rolls[0].query_len, max(r.response_mask.shape[1] for r in rolls)
     logprobs, values, ref_logprobs, kl = (torch.cat([pad_right(s[i], R) for s in stats]) for i in range(4))
-    engine_metrics = sync_check(rolls, stats, settings.sampling)
+    sync = engine.check_sync(rolls, [s[0] for s in stats], settings.sampling)
+    behaviour = None if any(r.logprobs is None for r in rolls) else torch.cat([pad_right(r.logprobs, R) for r in rolls])
     t0 = time.perf_counter()
     scored = service.collect(futures)
     t_wait = time.perf_counter() - t0
@@ -218,7 +225,60 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
         group_ids=torch.tensor(idx, device=device),
         scores=torch.tensor(scored.values, device=device, dtype=torch.float32),
         valid=torch.tensor(scored.valid, device=device, dtype=torch.float32),
-        texts=texts, n_failed=scored.n_failed, failure_reasons=scored.reasons, reward_metrics={**scored.metrics, **engine_metrics},
-        timing={"time/generate": t_gen, "time/rollout": t_rollout, "time/score_wait": t_wait},
-        pixels=pixels,
+        texts=texts, pixels=pixels, policy_version=policy_version, behaviour_logprobs=behaviour,
+        stats=RolloutStats({"time/generate": t_gen, "time/rollout": t_rollout, "time/score_wait": t_wait},
+                           scored.n_failed, scored.reasons, scored.metrics, sync),
+    )
+
+
+def _pad_query(t: torch.Tensor, q: int, q_new: int, value: float) -> torch.Tensor:
+    """(b, q + R) -> (b, q_new + R): more left padding before the query."""
+    return torch.nn.functional.pad(t, (q_new - q, 0), value=value)
+
+
+def select(exp: Experience, rows: list[int]) -> Experience:
+    """The samples ``rows`` of ``exp`` (whole groups, in this order), padding kept."""
+    i = torch.tensor(rows, dtype=torch.long, device=exp.input_ids.device)
+    pick = lambda t: None if t is None else t[i]  # noqa: E731
+    s = exp.stats
+    return Experience(
+        input_ids=exp.input_ids[i], attention_mask=exp.attention_mask[i], query_len=exp.query_len,
+        response_mask=exp.response_mask[i], no_eos=exp.no_eos[i], logprobs=exp.logprobs[i],
+        ref_logprobs=exp.ref_logprobs[i], values=pick(exp.values), kl=exp.kl[i], scores=exp.scores[i],
+        valid=exp.valid[i], group_ids=exp.group_ids[i], texts=[exp.texts[r] for r in rows],
+        stats=RolloutStats(s.timing, s.n_failed, [s.failure_reasons[r] for r in rows], s.reward_metrics, s.sync,
+                           s.rounds),
+        policy_version=exp.policy_version, behaviour_logprobs=pick(exp.behaviour_logprobs),
+        pixels=None if exp.pixels is None else PixelRows([exp.pixels.pixel_values[r] for r in rows],
+                                                         [exp.pixels.image_grid_thw[r] for r in rows]),
+    )
+
+
+def concat(exps: list[Experience], pad_token_id: int) -> Experience:
+    """One Experience from several (same policy version), re-padded to the longest query and
+    response; the stats of every round summed (``RolloutStats.merge``)."""
+    q, R = max(e.query_len for e in exps), max(e.response_mask.shape[1] for e in exps)
+
+    def seq(e: Experience, t: torch.Tensor, value: float) -> torch.Tensor:  # (b, Q+R) -> (b, q+R)
+        return pad_right(_pad_query(t, e.query_len, q, value), q + R, value)
+
+    def resp(name: str) -> torch.Tensor | None:
+        parts = [getattr(e, name) for e in exps]
+        return None if any(p is None for p in parts) else torch.cat([pad_right(p, R) for p in parts])
+
+    stats = exps[0].stats
+    for e in exps[1:]:
+        stats = stats.merge(e.stats)
+    pixels = [e.pixels for e in exps]
+    return Experience(
+        input_ids=torch.cat([seq(e, e.input_ids, pad_token_id) for e in exps]),
+        attention_mask=torch.cat([seq(e, e.attention_mask, 0) for e in exps]), query_len=q,
+        response_mask=resp("response_mask"), no_eos=torch.cat([e.no_eos for e in exps]), logprobs=resp("logprobs"),
+        ref_logprobs=resp("ref_logprobs"), values=resp("values"), kl=resp("kl"),
+        scores=torch.cat([e.scores for e in exps]), valid=torch.cat([e.valid for e in exps]),
+        group_ids=torch.cat([e.group_ids for e in exps]), texts=[t for e in exps for t in e.texts], stats=stats,
+        policy_version=exps[0].policy_version, behaviour_logprobs=resp("behaviour_logprobs"),
+        pixels=None if all(p is None for p in pixels) else PixelRows(
+            [v for e in exps for v in (e.pixels.pixel_values if e.pixels else [None] * len(e.texts))],
+            [g for e in exps for g in (e.pixels.image_grid_thw if e.pixels else [None] * len(e.texts))]),
     )

@@ -1,9 +1,10 @@
-"""The PPO loop on one base model with adapters, top to bottom.
+"""The RL loop on one base model with adapters, top to bottom: a producer and a learner.
 
-One step is four phases over one ``Experience`` (TRL 0.11's ``PPOTrainer.step`` order):
-make_experience (rollout, background scoring, no-grad passes) → shape → advantages (the
-configured estimator) → update (epochs × mini-batches); then metrics, the KL controller, the
-engine's weight sync and the checkpoint. The math lives in ``alignkit.algos``.
+The producer (``ExperienceSource``) makes one ``Experience`` a step: rollout, background scoring,
+no-grad passes. The learner (``learn``) consumes it in TRL 0.11's ``PPOTrainer.step`` order:
+shape → advantages (the configured estimator) → update (epochs × mini-batches, the configured
+policy loss) → the engine's weight sync; then metrics, the KL controller and the checkpoint.
+The math lives in ``alignkit.algos``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from alignkit.data.encode import encode_prompt
 from alignkit.data.loader import Example
 from alignkit.data.templates import get_template
 from alignkit.data.vision import VisionProcessor
-from alignkit.generation import HFEngine, RolloutEngine, SamplingParams, stop_token_ids
+from alignkit.generation import (
+    ENGINES,
+    EngineContext,
+    RolloutEngine,
+    SamplingParams,
+    build_engine,
+    stop_token_ids,
+)
 from alignkit.models.actor_critic import ActorCritic, build_actor_critic
 from alignkit.models.loading import (
     build_policy_model,
@@ -45,10 +53,18 @@ from alignkit.train.common import (
     setup_run,
     total_steps,
 )
-from alignkit.train.ppo.experience import Experience, PromptSet, RolloutSettings, make_experience
-from alignkit.train.ppo.metrics import PLOTTED, step_metrics
+from alignkit.train.ppo.credit import (
+    FilterSettings,
+    Shaped,
+    ShapingSettings,
+    advantages,
+    apply_filters,
+    shape,
+)
+from alignkit.train.ppo.experience import Experience, PromptSet, RolloutSettings
+from alignkit.train.ppo.metrics import PLOTTED, MetricWindow, step_metrics
 from alignkit.train.ppo.samples import SampleLogger
-from alignkit.train.ppo.shaping import FilterSettings, ShapingSettings, advantages, apply_filters, shape
+from alignkit.train.ppo.source import DynamicSampling, ExperienceSource, any_rank, rank_indices
 from alignkit.train.ppo.update import Learner, UpdateSettings, update
 from alignkit.train.ppo_config import PPOConfig
 from alignkit.train.tracking import MetricLogger, plot_metrics
@@ -66,11 +82,11 @@ class PPORun:
     ac: ActorCritic
     engine: RolloutEngine
     service: RewardService
+    source: ExperienceSource  # the producer
     learner: Learner
     scheduler: torch.optim.lr_scheduler.LRScheduler
     kl_ctl: FixedKLController
     moments: RunningMoments | None
-    rollout: RolloutSettings
     num_steps: int
 
     @property
@@ -89,7 +105,7 @@ def run(cfg: PPOConfig, engine: RolloutEngine | None = None) -> Path:
     own_engine = engine is None  # an engine passed in belongs to the caller, who closes it
     try:  # closed on every exit, errors included: judge session, cache, scoring thread, engine
         service.start()
-        engine = engine or build_engine(cfg, ac, tokenizer.pad_token_id)
+        engine = engine or build_engine(cfg.rollout, ac, engine_context(cfg, tokenizer.pad_token_id))
         r = prepare(cfg, accelerator, out, prompts, ac, service, tokenizer, engine)
         train(r)
         with sharding.full_weights(accelerator, r.learner.model):  # ZeRO-3, FSDP: the trained weights, whole
@@ -109,8 +125,7 @@ def run(cfg: PPOConfig, engine: RolloutEngine | None = None) -> Path:
 
 
 def train(r: PPORun) -> None:
-    cfg, acc, rank, world = r.cfg, r.accelerator, r.accelerator.process_index, r.accelerator.num_processes
-    global_bs = cfg.rollout_batch_size * world
+    cfg, acc = r.cfg, r.accelerator
     # 1. Resume: weights, value head, optimizer, scheduler, KL controller, score moments, RNG.
     state = resume(acc, r.out, cfg, r.ac.load_trainable, r.learner.optimizer, r.scheduler, r.learner.model)
     start = state["step"] if state else 0
@@ -120,38 +135,28 @@ def train(r: PPORun) -> None:
             r.moments.load_state_dict(state["moments"])
     tracker = MetricLogger(r.out, cfg.report_to, enabled=acc.is_main_process, resume_step=start)
     samples = SampleLogger.for_run(cfg, r.out, r.prompts.texts, r.service, r.num_steps, acc.is_main_process, start)
+    window = MetricWindow()  # the steps since the last logged row: counters summed, gauges averaged
     bar = tqdm(total=r.num_steps, initial=start, desc="ppo", disable=not acc.is_main_process, dynamic_ncols=True)
     for step in range(start, r.num_steps):
         t_step = time.perf_counter()
-        # 2. Rollout: this rank's share of the global batch; scoring overlaps sampling and forward passes.
-        idx = global_batch_indices(len(r.prompts.queries), step, global_bs, cfg.seed)[rank::world]
-        exp = make_experience(r.ac, r.engine, r.service, r.rollout, r.prompts, idx)
-        check_engine_sync(exp, cfg.vllm_sync_tolerance)  # an engine sampling from stale weights stops the run
-        # 3. Shape rewards (KL penalty per token unless the KL is a loss term, score at the last
-        # token), filter what stays out of the loss, 4. advantages from the configured estimator.
-        t0 = time.perf_counter()
-        shaped = shape(exp, shaping_settings(cfg), 0.0 if cfg.use_kl_loss else r.kl_ctl.value, r.moments)
-        filtered = apply_filters(exp, shaped, FilterSettings(cfg.num_generations > 1, cfg.filter_zero_std_groups,
-                                                             cfg.mask_truncated_completions))
-        adv, returns = advantages(exp, shaped, cfg.advantage_estimator,
-                                  AdvantageParams(cfg.gamma, cfg.lam, cfg.whiten_advantages))
-        # 5. PPO epochs over shuffled mini-batches (skipped on every rank when no score is valid).
-        with r.ac.adapter_lock:
-            stats = update(r.learner, update_settings(cfg, r.kl_ctl.value), exp, adv, returns) \
-                if acc.reduce(exp.mask.sum(), "sum") > 0 else {}
-        r.scheduler.step()
-        r.engine.sync_weights(r.ac)
-        exp.timing["time/update"] = time.perf_counter() - t0
+        # 2. Producer: this rank's share of the step's prompts, sampled by the policy after `step`
+        # updates (zero lag); scoring overlaps sampling and the no-grad forward passes.
+        exp = r.source.experience(step, policy_version=step)
+        if exp.stats.sync is not None and not exp.stats.sync.ok:  # an engine sampling stale weights
+            raise RuntimeError(exp.stats.sync.error())
+        # 3.-5. Learner: shape, filter, advantages, PPO epochs, weight sync.
+        shaped, adv, returns, stats = learn(r, exp)
         # 6. Metrics (reduced over ranks), KL controller, progress, checkpoint.
-        metrics = reduce_metrics(acc, {**step_metrics(exp, shaped, adv, returns), **filtered, **stats})
+        metrics = reduce_metrics(acc, {**step_metrics(exp, shaped, adv, returns), **stats})
         metrics.update(run_metrics(r, exp, time.perf_counter() - t_step))
         metrics.update(samples(step + 1, exp, shaped, tracker))  # samples.jsonl on schedule, the reward probe
-        r.kl_ctl.update(metrics["objective/kl"], global_bs * cfg.num_generations)
+        r.kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size * acc.num_processes * cfg.num_generations)
+        window.add(metrics)
         done = step + 1
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['env/reward_mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if done % cfg.logging_steps == 0 or done == r.num_steps:
-            tracker.log(done, metrics)
+            tracker.log(done, window.flush())
         if done % cfg.save_steps == 0 and done < r.num_steps:
             save(r, done)
         acc.wait_for_everyone()
@@ -159,39 +164,46 @@ def train(r: PPORun) -> None:
     tracker.close()
 
 
+def learn(r: PPORun, exp: Experience) -> tuple[Shaped, torch.Tensor, torch.Tensor, dict]:
+    """The learner's step on one Experience: ``(shaped, advantages, returns, update and filter stats)``.
+    Shape rewards (KL penalty per token unless the KL is a loss term, score at the last token),
+    filter what stays out of the loss, advantages from the configured estimator, then the PPO
+    epochs over mini-batches (skipped on every rank when no score is valid), the scheduler and
+    the engine's weight sync: the next Experience is sampled by the updated policy."""
+    cfg, t0 = r.cfg, time.perf_counter()
+    shaped = shape(exp, shaping_settings(cfg), 0.0 if cfg.use_kl_loss else r.kl_ctl.value, r.moments)
+    filtered = apply_filters(exp, shaped, FilterSettings(cfg.num_generations > 1, cfg.filter_zero_std_groups,
+                                                         cfg.mask_truncated_completions))
+    adv, returns = advantages(exp, shaped, cfg.advantage_estimator,
+                              AdvantageParams(cfg.gamma, cfg.lam, cfg.whiten_advantages))
+    with r.ac.adapter_lock:
+        stats = update(r.learner, update_settings(cfg, r.kl_ctl.value), exp, adv, returns) \
+            if r.accelerator.reduce(exp.mask.sum(), "sum") > 0 else {}
+    r.scheduler.step()
+    r.engine.sync_weights(r.ac)
+    exp.stats.timing["time/update"] = time.perf_counter() - t0
+    return shaped, adv, returns, {**filtered, **stats}
+
+
 def run_metrics(r: PPORun, exp, t_step: float) -> dict[str, float]:
-    """Reward counters (this rank), failures and tokens (all ranks), KL coefficient, LR, timings."""
-    acc = r.accelerator
+    """Reward counters (this rank), failures, samples and tokens (all ranks), KL coefficient, LR,
+    timings, dynamic-sampling rounds and the engine's sync check."""
+    acc, st = r.accelerator, exp.stats
     n_tokens = acc.reduce(exp.response_mask.sum(), "sum").item()
-    n_failed = acc.reduce(torch.tensor(float(exp.n_failed), device=acc.device), "sum").item()
-    return {**exp.reward_metrics, **exp.timing, "reward/failures": n_failed, "objective/kl_coef": r.kl_ctl.value,
-            "ppo/learning_rate": r.scheduler.get_last_lr()[0], "time/step": t_step,
-            "perf/tokens_per_s": n_tokens / t_step}
+    counts = acc.reduce(torch.tensor([float(st.n_failed), float(len(st.failure_reasons))], device=acc.device), "sum")
+    out = {**st.reward_metrics, **st.timing, "reward/failures": counts[0].item(), "rollout/samples": counts[1].item(),
+           "objective/kl_coef": r.kl_ctl.value, "ppo/learning_rate": r.scheduler.get_last_lr()[0],
+           "time/step": t_step, "perf/tokens_per_s": n_tokens / t_step}
+    if r.cfg.dynamic_sampling:
+        out["rollout/sampling_rounds"] = float(st.rounds)
+    if st.sync is not None:
+        out["rollout/engine_logprob_diff"] = st.sync.logprob_diff
+    return out
 
 
-def build_engine(cfg: PPOConfig, ac: ActorCritic, pad_token_id: int) -> RolloutEngine:
-    """The configured rollout engine, holding the policy's current weights."""
-    if cfg.rollout_engine == "hf":
-        return HFEngine(ac.lm, pad_token_id)
-    from alignkit.generation.vllm_engine import VLLMEngine  # optional dependency, imported on use
-
-    engine = VLLMEngine(
-        cfg.model_name_or_path, pad_token_id, dtype="bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else "float32",
-        max_model_len=cfg.vllm_max_model_len or cfg.cutoff_len, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_enable_sleep_mode, seed=cfg.seed,
-    )
-    engine.sync_weights(ac)  # the base on disk lacks the merged SFT adapters (and a resumed run's weights)
-    return engine
-
-
-def check_engine_sync(exp: Experience, tolerance: float) -> None:
-    diff = exp.reward_metrics.get("rollout/engine_logprob_diff")
-    if diff is not None and diff > tolerance:
-        raise RuntimeError(
-            f"the rollout engine's log-probs differ from the trainer's by {diff:.4f} per token (vllm_sync_tolerance "
-            f"{tolerance}): its weights are not the policy's. Check that the weight sync ran after every update; "
-            "a dtype mismatch (bf16 engine, fp32 trainer) needs a larger vllm_sync_tolerance."
-        )
+def engine_context(cfg: PPOConfig, pad_token_id: int) -> EngineContext:
+    return EngineContext(cfg.model_name_or_path, pad_token_id, "bfloat16" if cfg.bf16 else "float16" if cfg.fp16
+                         else "float32", cfg.cutoff_len, cfg.seed)
 
 
 def save(r: PPORun, done: int) -> None:
@@ -239,14 +251,18 @@ def build_models(cfg: PPOConfig) -> ActorCritic:
 
 def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: PromptSet, ac: ActorCritic,
             service: RewardService, tokenizer, engine: RolloutEngine) -> PPORun:
-    """Sizes, optimizer, scheduler, KL controller, score moments, rollout settings and engine."""
+    """Sizes, optimizer, scheduler, KL controller, score moments and the experience source."""
     global_bs = cfg.rollout_batch_size * accelerator.num_processes
     if len(prompts.queries) < global_bs:
         raise ValueError(f"{len(prompts.queries)} prompts cannot fill one rollout batch of {global_bs} "
                          "(per_device_train_batch_size x gradient_accumulation_steps x ppo_buffer_size x ranks)")
+    spec = ENGINES.get(cfg.rollout.engine)
+    if prompts.images is not None and spec is not None and not spec.accepts_images:
+        raise ValueError(f"the prompts have images, but the {cfg.rollout.engine} rollout engine takes text only; "
+                         "set rollout.engine: hf for image prompts.")
     num_steps = total_steps(cfg, len(prompts.queries) // global_bs)
     sharding.check_supported(accelerator, lora_reward=cfg.reward_model_type == "lora",
-                             vllm=cfg.rollout_engine == "vllm")
+                             vllm=spec is not None and spec.needs_whole_weights)
     sharding.shard(accelerator, ac)  # FSDP: before the optimizer, which must hold the shards
     params = ac.trainable_parameters()
     optimizer, scheduler = build_optimizer(cfg, params, num_steps)
@@ -255,10 +271,21 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
     sharding.configure(accelerator, cfg.per_device_train_batch_size * cfg.num_generations,
                        cfg.gradient_accumulation_steps, cfg.max_grad_norm)
     model, optimizer = sharding.prepare(accelerator, ac, optimizer)
+    rollout = rollout_settings(cfg, tokenizer, service, ac,
+                               partial(sharding.rollout_context, accelerator, model, ac.lm))
+    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.ppo_target, cfg.kl_horizon) if cfg.adap_kl_ctrl
+              else FixedKLController(cfg.init_kl_coef))
+    return PPORun(cfg, out, prompts, ac, engine, service, experience_source(cfg, accelerator, rollout, prompts, ac,
+                                                                           engine, service),
+                  Learner(accelerator, model, optimizer, params), scheduler, kl_ctl,
+                  RunningMoments() if cfg.ppo_score_norm else None, num_steps)
+
+
+def rollout_settings(cfg: PPOConfig, tokenizer, service: RewardService, ac: ActorCritic, gather) -> RolloutSettings:
     template = get_template(cfg.template, tokenizer)
     sampling = SamplingParams(cfg.max_new_tokens, tuple(stop_token_ids(tokenizer, template, ac.lm)),
                               cfg.temperature, cfg.top_k, cfg.top_p)
-    rollout = RolloutSettings(
+    return RolloutSettings(
         sampling=sampling, num_generations=cfg.num_generations,
         # One chunk by default: every extra chunk is another full decode loop. The forward passes of
         # the whole batch already cover a ~100 ms judge; smaller chunks help only slower judges.
@@ -269,13 +296,19 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
         decode_full=partial(service.full_texts, tokenizer),
         # A KL coefficient of 0 stays 0 (the adaptive controller scales it): no reference pass at all.
         need_reference=cfg.init_kl_coef > 0,
-        gather=partial(sharding.rollout_context, accelerator, model, ac.lm),
+        gather=gather,
     )
-    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.ppo_target, cfg.kl_horizon) if cfg.adap_kl_ctrl
-              else FixedKLController(cfg.init_kl_coef))
-    return PPORun(cfg, out, prompts, ac, engine, service,
-                  Learner(accelerator, model, optimizer, params), scheduler, kl_ctl,
-                  RunningMoments() if cfg.ppo_score_norm else None, rollout, num_steps)
+
+
+def experience_source(cfg: PPOConfig, accelerator: Accelerator, rollout: RolloutSettings, prompts: PromptSet,
+                      ac: ActorCritic, engine: RolloutEngine, service: RewardService) -> ExperienceSource:
+    """The producer: one rank's share of each step's prompts, or DAPO's dynamic sampling."""
+    indices = rank_indices(len(prompts.queries), cfg.rollout_batch_size * accelerator.num_processes, cfg.seed,
+                           accelerator.process_index, accelerator.num_processes, global_batch_indices)
+    if cfg.dynamic_sampling:
+        return DynamicSampling(ac, engine, service, rollout, prompts, indices, n_prompts=cfg.rollout_batch_size,
+                               max_rounds=cfg.max_sampling_rounds, agree=any_rank(accelerator))
+    return ExperienceSource(ac, engine, service, rollout, prompts, indices)
 
 
 def update_settings(cfg: PPOConfig, kl_coef: float) -> UpdateSettings:
@@ -284,8 +317,8 @@ def update_settings(cfg: PPOConfig, kl_coef: float) -> UpdateSettings:
     micro = cfg.per_device_train_batch_size * cfg.num_generations
     return UpdateSettings(
         ppo_epochs=cfg.ppo_epochs, mini_batch_size=micro * cfg.gradient_accumulation_steps, micro_batch_size=micro,
-        temperature=cfg.temperature, cliprange_low=cfg.cliprange_low or cfg.cliprange,
-        cliprange_high=cfg.cliprange_high or cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
+        temperature=cfg.temperature, policy_loss=cfg.policy_loss, cliprange_low=cfg.clip_range[0],
+        cliprange_high=cfg.clip_range[1], cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
         ent_coef=cfg.ent_coef, max_grad_norm=cfg.max_grad_norm, loss_agg_mode=cfg.loss_agg_mode,
         max_len=cfg.max_new_tokens, kl_loss_coef=kl_coef if cfg.use_kl_loss else 0.0,
         kl_loss_estimator=cfg.kl_estimator,

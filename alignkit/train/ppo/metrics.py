@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from alignkit.algos import masked_mean
 from alignkit.algos.shaping import distinct_ngram_frac, pearson_corr, repeated_ngram_frac
+from alignkit.train.ppo.credit import Shaped
 from alignkit.train.ppo.experience import Experience
-from alignkit.train.ppo.shaping import Shaped
 
 PLOTTED = ["env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/policy", "ppo/loss/value",
            "ppo/loss/total", "rollout/response_len_mean"]
@@ -41,3 +43,36 @@ def step_metrics(exp: Experience, shaped: Shaped, advantages: torch.Tensor, retu
     if exp.values is not None:
         out["ppo/val/mean"] = masked_mean(exp.values, mask)
     return out
+
+
+# Counts of events in a step: a logged row sums them over every step since the last log, so a
+# failed judge call on an unlogged step still shows (logging_steps > 1). Everything else is a
+# gauge, averaged over those steps.
+COUNTERS = frozenset({"reward/failures", "reward/requests", "reward/retries", "reward/cache_hits",
+                      "rollout/samples", "rollout/sampling_rounds", "probe/failures"})
+
+
+class MetricWindow:
+    """The steps since the last logged row, reduced to one row when it is logged."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.rows.append(metrics)
+
+    def flush(self) -> dict[str, float]:
+        """Counters summed, gauges averaged over their finite values (NaN where none was), and
+        ``reward/failure_rate`` = failures / samples over the window."""
+        out: dict[str, float] = {}
+        for key in dict.fromkeys(k for row in self.rows for k in row):
+            values = [row[key] for row in self.rows if key in row]
+            finite = [v for v in values if math.isfinite(v)]
+            if key in COUNTERS:
+                out[key] = float(sum(values))
+            else:
+                out[key] = sum(finite) / len(finite) if finite else math.nan
+        if out.get("rollout/samples"):
+            out["reward/failure_rate"] = out.get("reward/failures", 0.0) / out["rollout/samples"]
+        self.rows = []
+        return out

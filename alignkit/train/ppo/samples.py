@@ -19,8 +19,8 @@ import torch
 
 from alignkit.rewards.base import ScoreMeta
 from alignkit.rewards.service import RewardService
+from alignkit.train.ppo.credit import Shaped
 from alignkit.train.ppo.experience import Experience
-from alignkit.train.ppo.shaping import Shaped
 from alignkit.train.tracking import MetricLogger, truncate_jsonl
 
 SAMPLES_FILE = "samples.jsonl"
@@ -49,7 +49,7 @@ def sample_rows(step: int, exp: Experience, shaped: Shaped, prompts: list[str], 
         rows.append({
             "step": step, "pick": why, "prompt": prompts[int(exp.group_ids[i])], "response": exp.texts[i],
             "score": float(exp.scores[i]) if ok else None,
-            "failure": None if ok else exp.failure_reasons[i],
+            "failure": None if ok else exp.stats.failure_reasons[i],
             "shaped_score": float(shaped.scores[i]) if ok else None, "kl": round(float(kl[i]), 4),
             "length": int(lengths[i]), "no_eos": bool(exp.no_eos[i]),
         })

@@ -1,6 +1,7 @@
 """The policy update: ``ppo_epochs`` passes over shuffled mini-batches of one Experience.
 
-Clipped policy loss (asymmetric clip, aggregated by ``loss_agg_mode``), clipped value loss when
+The configured policy loss of the registry (PPO's clipped one, GSPO, CISPO; aggregated by
+``loss_agg_mode``), clipped value loss when
 the run has a critic, a KL loss term when the KL sits in the loss (GRPO), optional entropy
 bonus, gradient accumulation over micro-batches, gradient clipping. The math is ``alignkit.algos``'.
 """
@@ -21,9 +22,9 @@ from alignkit.algos import (
     kl_loss_terms,
     logprobs_from_logits,
     masked_mean,
-    policy_loss,
     value_loss,
 )
+from alignkit.algos.losses import LossInputs, compute_policy_loss
 from alignkit.train import sharding
 from alignkit.train.ppo.experience import Experience
 
@@ -37,6 +38,7 @@ class UpdateSettings:
     mini_batch_size: int  # samples per optimizer step (per_device_train_batch_size x accumulation)
     micro_batch_size: int  # samples per forward/backward (per_device_train_batch_size)
     temperature: float  # the sampling temperature: log-probs must be those of the sampling policy
+    policy_loss: str  # a registered loss (alignkit.algos.losses)
     cliprange_low: float  # ratio clipped to [1 - cliprange_low, 1 + cliprange_high]
     cliprange_high: float
     cliprange_value: float
@@ -90,8 +92,9 @@ def micro_batch_loss(learner: Learner, s: UpdateSettings, exp: Experience, batch
     ids, qi, mask = exp.input_ids[i][:, cols], q - cols.start, exp.mask[i][:, rows]
     logits, vpred = learner.model(ids, exp.attention_mask[i][:, cols], qi, exp.pixels_of(i))
     logp = logprobs_from_logits(logits, ids[:, qi:], s.temperature)
-    pg_loss, pg_stats = policy_loss(logp, exp.logprobs[i][:, rows], advantages[i][:, rows], mask, s.cliprange_low,
-                                    s.cliprange_high, s.loss_agg_mode, s.max_len)
+    pg_loss, pg_stats = compute_policy_loss(s.policy_loss, LossInputs(
+        logp, exp.logprobs[i][:, rows], advantages[i][:, rows], mask, s.cliprange_low, s.cliprange_high,
+        s.loss_agg_mode, s.max_len))
     loss, stats = pg_loss, {"ppo/loss/policy": pg_loss, "ppo/policy/approxkl": pg_stats["approxkl"],
                             "ppo/policy/clipfrac": pg_stats["clipfrac"]}
     if exp.values is not None:

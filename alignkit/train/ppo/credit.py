@@ -1,4 +1,4 @@
-"""Phases two and three of a PPO step: shape the rewards, then estimate advantages.
+"""Credit assignment, the learner's first phases: shape the rewards, filter, estimate advantages.
 
 Shaping (Ziegler et al. 2019): the per-token reward is ``-kl_coef * KL`` with the sequence score
 added at the last token. Failed scores never enter: their samples are masked out (``Experience.mask``)

@@ -1,0 +1,115 @@
+"""The producer side of an RL step: an ``ExperienceSource`` makes the Experience the learner consumes.
+
+Today's on-policy loop is the zero-lag case: the source samples with the policy the learner has
+just updated (``policy_version`` = updates so far), and the learner trains on it before the next
+call. ``DynamicSampling`` (DAPO, Yu et al. 2025 sec. 3.2) is a source that keeps sampling until
+the batch is filled with groups that carry a learning signal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.generation import RolloutEngine
+from alignkit.models.actor_critic import ActorCritic
+from alignkit.rewards.service import RewardService
+from alignkit.train.ppo.experience import (
+    Experience,
+    PromptSet,
+    RolloutSettings,
+    concat,
+    make_experience,
+    select,
+)
+
+# (step, round) -> this rank's prompt rows. Round 0 is the step's own batch; later rounds (dynamic
+# sampling) draw other prompts, deterministically, so a resumed run samples the same ones.
+BatchIndices = Callable[[int, int], list[int]]
+
+
+@dataclass
+class ExperienceSource:
+    """Samples, scores and runs the no-grad passes over one rank's batch of prompts per step."""
+
+    ac: ActorCritic
+    engine: RolloutEngine
+    service: RewardService
+    settings: RolloutSettings
+    prompts: PromptSet
+    batch_indices: BatchIndices
+
+    def experience(self, step: int, policy_version: int) -> Experience:
+        """The Experience of ``step``, sampled by the policy after ``policy_version`` updates."""
+        return self.sample(step, 0, policy_version)
+
+    def sample(self, step: int, round_: int, policy_version: int) -> Experience:
+        return make_experience(self.ac, self.engine, self.service, self.settings, self.prompts,
+                               self.batch_indices(step, round_), policy_version)
+
+
+def informative_groups(exp: Experience) -> list[list[int]]:
+    """The rows of each group, in order, split into (informative, not): a group is informative
+    when at least two of its scores are valid and they are not all equal (any group baseline then
+    gives some sample a non-zero advantage)."""
+    groups: dict[int, list[int]] = {}
+    for row, g in enumerate(exp.group_ids.tolist()):
+        groups.setdefault(g, []).append(row)
+    good, flat = [], []
+    for rows in groups.values():
+        scores = exp.scores[rows][exp.valid[rows].bool()]
+        (good if len(scores) >= 2 and float(scores.max() - scores.min()) > 1e-6 else flat).append(rows)
+    return [good, flat]
+
+
+@dataclass
+class DynamicSampling(ExperienceSource):
+    """DAPO's dynamic sampling: sample round after round (other prompts each time) until the batch
+    holds ``n_prompts`` informative groups, for at most ``max_rounds`` rounds; fill what is still
+    missing with uninformative groups, so every step trains on the same number of samples.
+
+    ``agree(need_more)`` is True when any rank needs another round: every rank then samples one
+    more (a ZeRO-3 rollout gathers the policy collectively, so all ranks run the same rounds)."""
+
+    n_prompts: int = 1
+    max_rounds: int = 3
+    agree: Callable[[bool], bool] = bool
+
+    def experience(self, step: int, policy_version: int) -> Experience:
+        rounds: list[Experience] = []
+        good: list[tuple[int, list[int]]] = []  # (round, rows) of informative groups
+        flat: list[tuple[int, list[int]]] = []
+        for r in range(self.max_rounds):
+            exp = self.sample(step, r, policy_version)
+            rounds.append(exp)
+            g, f = informative_groups(exp)
+            good += [(r, rows) for rows in g]
+            flat += [(r, rows) for rows in f]
+            if not self.agree(len(good) < self.n_prompts):
+                break
+        chosen = (good + flat)[: self.n_prompts]
+        # Keep each round's chosen groups in sampling order, then one batch of them all.
+        parts = [select(exp, [row for rr, rows in chosen if rr == r for row in rows]) for r, exp in enumerate(rounds)]
+        parts = [p for p in parts if len(p.texts)] or [select(rounds[0], [])]
+        batch = concat(parts, self.settings.pad_token_id)
+        # Every round's cost and counters count, including the groups left out.
+        stats = rounds[0].stats
+        for e in rounds[1:]:
+            stats = stats.merge(e.stats)
+        batch.stats = stats
+        batch.stats.failure_reasons = [r for p in parts for r in p.stats.failure_reasons]
+        return batch
+
+
+def rank_indices(n: int, global_bs: int, seed: int, rank: int, world: int,
+                 batch_indices: Callable[[int, int, int, int], list[int]]) -> BatchIndices:
+    """``BatchIndices`` for this rank: its share of the global batch of round 0 (today's order),
+    and for round r > 0 the batch the same step would have with seed ``seed + r`` (other prompts)."""
+    return lambda step, round_: batch_indices(n, step, global_bs, seed + 7919 * round_)[rank::world]
+
+
+def any_rank(accelerator) -> Callable[[bool], bool]:
+    """True on every rank when ``flag`` is True on any."""
+    return lambda flag: bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum") > 0)
