@@ -1,4 +1,4 @@
-"""Critic-free RL on the tiny real model: GRPO and RLOO learn a verifiable task without
+"""Critic-free RL on the tiny real model: GRPO and RLOO (and GRPO with the GSPO and CISPO losses) learn a verifiable task without
 degenerate text, build no value head, skip the reference pass at beta 0, and resume exactly."""
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ def grpo_config(model_dir, adapter, out, rule, *overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
-def test_critic_free_learns_a_verifiable_task(tiny_model_dir, sft_adapter, friend_rule, tmp_path, estimator):
-    out = ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / estimator, friend_rule,
-                              f"advantage_estimator={estimator}", "max_steps=40", "seed=0"))
+@pytest.mark.parametrize(("estimator", "loss"), [("grpo", "ppo"), ("rloo", "ppo"), ("grpo", "gspo"), ("grpo", "cispo")])
+def test_critic_free_learns_a_verifiable_task(tiny_model_dir, sft_adapter, friend_rule, tmp_path, estimator, loss):
+    out = ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / f"{estimator}_{loss}", friend_rule,
+                              f"advantage_estimator={estimator}", f"policy_loss={loss}", "max_steps=40", "seed=0"))
     rows = read_metrics(out)
     first = sum(r["env/reward_mean"] for r in rows[:5]) / 5  # the SFT model's success rate, as sampled
     last = sum(r["env/reward_mean"] for r in rows[-10:]) / 10
@@ -127,3 +127,20 @@ def test_grpo_against_a_faulty_judge_learns_and_keeps_failures_out_of_baselines(
     assert failed, "the judge injected faults, so some samples must have failed"
     for adv, valid in failed:  # a failed sample never gets an advantage (test_algos_advantages: nor a baseline)
         assert torch.all(adv[~valid.bool()] == 0)
+
+
+def test_dynamic_sampling_fills_the_batch_with_informative_groups(tiny_model_dir, sft_adapter, friend_rule, tmp_path):
+    # The SFT model mentions a friend about one answer in eight: most groups of 4 score all 0 and
+    # carry no GRPO signal. DAPO's dynamic sampling samples more prompts until they are replaced.
+    common = ["max_steps=3", "seed=0", "max_new_tokens=12"]
+    plain = read_metrics(ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "plain", friend_rule, *common)))
+    dyn = read_metrics(ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "dyn", friend_rule, *common,
+                                           "dynamic_sampling=true", "max_sampling_rounds=4")))
+    batch = 8 * 4  # prompts x num_generations, grpo_tiny.yaml
+    rounds = [r["rollout/sampling_rounds"] for r in dyn]
+    assert all(1 <= n <= 4 for n in rounds) and max(rounds) > 1, rounds
+    assert [r["rollout/samples"] for r in dyn] == [n * batch for n in rounds]  # every round's samples count
+    assert all(r["rollout/samples"] == batch for r in plain)
+    zero = lambda rows: sum(r["group/zero_std_frac"] for r in rows) / len(rows)  # noqa: E731
+    assert zero(dyn) < zero(plain), (zero(dyn), zero(plain))
+    assert dyn[0]["env/reward_mean"] > plain[0]["env/reward_mean"]  # informative groups hold successes

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from alignkit.config import load_config
 from alignkit.judge.server import start_judge_server
+from alignkit.report import write_report
 from alignkit.rewards.api import RewardApiError
 from alignkit.rewards.failures import RewardFailureError
 from alignkit.train import ppo
@@ -153,3 +154,23 @@ def test_cache_serves_a_repeated_run(tiny_model_dir, tmp_path):
     assert sum(r["reward/cache_hits"] for r in rows[1]) > 0
     assert requests[1] < requests[0] == 2 * ROLLOUT + 1
     assert [r["env/reward_mean"] for r in rows[1]] == [r["env/reward_mean"] for r in rows[0]]
+
+
+def test_failures_on_unlogged_steps_are_summed_into_the_next_logged_row(tiny_model_dir, tmp_path):
+    # logging_steps 10 over 6 steps: one row (the last step), which must hold every failure and
+    # request of all six steps, as the judge itself counted them (issue: they covered one step).
+    with start_judge_server(constant(5.0), fault_rate=0.3, fault_kinds=("500",), seed=1) as judge:
+        out = ppo.run(ppo_api_config(tiny_model_dir, tmp_path / "run", judge.url_for("alignkit"), "max_steps=6",
+                                     "logging_steps=10", "reward_api.health_check=false",
+                                     "reward_api.max_failure_rate=0.95"))
+        stats = judge.stats.snapshot()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [6]
+    faults = sum(stats["faults"].values())
+    assert rows[0]["reward/failures"] == faults > 1
+    assert rows[0]["rollout/samples"] == 6 * ROLLOUT
+    assert rows[0]["reward/failure_rate"] == pytest.approx(faults / (6 * ROLLOUT))
+    assert rows[0]["reward/requests"] == stats["requests"]  # every request of every step, none lost
+    write_report(out)
+    checks = {c["name"]: c for c in json.loads((out / "report" / "health.json").read_text())["checks"]}
+    assert checks["reward_failures"]["verdict"] != "ok"  # a 30% failure rate is not healthy

@@ -1,14 +1,33 @@
-"""The PPO step's seams are real: an estimator added through the registry alone, and a rollout
-engine the loop knows only through ``RolloutEngine``, each drive a real PPO step."""
+"""The RL step's seams are real: an estimator, a policy loss and a rollout engine, each added
+from outside the package through its registry alone, drive a real PPO step, with the defaults
+their specs carry."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import pytest
 import torch
 
-from alignkit.algos.advantages import ESTIMATORS, AdvantageInputs, AdvantageParams, register_estimator
+from alignkit.algos.advantages import (
+    ESTIMATOR_ALIASES,
+    ESTIMATORS,
+    AdvantageInputs,
+    AdvantageParams,
+    register_estimator,
+)
+from alignkit.algos.losses import LOSS_ALIASES, POLICY_LOSSES, LossInputs, register_loss
 from alignkit.config import ConfigError, load_config
-from alignkit.generation import Rollout, SamplingParams, first_eos_mask
+from alignkit.generation import (
+    ENGINES,
+    EngineContext,
+    EngineSettings,
+    Rollout,
+    SamplingParams,
+    first_eos_mask,
+    register_engine,
+)
+from alignkit.generation.registry import VLLMSettings
 from alignkit.models.loading import load_tokenizer
 from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
@@ -83,3 +102,107 @@ def test_stub_rollout_engine_drives_a_ppo_step(tiny_model_dir, tmp_path):
     assert rows[0]["rollout/no_eos_frac"] == 0.0
     assert rows[0]["rollout/response_len_mean"] == len(engine.reply) + 1  # reply + EOS
     assert engine.synced == 2  # told about every update
+
+
+@pytest.fixture
+def toy_loss():
+    calls = []
+
+    def reinforce(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Plain REINFORCE, -A * logp, with its own default aggregation."""
+        calls.append(x.loss_agg_mode)
+        zero = torch.zeros((), device=x.logprobs.device)
+        return x.aggregate(-x.advantages * x.logprobs), {"approxkl": zero, "clipfrac": zero}
+
+    register_loss("toy_reinforce", reinforce, aliases=("toy_pg",), loss_agg_mode="seq_mean_token_mean")
+    yield calls
+    del POLICY_LOSSES["toy_reinforce"], LOSS_ALIASES["toy_pg"]
+
+
+def test_loss_added_through_the_registry_runs_a_step_with_its_own_defaults(tiny_model_dir, tmp_path, toy_loss):
+    cfg = one_step_config(tiny_model_dir, tmp_path / "toy_loss", "policy_loss=toy_pg")
+    assert cfg.policy_loss == "toy_reinforce" and cfg.loss_agg_mode == "seq_mean_token_mean"  # alias, spec default
+    out = ppo.run(cfg)
+    assert toy_loss and set(toy_loss) == {"seq_mean_token_mean"}  # the update called it, with its default
+    assert read_metrics(out)[0]["ppo/policy/clipfrac"] == 0.0
+
+
+@pytest.fixture
+def grouped_toy_estimator():
+    def centred(inputs: AdvantageInputs, params: AdvantageParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score minus the batch mean, on every token (a group-free toy)."""
+        adv = (inputs.scores - inputs.scores.mean())[:, None] * inputs.mask
+        return adv, adv
+
+    register_estimator("toy_centred", centred, needs_critic=False, needs_groups=True, kl_in_loss=True,
+                       loss_agg_mode="seq_mean_token_sum_norm", beta=0.123, aliases=("toy_c",))
+    yield
+    del ESTIMATORS["toy_centred"], ESTIMATOR_ALIASES["toy_c"]
+
+
+def bare_config(model_dir, out, *overrides):
+    """A PPO config that sets none of the keys a spec has defaults for."""
+    return load_config(None, ["stage=ppo", f"model_name_or_path={model_dir}", "dataset=prompts_demo",
+                              f"dataset_dir={EXAMPLES / 'data'}", f"output_dir={out}", "template=chatml",
+                              "reward_model_type=rule", "reward_model=count_good", *overrides])
+
+
+def test_estimator_spec_carries_its_defaults_into_the_config(tiny_model_dir, tmp_path, grouped_toy_estimator):
+    cfg = bare_config(tiny_model_dir, tmp_path / "c", "advantage_estimator=toy_c", "num_generations=2")
+    assert (cfg.advantage_estimator, cfg.use_kl_loss, cfg.init_kl_coef, cfg.adap_kl_ctrl, cfg.loss_agg_mode,
+            cfg.has_critic) == ("toy_centred", True, 0.123, False, "seq_mean_token_sum_norm", False)
+    with pytest.raises(ConfigError, match="compares responses to the same prompt"):  # needs_groups, read from the spec
+        one_step_config(tiny_model_dir, tmp_path / "c1", "advantage_estimator=toy_centred", "num_generations=1")
+    # An explicit key wins over the spec, and the loss's default over the estimator's.
+    cfg = bare_config(tiny_model_dir, tmp_path / "c2", "advantage_estimator=toy_c", "num_generations=2",
+                      "beta=0.5", "policy_loss=gspo")
+    assert (cfg.init_kl_coef, cfg.loss_agg_mode, cfg.clip_range) == (0.5, "seq_mean_token_mean", (3e-4, 4e-4))
+    out = ppo.run(one_step_config(tiny_model_dir, tmp_path / "run", "advantage_estimator=toy_c", "num_generations=2"))
+    assert "ppo/loss/kl" in read_metrics(out)[0]  # the KL sits in the loss, as the spec said
+
+
+def test_unknown_policy_loss_fails_at_config_load_with_a_suggestion(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="policy_loss.*did you mean 'gspo'.*cispo, gspo, ppo"):
+        one_step_config(tiny_model_dir, tmp_path / "x", "policy_loss=gpso")
+
+
+def test_rollout_block_flat_aliases_and_errors(tiny_model_dir, tmp_path):
+    cfg = one_step_config(tiny_model_dir, tmp_path / "a", "rollout_engine=vllm", "vllm_gpu_util=0.5",
+                          "vllm_maxlen=256")
+    assert isinstance(cfg.rollout, VLLMSettings)
+    assert (cfg.rollout.engine, cfg.rollout.gpu_memory_utilization, cfg.rollout.max_model_len) == ("vllm", 0.5, 256)
+    cfg = one_step_config(tiny_model_dir, tmp_path / "b", "rollout.engine=vllm", "rollout.tensor_parallel_size=2")
+    assert cfg.rollout.tensor_parallel_size == 2
+    assert "rollout" in cfg.model_dump() and cfg.model_dump()["rollout"]["tensor_parallel_size"] == 2  # saved whole
+    with pytest.raises(ConfigError, match=r"rollout\.gpu_memory_utilization.*less than or equal to 1.*"
+                                          r"unknown key rollout\.tensor_parallel for engine vllm"):
+        one_step_config(tiny_model_dir, tmp_path / "c", "rollout.engine=vllm", "rollout.gpu_memory_utilization=2",
+                        "rollout.tensor_parallel=2")
+    with pytest.raises(ConfigError, match="unknown rollout engine 'sglang'; registered: hf, vllm"):
+        one_step_config(tiny_model_dir, tmp_path / "d", "rollout.engine=sglang")
+
+
+class ScriptedSettings(EngineSettings):
+    engine: Literal["scripted"] = "scripted"
+    text: str = "good good good"
+
+
+@pytest.fixture
+def scripted_engine_registered():
+    built = []
+
+    def build(settings: ScriptedSettings, policy, ctx: EngineContext):
+        built.append(ScriptedEngine(load_tokenizer(ctx.model_name_or_path), settings.text))
+        return built[-1]
+
+    register_engine("scripted", ScriptedSettings, build)
+    yield built
+    del ENGINES["scripted"]
+
+
+def test_engine_added_through_the_registry_is_built_from_the_config(tiny_model_dir, tmp_path,
+                                                                    scripted_engine_registered):
+    out = ppo.run(one_step_config(tiny_model_dir, tmp_path / "reg", "rollout.engine=scripted",
+                                  "rollout.text=good good", "max_steps=2"))
+    assert [r["env/reward_mean"] for r in read_metrics(out)] == [2.0, 2.0]
+    assert scripted_engine_registered[0].synced == 2

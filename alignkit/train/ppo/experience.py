@@ -69,6 +69,7 @@ class RolloutStats:
     reward_metrics: dict[str, float] = field(default_factory=dict)  # the reward service's counters
     sync: SyncCheck | None = None  # the engine's log-probs against the trainer's (engines that report them)
     rounds: int = 1  # sampling rounds that made the batch (dynamic sampling)
+    n_samples: int = 0  # responses sampled and scored, including any a dynamic sampler left out
 
     def merge(self, other: RolloutStats) -> RolloutStats:
         """Two rounds' stats: times and counters summed, the worse sync check kept."""
@@ -78,7 +79,8 @@ class RolloutStats:
         return RolloutStats(
             {k: self.timing.get(k, 0.0) + other.timing.get(k, 0.0) for k in set(self.timing) | set(other.timing)},
             self.n_failed + other.n_failed, self.failure_reasons + other.failure_reasons, counters,
-            max(syncs, key=lambda c: c.logprob_diff) if syncs else None, self.rounds + other.rounds)
+            max(syncs, key=lambda c: c.logprob_diff) if syncs else None, self.rounds + other.rounds,
+            self.n_samples + other.n_samples)
 
 
 @dataclass
@@ -227,7 +229,7 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
         valid=torch.tensor(scored.valid, device=device, dtype=torch.float32),
         texts=texts, pixels=pixels, policy_version=policy_version, behaviour_logprobs=behaviour,
         stats=RolloutStats({"time/generate": t_gen, "time/rollout": t_rollout, "time/score_wait": t_wait},
-                           scored.n_failed, scored.reasons, scored.metrics, sync),
+                           scored.n_failed, scored.reasons, scored.metrics, sync, n_samples=len(idx)),
     )
 
 
@@ -247,7 +249,7 @@ def select(exp: Experience, rows: list[int]) -> Experience:
         ref_logprobs=exp.ref_logprobs[i], values=pick(exp.values), kl=exp.kl[i], scores=exp.scores[i],
         valid=exp.valid[i], group_ids=exp.group_ids[i], texts=[exp.texts[r] for r in rows],
         stats=RolloutStats(s.timing, s.n_failed, [s.failure_reasons[r] for r in rows], s.reward_metrics, s.sync,
-                           s.rounds),
+                           s.rounds, s.n_samples),
         policy_version=exp.policy_version, behaviour_logprobs=pick(exp.behaviour_logprobs),
         pixels=None if exp.pixels is None else PixelRows([exp.pixels.pixel_values[r] for r in rows],
                                                          [exp.pixels.image_grid_thw[r] for r in rows]),

@@ -190,7 +190,7 @@ def run_metrics(r: PPORun, exp, t_step: float) -> dict[str, float]:
     timings, dynamic-sampling rounds and the engine's sync check."""
     acc, st = r.accelerator, exp.stats
     n_tokens = acc.reduce(exp.response_mask.sum(), "sum").item()
-    counts = acc.reduce(torch.tensor([float(st.n_failed), float(len(st.failure_reasons))], device=acc.device), "sum")
+    counts = acc.reduce(torch.tensor([float(st.n_failed), float(st.n_samples)], device=acc.device), "sum")
     out = {**st.reward_metrics, **st.timing, "reward/failures": counts[0].item(), "rollout/samples": counts[1].item(),
            "objective/kl_coef": r.kl_ctl.value, "ppo/learning_rate": r.scheduler.get_last_lr()[0],
            "time/step": t_step, "perf/tokens_per_s": n_tokens / t_step}

@@ -1,4 +1,4 @@
-"""Per-step metrics of a PPO step, named as in DESIGN.md (TensorBoard, JSONL, plots)."""
+"""Per-step metrics of a PPO step, named as in docs/design.md (TensorBoard, JSONL, plots)."""
 
 from __future__ import annotations
 
