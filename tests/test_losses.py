@@ -68,3 +68,32 @@ def test_specs_carry_defaults_and_aliases_point_at_registered_losses():
     assert all(target in POLICY_LOSSES for target in LOSS_ALIASES.values())
     with pytest.raises(KeyError, match="registered: cispo, gspo, ppo"):
         compute_policy_loss("nope", inputs([[1.0]], [1.0], [[1]]))
+
+
+def test_truncated_and_masked_importance_weights_by_hand():
+    from alignkit.algos.correction import importance_weights
+
+    # Token ratios pi_prox / pi_behaviour: 0.25, 1, 3 (and padding with a wild ratio).
+    behaviour = torch.full((1, 4), -2.0, dtype=torch.float64)
+    prox = behaviour + torch.tensor([[0.25, 1.0, 3.0, 50.0]], dtype=torch.float64).log()
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.float64)
+    w, keep, stats = importance_weights(prox, behaviour, mask, "tis", cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[0.25, 1.0, 2.0, 0.0]], dtype=torch.float64))  # min(w, C)
+    assert keep[mask.bool()].eq(1).all()
+    assert stats["is/ratio_mean"].item() == pytest.approx((0.25 + 1 + 3) / 3)
+    assert stats["is/clipped_frac"].item() == pytest.approx(1 / 3)
+    w, keep, stats = importance_weights(prox, behaviour, mask, "mis", cap=2.0, low=0.5)
+    torch.testing.assert_close(w, torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64))  # outside [0.5, 2]
+    assert keep[0, :3].tolist() == [0.0, 1.0, 0.0] and stats["is/masked_frac"].item() == pytest.approx(2 / 3)
+    # Sequence level: one geometric-mean ratio, (0.25 * 1 * 3) ** (1/3) ~ 0.909, inside the band.
+    w, keep, _ = importance_weights(prox, behaviour, mask, "mis", cap=2.0, low=0.5, level="sequence")
+    assert w[0, :3].tolist() == pytest.approx([0.75 ** (1 / 3)] * 3) and keep[0, :3].eq(1).all()
+
+
+def test_on_policy_samples_get_a_weight_of_exactly_one():
+    from alignkit.algos.correction import importance_weights
+
+    logp = torch.randn(3, 5)
+    w, keep, stats = importance_weights(logp, logp.clone(), torch.ones(3, 5), "tis")
+    assert torch.equal(w, torch.ones(3, 5)) and torch.equal(keep, torch.ones(3, 5))
+    assert stats["is/ratio_mean"].item() == 1.0

@@ -42,6 +42,20 @@ class PPOConfig(StageConfig, RewardSpec):
         "scores are not all equal (at most max_sampling_rounds rounds; rollout/sampling_rounds counts them)."
     )
     max_sampling_rounds: int = Field(3, ge=1, description="dynamic_sampling: rounds of sampling per step at most.")
+    # Asynchronous off-policy RL and its importance-sampling correction (docs/algorithms.md)
+    async_level: int = Field(
+        0, ge=0, le=8, description="Batches sampled and scored ahead of the learner: 0 = on-policy; k >= 1 = the "
+        "learner trains on samples up to k policy versions old while the judge scores the next k batches."
+    )
+    is_correction: Literal["tis", "mis", "none"] = Field(
+        "tis", description="Correction of off-policy samples (stale, or an engine's own log-probs): tis = weights "
+        "min(pi/pi_behaviour, is_cap); mis = drop tokens whose ratio leaves [is_mask_low, is_cap]; none."
+    )
+    is_cap: float = Field(2.0, gt=1.0, description="Upper bound C of the importance ratio (TIS truncation, MIS band).")
+    is_mask_low: float = Field(0.5, gt=0.0, lt=1.0, description="mis: lower bound of the kept ratio band.")
+    is_level: Literal["token", "sequence"] = Field(
+        "token", description="Ratio per token, or per response (geometric mean of its token ratios)."
+    )
     # PPO
     ppo_buffer_size: int = Field(
         1, ge=1, description="Mini-batches per rollout batch: rollout = per_device x accum x buffer prompts per rank, "
@@ -187,6 +201,13 @@ class PPOConfig(StageConfig, RewardSpec):
         if self.ref_model and not (Path(self.ref_model) / "config.json").is_file():
             raise ValueError(f"ref_model {self.ref_model!r} is not a model directory (no config.json); point it at "
                              "the reference model, or remove it to use the policy with its adapter disabled")
+        return self
+
+    @model_validator(mode="after")
+    def _check_async(self) -> PPOConfig:
+        if self.async_level and self.dynamic_sampling:
+            raise ValueError("dynamic_sampling waits for each round's scores before it can decide to sample more, so "
+                             "it cannot run ahead of the learner: set async_level: 0 or dynamic_sampling: false")
         return self
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ from alignkit.data.vision import PixelRows, VisionProcessor
 from alignkit.generation import Rollout, RolloutEngine, SamplingParams, SyncCheck
 from alignkit.models.actor_critic import ActorCritic
 from alignkit.rewards.base import ScoreMeta
-from alignkit.rewards.service import RewardService
+from alignkit.rewards.service import RewardService, ScoredBatch
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,10 @@ class Experience:
     policy_version: int = 0  # optimizer updates the sampling policy had seen (the learner's step count)
     behaviour_logprobs: torch.Tensor | None = None  # (B, R) the engine's own log-probs of its samples, if any
     keep: torch.Tensor | None = None  # (B,) float: 0 drops a valid sample from the loss only (filters)
+    # Off-policy correction set by the learner (algos.correction): (B, R) weights of each token's loss
+    # term and (B, R) 0/1 tokens kept (MIS); None: on-policy, a weight of exactly 1.
+    is_weights: torch.Tensor | None = None
+    is_mask: torch.Tensor | None = None
     pixels: PixelRows | None = None  # per sample, its prompt's image inputs (Qwen-VL); None: a text batch
 
     def pixels_of(self, rows: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -177,11 +181,33 @@ def generate(engine: RolloutEngine, q_ids: torch.Tensor, q_mask: torch.Tensor, s
     return engine.generate(q_ids, q_mask, sampling, pixels=rows)
 
 
+@dataclass
+class PendingExperience:
+    """A sampled batch whose scores are still on their way (``finish_experience`` waits for them)."""
+
+    futures: list  # one scoring future per chunk, in order
+    build: Callable[[ScoredBatch, float], Experience]  # (scores, seconds waited) -> the Experience
+    policy_version: int
+
+
 def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
                     prompts: PromptSet, idx: list[int], policy_version: int = 0) -> Experience:
+    """Sample, score and run the no-grad passes over the prompts ``idx``, then wait for the scores."""
+    return finish_experience(service, begin_experience(ac, engine, service, settings, prompts, idx, policy_version))
+
+
+def finish_experience(service: RewardService, pending: PendingExperience) -> Experience:
+    t0 = time.perf_counter()
+    scored = service.collect(pending.futures)
+    return pending.build(scored, time.perf_counter() - t0)
+
+
+def begin_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
+                     prompts: PromptSet, idx: list[int], policy_version: int = 0) -> PendingExperience:
     """Sample ``num_generations`` responses to each prompt of ``idx`` chunk by chunk, scoring each
-    chunk in the background while the next one samples and the forward passes run; then wait
-    for the scores. A prompt's group never spans two ranks: each rank expands its own prompts."""
+    chunk in the background while the next one samples and the forward passes run; the scores
+    are collected later (``finish_experience``). A prompt's group never spans two ranks: each
+    rank expands its own prompts."""
     device = next(ac.parameters()).device
     idx = [i for i in idx for _ in range(settings.num_generations)]  # (B,) each group contiguous
     rows = settings.chunk_size * settings.num_generations
@@ -213,10 +239,7 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
     logprobs, values, ref_logprobs, kl = (torch.cat([pad_right(s[i], R) for s in stats]) for i in range(4))
     sync = engine.check_sync(rolls, [s[0] for s in stats], settings.sampling)
     behaviour = None if any(r.logprobs is None for r in rolls) else torch.cat([pad_right(r.logprobs, R) for r in rolls])
-    t0 = time.perf_counter()
-    scored = service.collect(futures)
-    t_wait = time.perf_counter() - t0
-    return Experience(
+    return PendingExperience(futures, lambda scored, t_wait: Experience(
         input_ids=torch.cat([pad_right(r.input_ids, q + R, settings.pad_token_id) for r in rolls]),
         attention_mask=torch.cat([pad_right(r.attention_mask, q + R) for r in rolls]),
         query_len=q,
@@ -230,7 +253,7 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
         texts=texts, pixels=pixels, policy_version=policy_version, behaviour_logprobs=behaviour,
         stats=RolloutStats({"time/generate": t_gen, "time/rollout": t_rollout, "time/score_wait": t_wait},
                            scored.n_failed, scored.reasons, scored.metrics, sync, n_samples=len(idx)),
-    )
+    ), policy_version)
 
 
 def _pad_query(t: torch.Tensor, q: int, q_new: int, value: float) -> torch.Tensor:

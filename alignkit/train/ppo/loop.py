@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from alignkit.algos import AdaptiveKLController, FixedKLController, RunningMoments
 from alignkit.algos.advantages import AdvantageParams
+from alignkit.algos.correction import importance_weights
 from alignkit.data.encode import encode_prompt
 from alignkit.data.loader import Example
 from alignkit.data.templates import get_template
@@ -64,8 +65,14 @@ from alignkit.train.ppo.credit import (
 from alignkit.train.ppo.experience import Experience, PromptSet, RolloutSettings
 from alignkit.train.ppo.metrics import PLOTTED, MetricWindow, step_metrics
 from alignkit.train.ppo.samples import SampleLogger
-from alignkit.train.ppo.source import DynamicSampling, ExperienceSource, any_rank, rank_indices
-from alignkit.train.ppo.update import Learner, UpdateSettings, update
+from alignkit.train.ppo.source import (
+    DynamicSampling,
+    ExperienceSource,
+    PipelinedSource,
+    any_rank,
+    rank_indices,
+)
+from alignkit.train.ppo.update import Learner, UpdateSettings, policy_logprobs, update
 from alignkit.train.ppo_config import PPOConfig
 from alignkit.train.tracking import MetricLogger, plot_metrics
 
@@ -144,8 +151,11 @@ def train(r: PPORun) -> None:
         exp = r.source.experience(step, policy_version=step)
         if exp.stats.sync is not None and not exp.stats.sync.ok:  # an engine sampling stale weights
             raise RuntimeError(exp.stats.sync.error())
+        if step - exp.policy_version > cfg.async_level:  # the staleness bound, by construction of the source
+            raise RuntimeError(f"step {step} got a batch sampled at version {exp.policy_version} (async_level "
+                               f"{cfg.async_level}): the experience source broke its staleness bound")
         # 3.-5. Learner: shape, filter, advantages, PPO epochs, weight sync.
-        shaped, adv, returns, stats = learn(r, exp)
+        shaped, adv, returns, stats = learn(r, exp, policy_version=step)
         # 6. Metrics (reduced over ranks), KL controller, progress, checkpoint.
         metrics = reduce_metrics(acc, {**step_metrics(exp, shaped, adv, returns), **stats})
         metrics.update(run_metrics(r, exp, time.perf_counter() - t_step))
@@ -164,13 +174,14 @@ def train(r: PPORun) -> None:
     tracker.close()
 
 
-def learn(r: PPORun, exp: Experience) -> tuple[Shaped, torch.Tensor, torch.Tensor, dict]:
+def learn(r: PPORun, exp: Experience, policy_version: int) -> tuple[Shaped, torch.Tensor, torch.Tensor, dict]:
     """The learner's step on one Experience: ``(shaped, advantages, returns, update and filter stats)``.
     Shape rewards (KL penalty per token unless the KL is a loss term, score at the last token),
     filter what stays out of the loss, advantages from the configured estimator, then the PPO
     epochs over mini-batches (skipped on every rank when no score is valid), the scheduler and
     the engine's weight sync: the next Experience is sampled by the updated policy."""
     cfg, t0 = r.cfg, time.perf_counter()
+    correction = correct_off_policy(r, exp, policy_version)
     shaped = shape(exp, shaping_settings(cfg), 0.0 if cfg.use_kl_loss else r.kl_ctl.value, r.moments)
     filtered = apply_filters(exp, shaped, FilterSettings(cfg.num_generations > 1, cfg.filter_zero_std_groups,
                                                          cfg.mask_truncated_completions))
@@ -182,7 +193,27 @@ def learn(r: PPORun, exp: Experience) -> tuple[Shaped, torch.Tensor, torch.Tenso
     r.scheduler.step()
     r.engine.sync_weights(r.ac)
     exp.stats.timing["time/update"] = time.perf_counter() - t0
-    return shaped, adv, returns, {**filtered, **stats}
+    return shaped, adv, returns, {**filtered, **stats, **correction}
+
+
+def correct_off_policy(r: PPORun, exp: Experience, policy_version: int) -> dict[str, float]:
+    """Importance weights for a batch the learner's policy did not sample itself: stale (async) or
+    with an engine's own log-probs. The ratio is then taken against the current (proximal) policy
+    and each token weighted by pi_prox / pi_behaviour (algos.correction). An on-policy batch of an
+    engine without log-probs (hf, async_level 0) is left alone: its weight is exactly 1."""
+    cfg = r.cfg
+    stale = exp.policy_version < policy_version
+    if cfg.is_correction == "none" or not (stale or exp.behaviour_logprobs is not None):
+        return {}
+    behaviour = exp.behaviour_logprobs if exp.behaviour_logprobs is not None else exp.logprobs
+    if stale:  # the sampling policy's log-probs stay the behaviour; the current policy's are the ratio's base
+        with r.ac.adapter_lock:
+            exp.logprobs = policy_logprobs(r.learner, exp, cfg.temperature, cfg.per_device_eval_batch_size)
+    exp.is_weights, exp.is_mask, stats = importance_weights(exp.logprobs, behaviour, exp.response_mask,
+                                                            cfg.is_correction, cfg.is_cap, cfg.is_mask_low,
+                                                            cfg.is_level)
+    return {**stats, "async/staleness": float(policy_version - exp.policy_version),
+            "async/staleness_max": float(policy_version - exp.policy_version)}
 
 
 def run_metrics(r: PPORun, exp, t_step: float) -> dict[str, float]:
@@ -275,8 +306,8 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
                                partial(sharding.rollout_context, accelerator, model, ac.lm))
     kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.ppo_target, cfg.kl_horizon) if cfg.adap_kl_ctrl
               else FixedKLController(cfg.init_kl_coef))
-    return PPORun(cfg, out, prompts, ac, engine, service, experience_source(cfg, accelerator, rollout, prompts, ac,
-                                                                           engine, service),
+    source = experience_source(cfg, accelerator, rollout, prompts, ac, engine, service, num_steps)
+    return PPORun(cfg, out, prompts, ac, engine, service, source,
                   Learner(accelerator, model, optimizer, params), scheduler, kl_ctl,
                   RunningMoments() if cfg.ppo_score_norm else None, num_steps)
 
@@ -301,13 +332,18 @@ def rollout_settings(cfg: PPOConfig, tokenizer, service: RewardService, ac: Acto
 
 
 def experience_source(cfg: PPOConfig, accelerator: Accelerator, rollout: RolloutSettings, prompts: PromptSet,
-                      ac: ActorCritic, engine: RolloutEngine, service: RewardService) -> ExperienceSource:
-    """The producer: one rank's share of each step's prompts, or DAPO's dynamic sampling."""
+                      ac: ActorCritic, engine: RolloutEngine, service: RewardService, num_steps: int
+                      ) -> ExperienceSource:
+    """The producer: one rank's share of each step's prompts, DAPO's dynamic sampling, or batches
+    sampled up to async_level versions ahead."""
     indices = rank_indices(len(prompts.queries), cfg.rollout_batch_size * accelerator.num_processes, cfg.seed,
                            accelerator.process_index, accelerator.num_processes, global_batch_indices)
     if cfg.dynamic_sampling:
         return DynamicSampling(ac, engine, service, rollout, prompts, indices, n_prompts=cfg.rollout_batch_size,
                                max_rounds=cfg.max_sampling_rounds, agree=any_rank(accelerator))
+    if cfg.async_level:
+        return PipelinedSource(ac, engine, service, rollout, prompts, indices, async_level=cfg.async_level,
+                               num_steps=num_steps)
     return ExperienceSource(ac, engine, service, rollout, prompts, indices)
 
 

@@ -52,6 +52,9 @@ COUNTERS = frozenset({"reward/failures", "reward/requests", "reward/retries", "r
                       "rollout/samples", "rollout/sampling_rounds", "probe/failures"})
 
 
+MAXIMA = frozenset({"async/staleness_max"})  # the worst step of the window
+
+
 class MetricWindow:
     """The steps since the last logged row, reduced to one row when it is logged."""
 
@@ -70,6 +73,8 @@ class MetricWindow:
             finite = [v for v in values if math.isfinite(v)]
             if key in COUNTERS:
                 out[key] = float(sum(values))
+            elif key in MAXIMA:
+                out[key] = max(finite) if finite else math.nan
             else:
                 out[key] = sum(finite) / len(finite) if finite else math.nan
         if out.get("rollout/samples"):

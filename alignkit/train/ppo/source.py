@@ -8,8 +8,10 @@ the batch is filled with groups that carry a learning signal.
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,9 +20,12 @@ from alignkit.models.actor_critic import ActorCritic
 from alignkit.rewards.service import RewardService
 from alignkit.train.ppo.experience import (
     Experience,
+    PendingExperience,
     PromptSet,
     RolloutSettings,
+    begin_experience,
     concat,
+    finish_experience,
     make_experience,
     select,
 )
@@ -48,6 +53,36 @@ class ExperienceSource:
     def sample(self, step: int, round_: int, policy_version: int) -> Experience:
         return make_experience(self.ac, self.engine, self.service, self.settings, self.prompts,
                                self.batch_indices(step, round_), policy_version)
+
+
+@dataclass
+class PipelinedSource(ExperienceSource):
+    """Asynchronous off-policy RL with a staleness bound (``async_level: k``): up to ``k + 1``
+    batches are in flight. At step t the source first starts batch t + k (sampled by the current
+    policy, its scoring submitted at once), then finishes batch t, which was sampled k updates ago
+    and whose scores have arrived during the k rollouts and updates since. Judge latency leaves the
+    critical path; the learner corrects for the lag with importance weights (``algos.correction``).
+
+    Sampling and updating never overlap in time (one thread), so no engine can sample from weights
+    that are half updated. Batches in flight at a checkpoint are not saved: a resumed run starts
+    them again from the checkpoint's policy (docs/algorithms.md)."""
+
+    async_level: int = 1
+    num_steps: int = 0  # the run's last step: nothing is sampled past it
+    queue: deque[PendingExperience] = field(default_factory=deque)
+    next_step: int | None = None
+
+    def experience(self, step: int, policy_version: int) -> Experience:
+        if self.next_step is None:  # the first step of this process (a resumed run starts empty)
+            self.next_step = step
+        while self.next_step < min(step + self.async_level + 1, self.num_steps):
+            self.queue.append(begin_experience(self.ac, self.engine, self.service, self.settings, self.prompts,
+                                               self.batch_indices(self.next_step, 0), policy_version))
+            self.next_step += 1
+        t0 = time.perf_counter()
+        exp = finish_experience(self.service, self.queue.popleft())
+        exp.stats.timing["async/learner_wait_s"] = time.perf_counter() - t0
+        return exp
 
 
 def informative_groups(exp: Experience) -> list[list[int]]:

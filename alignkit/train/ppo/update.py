@@ -90,11 +90,13 @@ def micro_batch_loss(learner: Learner, s: UpdateSettings, exp: Experience, batch
     q = exp.query_len
     cols, rows = trim_padding(exp.attention_mask[i], q)
     ids, qi, mask = exp.input_ids[i][:, cols], q - cols.start, exp.mask[i][:, rows]
+    if exp.is_mask is not None:  # masked importance sampling: dropped tokens leave the loss
+        mask = mask * exp.is_mask[i][:, rows]
     logits, vpred = learner.model(ids, exp.attention_mask[i][:, cols], qi, exp.pixels_of(i))
     logp = logprobs_from_logits(logits, ids[:, qi:], s.temperature)
     pg_loss, pg_stats = compute_policy_loss(s.policy_loss, LossInputs(
         logp, exp.logprobs[i][:, rows], advantages[i][:, rows], mask, s.cliprange_low, s.cliprange_high,
-        s.loss_agg_mode, s.max_len))
+        s.loss_agg_mode, s.max_len, None if exp.is_weights is None else exp.is_weights[i][:, rows]))
     loss, stats = pg_loss, {"ppo/loss/policy": pg_loss, "ppo/policy/approxkl": pg_stats["approxkl"],
                             "ppo/policy/clipfrac": pg_stats["clipfrac"]}
     if exp.values is not None:
@@ -114,6 +116,18 @@ def micro_batch_loss(learner: Learner, s: UpdateSettings, exp: Experience, batch
         loss = loss - s.ent_coef * entropy
     stats.update({"ppo/policy/entropy": entropy, "ppo/loss/total": loss})
     return loss, mask, stats
+
+
+@torch.no_grad()
+def policy_logprobs(learner: Learner, exp: Experience, temperature: float, batch_size: int) -> torch.Tensor:
+    """(B, R) log-probs of the current policy on the Experience's responses, ``batch_size`` rows at a
+    time: the proximal policy of an off-policy batch (its samples came from an older one)."""
+    parts = []
+    for m in range(0, exp.input_ids.shape[0], batch_size):
+        i = torch.arange(m, min(m + batch_size, exp.input_ids.shape[0]), device=exp.input_ids.device)
+        logits, _ = learner.model(exp.input_ids[i], exp.attention_mask[i], exp.query_len, exp.pixels_of(i))
+        parts.append(logprobs_from_logits(logits, exp.input_ids[i][:, exp.query_len :], temperature))
+    return torch.cat(parts)
 
 
 def update(learner: Learner, s: UpdateSettings, exp: Experience, advantages: torch.Tensor,
