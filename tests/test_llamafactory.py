@@ -33,10 +33,10 @@ from alignkit.data.loader import Example
 from alignkit.data.templates import TEMPLATES, AutoTemplate, get_template
 from alignkit.judge.server import start_judge_server
 from alignkit.models.loading import load_tokenizer
-from alignkit.rewards.api import build_api_reward
-from alignkit.rewards.api_config import parse_reward_api
+from alignkit.rewards.api.client import build_api_reward
+from alignkit.rewards.api.config import parse_reward_api
+from alignkit.rewards.api.presets import make_preset
 from alignkit.rewards.base import ScoreMeta
-from alignkit.rewards.presets import make_preset
 from alignkit.rewards.service import RewardService, build_reward_service
 from alignkit.rewards.spec import RewardContext, RewardSpec
 from tests.conftest import EXAMPLES

@@ -25,7 +25,7 @@ from alignkit.judge.process import JudgeProcess
 from alignkit.models.actor_critic import ActorCritic
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.models.tiny import build_tiny
-from alignkit.rewards.presets import AlignkitPreset, CustomPreset, OpenAIJudgePreset
+from alignkit.rewards.api.presets import AlignkitPreset, CustomPreset, OpenAIJudgePreset
 from alignkit.train import dpo, ppo, rm, sft
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES

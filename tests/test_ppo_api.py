@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from alignkit.config import load_config
 from alignkit.judge.server import start_judge_server
-from alignkit.rewards.api import RewardApiError
+from alignkit.rewards.api.client import RewardApiError
 from alignkit.rewards.failures import RewardFailureError
 from alignkit.train import ppo
 from alignkit.train.checkpoint import list_checkpoints, load_state

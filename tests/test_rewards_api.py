@@ -13,11 +13,11 @@ import yaml
 from pydantic import ValidationError
 
 from alignkit.judge.server import JudgeSettings, start_judge_server
-from alignkit.rewards.api import ApiReward, RewardApiError, build_api_reward
-from alignkit.rewards.api_config import ApiSettings, parse_reward_api
+from alignkit.rewards.api.client import ApiReward, RewardApiError, build_api_reward
+from alignkit.rewards.api.config import ApiSettings, parse_reward_api
+from alignkit.rewards.api.presets import ReplyError, parse_path, resolve
 from alignkit.rewards.base import RewardSource, Score, ScoreMeta
 from alignkit.rewards.factory import build_reward_source
-from alignkit.rewards.presets import ReplyError, parse_path, resolve
 from alignkit.rewards.runner import BackgroundScorer
 from alignkit.rewards.spec import RewardContext, RewardSpec
 from alignkit.rewards.text import strip_think, think_truncated_frac

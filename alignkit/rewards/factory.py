@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit.rewards.api import build_api_reward
+from alignkit.rewards.api.client import build_api_reward
 from alignkit.rewards.base import RewardSource, Score
 from alignkit.rewards.cache import ScoreCache, identity_of
 from alignkit.rewards.rules import RuleReward

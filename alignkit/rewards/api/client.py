@@ -1,9 +1,9 @@
 """Score rollouts with a remote HTTP judge: concurrent, bounded, retried, validated.
 
-``reward_api.*`` keys live in ``api_config.py``; request shapes in ``presets.py``. Every
+``reward_api.*`` keys live in ``config.py``; request shapes in ``presets.py``. Every
 value that comes back is validated; anything else (HTTP error, timeout, malformed JSON, a
 wrong count, NaN, a string) is a failure with its reason, never a silent 0. Think stripping,
-the score cache and failure counts are wrappers every source gets (``wrappers.py``).
+the score cache and failure counts are wrappers every source gets (``rewards/wrappers.py``).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Any
 
 import aiohttp
 
-from alignkit.rewards.api_config import ApiSettings
+from alignkit.rewards.api.config import ApiSettings
+from alignkit.rewards.api.headers import redact_headers, resolve_headers, scrub
+from alignkit.rewards.api.presets import Item, ReplyError, make_preset, shape_settings
+from alignkit.rewards.api.transport import Reply, RequestFailure, open_session, post, retry_after_seconds
 from alignkit.rewards.base import RewardError, Score, ScoreMeta, images_for, labels_for
 from alignkit.rewards.cache import identity_of
-from alignkit.rewards.headers import redact_headers, resolve_headers, scrub
-from alignkit.rewards.presets import Item, ReplyError, make_preset, shape_settings
-from alignkit.rewards.transport import Reply, RequestFailure, open_session, post, retry_after_seconds
 
 logger = logging.getLogger(__name__)
 
