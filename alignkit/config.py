@@ -88,6 +88,14 @@ class StageConfig(BaseModel):
         "loss (0: off; Qwen3-MoE pretrains with 0.001). PPO/GRPO do not add it; DeepSeek-V3 has none (docs/models.md)."
     )
     freeze_vision_tower: bool = Field(True, description="Vision-language models: keep the vision encoder frozen.")
+    image_max_pixels: int = Field(
+        768 * 768, ge=1, description="Vision-language models: an image over this many pixels (width x height) is "
+        "scaled down, aspect kept, before the image processor, as LLaMA-Factory does (its default)."
+    )
+    image_min_pixels: int = Field(
+        32 * 32, ge=1, description="Vision-language models: an image under this many pixels is scaled up, as "
+        "LLaMA-Factory does (its default)."
+    )
     freeze_multi_modal_projector: bool = Field(
         True, description="Vision-language models: keep the projector (vision features -> text embeddings) frozen."
     )

@@ -207,7 +207,8 @@ def load_prompts(cfg: PPOConfig, tokenizer, examples: list[Example]) -> PromptSe
     """Template-encoded prompts (room left for max_new_tokens), the prompt text the reward sees and,
     on a VL model, each prompt's images."""
     template = get_template(cfg.template, tokenizer)
-    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer)  # None: a text-only model
+    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
+                                  cfg.image_min_pixels)  # None: a text-only model
     prompt_len = max(8, cfg.cutoff_len - cfg.max_new_tokens)
     queries = [encode_prompt(tokenizer, template, ex, prompt_len, cfg.default_system, cfg.enable_thinking, vision)
                for ex in examples]
