@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object
 from transformers import get_scheduler
 
-from alignkit.config import StageConfig, save_config
+from alignkit.config import StageConfig, output_dir_problem, save_config
 from alignkit.data.loader import Example, Kind, load_examples
 from alignkit.models.loading import check_model_dir
 from alignkit.train.checkpoint import (
@@ -55,11 +55,8 @@ def _check_model_files(path: str, key: str, marker: str, what: str) -> None:
 
 def _check_writable(output_dir: str) -> None:
     """output_dir, or the nearest existing folder above it (where it will be created), is writable."""
-    path = Path(output_dir).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir: {output_dir!r} cannot be written ({existing} is not a writable directory); "
-                         "choose another output_dir or fix its permissions.")
+    if problem := output_dir_problem(output_dir):
+        raise ValueError(problem)
 
 
 def setup_run(cfg: StageConfig) -> tuple[Accelerator, Path]:
