@@ -541,7 +541,10 @@ def _is_secret_value(v: Any) -> bool:
     return v is not None and not isinstance(v, dict) and not (isinstance(v, str) and ENV_VAR.search(v))
 
 
-def save_config(cfg: BaseModel, out_dir: str | Path, name: str = "alignkit_config.yaml") -> Path:
+CONFIG_FILE = "alignkit_config.yaml"  # the resolved config, saved in every run's output_dir
+
+
+def save_config(cfg: BaseModel, out_dir: str | Path, name: str = CONFIG_FILE) -> Path:
     """Write the resolved config (secrets redacted) next to the run's outputs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -353,6 +353,21 @@ def test_health_check_passes(judge):
     assert probe.ok
 
 
+def test_health_check_retries_an_unsuccessful_reply_like_a_5xx(judge):
+    """One ``{"success": false}`` at start is a busy judge, not a dead one: the probe retries it
+    (scoring requests do not: there it is the sample's failure)."""
+    judge.settings.fault_first, judge.settings.fault_kinds = 1, ("unsuccessful",)
+    probe = asyncio.run(build_api_reward(load_example("judge_custom.yaml", judge, headers={}, max_retries=2,
+                                                      backoff=0.01)).health_check())
+    assert probe.ok and judge.stats.snapshot()["requests"] == 2
+    judge.stats.reset()
+    judge.settings.fault_first, judge.settings.fault_rate = 0, 1.0  # always unsuccessful: it gives up
+    with pytest.raises(RewardApiError, match=r"start-up check failed: unsuccessful reply"):
+        asyncio.run(build_api_reward(load_example("judge_custom.yaml", judge, headers={}, max_retries=2,
+                                                  backoff=0.01)).health_check())
+    assert judge.stats.snapshot()["requests"] == 3
+
+
 def test_health_check_unreachable():
     srv = start_judge_server()
     url = srv.url_for("alignkit")

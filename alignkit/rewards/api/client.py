@@ -24,7 +24,7 @@ import aiohttp
 
 from alignkit.rewards.api.config import ApiSettings
 from alignkit.rewards.api.headers import redact_headers, resolve_headers, scrub
-from alignkit.rewards.api.presets import Item, ReplyError, make_preset, shape_settings
+from alignkit.rewards.api.presets import UNSUCCESSFUL, Item, ReplyError, make_preset, shape_settings
 from alignkit.rewards.api.transport import Reply, RequestFailure, open_session, post, retry_after_seconds
 from alignkit.rewards.base import RewardError, Score, ScoreMeta, images_for, labels_for
 from alignkit.rewards.cache import identity_of
@@ -126,7 +126,7 @@ class ApiReward:
         showing request and reply if it still fails. Its counters are not step 1's metrics."""
         body = json.dumps(self.preset.build([_HEALTH_ITEM])).encode()
         sent = f"POST {self.url}\n  headers: {redact_headers(self.cfg.headers)}\n  body: {_clip(body.decode(), 800)}"
-        outcome, reply, latency = await self._send(body, 1)
+        outcome, reply, latency = await self._send(body, 1, probe=True)
         self.metrics()  # drop the probe's requests, latency and extra_logs
         got = "(no reply)" if reply is None else (
             f"HTTP {reply.status}\n  body: {_clip(reply.content.decode(errors='replace'), 800)}")
@@ -149,9 +149,13 @@ class ApiReward:
             self._latencies.append(latency)
         return [Score(s.value, s.reason and self._redact(s.reason), latency_s=latency) for s in outcome]
 
-    async def _send(self, body: bytes, n: int) -> tuple[list[Score] | RequestFailure, Reply | None, float]:
+    async def _send(
+        self, body: bytes, n: int, probe: bool = False
+    ) -> tuple[list[Score] | RequestFailure, Reply | None, float]:
         """POST ``body`` (``n`` items) with the retry policy: the last attempt's outcome, its reply
-        (``None`` when none came) and the time taken over all attempts, seconds."""
+        (``None`` when none came) and the time taken over all attempts, seconds. The start-up
+        ``probe`` also retries a reply that says it failed (``{"success": false}``): a judge that
+        fails once at start is busy, not dead, as with a 5xx."""
         state = self._loop_state()
         start = time.perf_counter()
         failure, reply = RequestFailure("not sent", "no attempt made"), None
@@ -169,7 +173,8 @@ class ApiReward:
             if not isinstance(outcome, RequestFailure):
                 return outcome, reply, time.perf_counter() - start
             failure = outcome
-            if not failure.retryable or attempt == self.cfg.max_retries:
+            retryable = failure.retryable or (probe and failure.kind == UNSUCCESSFUL)
+            if not retryable or attempt == self.cfg.max_retries:
                 break
             self._count("retries")
             logger.debug("reward_api retry %d after %s", attempt + 1, self._redact(failure.reason))
