@@ -32,7 +32,7 @@ from alignkit.rewards.cache import identity_of
 logger = logging.getLogger(__name__)
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-_HEALTH_ITEM: Item = ("What is 2 + 2?", "4", "4", ())
+PROBE_PROMPT, PROBE_ANSWER = "What is 2 + 2?", "4"  # the start-up probe's sample (and its label)
 
 
 class RewardApiError(RewardError):
@@ -121,10 +121,12 @@ class ApiReward:
             out[f"reward/extra/{name}"] = sum(values) / len(values)
         return out
 
-    async def health_check(self) -> Score:
+    async def health_check(self, meta: ScoreMeta | None = None) -> Score:
         """Send one probe request, retried like any scoring request; raise ``RewardApiError``
-        showing request and reply if it still fails. Its counters are not step 1's metrics."""
-        body = json.dumps(self.preset.build([_HEALTH_ITEM])).encode()
+        showing request and reply if it still fails. Its counters are not step 1's metrics.
+        ``meta`` carries the probe's templated texts for a full-text preset."""
+        prompts, responses = self._texts([PROBE_PROMPT], [PROBE_ANSWER], meta)
+        body = json.dumps(self.preset.build([(prompts[0], responses[0], PROBE_ANSWER, ())])).encode()
         sent = f"POST {self.url}\n  headers: {redact_headers(self.cfg.headers)}\n  body: {_clip(body.decode(), 800)}"
         outcome, reply, latency = await self._send(body, 1, probe=True)
         self.metrics()  # drop the probe's requests, latency and extra_logs

@@ -267,7 +267,7 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
         forward_batch_size=cfg.per_device_eval_batch_size, kl_estimator=cfg.kl_penalty,
         pad_token_id=tokenizer.pad_token_id,
         decode=partial(service.response_texts, tokenizer),
-        decode_full=partial(service.full_texts, tokenizer),
+        decode_full=partial(service.joint_responses, tokenizer),
         # A KL coefficient of 0 stays 0 (the adaptive controller scales it): no reference pass at all.
         need_reference=cfg.init_kl_coef > 0,
         gather=partial(sharding.rollout_context, accelerator, model, ac.lm),
