@@ -37,7 +37,7 @@ def available_stages() -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     from alignkit.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, check_paths=True)
     module = importlib.import_module(STAGE_MODULES[cfg.stage])
     out = module.run(cfg)
     end_distributed()

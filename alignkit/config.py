@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import types
 from pathlib import Path
@@ -88,6 +89,14 @@ class StageConfig(BaseModel):
         "loss (0: off; Qwen3-MoE pretrains with 0.001). PPO/GRPO do not add it; DeepSeek-V3 has none (docs/models.md)."
     )
     freeze_vision_tower: bool = Field(True, description="Vision-language models: keep the vision encoder frozen.")
+    image_max_pixels: int = Field(
+        768 * 768, ge=1, description="Vision-language models: an image over this many pixels (width x height) is "
+        "scaled down, aspect kept, before the image processor, as LLaMA-Factory does (its default)."
+    )
+    image_min_pixels: int = Field(
+        32 * 32, ge=1, description="Vision-language models: an image under this many pixels is scaled up, as "
+        "LLaMA-Factory does (its default)."
+    )
     freeze_multi_modal_projector: bool = Field(
         True, description="Vision-language models: keep the projector (vision features -> text embeddings) frozen."
     )
@@ -243,9 +252,23 @@ def normalise_keys(raw: dict, cls: type[BaseModel], where: str) -> dict:
     """``raw`` with aliases renamed and ignored keys dropped (one warning each). Unknown and
     unsupported keys are one ``ConfigError`` naming ``where`` and every such key at once, an
     unknown key with a "did you mean" suggestion."""
+    out, problems = sort_keys(raw, cls, where)
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(m for _, m in problems) + ". " + keys_hint(len(problems)))
+    return out
+
+
+def keys_hint(n: int) -> str:
+    return ("Remove or rename " + ("this key" if n == 1 else f"these {n} keys")
+            + " (`alignkit keys <stage>` lists every key).")
+
+
+def sort_keys(raw: dict, cls: type[BaseModel], where: str) -> tuple[dict, list[tuple[str, str]]]:
+    """The known keys of ``raw`` (aliases renamed, ignored keys dropped with one warning each), and
+    a ``(key, problem)`` for each unknown or unsupported one."""
     out: dict[str, Any] = {}
     known = set(cls.model_fields) | getattr(cls, "ALSO_ACCEPTED", set())  # keys a model_validator moves
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     for key, value in raw.items():
         key = ALIASES.get(key, key)
         if key in known:
@@ -253,19 +276,15 @@ def normalise_keys(raw: dict, cls: type[BaseModel], where: str) -> dict:
         elif key in IGNORED_KEYS and IGNORED_ONLY_AT.get(key, value) == value:
             logger.warning("%s: key %r has no effect in alignkit (%s); ignoring it", where, key, IGNORED_KEYS[key])
         elif key in IGNORED_KEYS or key in UNSUPPORTED_KEYS:
-            problems.append(f"key {key!r} is not supported ({UNSUPPORTED_KEYS.get(key) or IGNORED_KEYS[key]})")
+            problems.append((key, f"key {key!r} is not supported ({UNSUPPORTED_KEYS.get(key) or IGNORED_KEYS[key]})"))
         elif (owner := _stage_of(key)) and not issubclass(cls, StageConfig):
             # A training YAML reused for a tool (export, predict): its training keys mean nothing here.
             logger.warning("%s: key %r is a training key (stage %s); ignoring it here", where, key, owner)
         elif owner:
-            problems.append(f"key {key!r} belongs to stage {owner}, not to this {cls.__name__}")
+            problems.append((key, f"key {key!r} belongs to stage {owner}, not to this {cls.__name__}"))
         else:
-            problems.append(f"unknown key {key!r}{_did_you_mean(key, known | set(ALIASES))}")
-    if problems:
-        raise ConfigError(f"{where}: " + "; ".join(problems) + ". Remove or rename "
-                          + ("this key" if len(problems) == 1 else f"these {len(problems)} keys")
-                          + " (`alignkit keys <stage>` lists every key).")
-    return out
+            problems.append((key, f"unknown key {key!r}{_did_you_mean(key, known | set(ALIASES))}"))
+    return out, problems
 
 
 def _stage_of(key: str) -> str | None:
@@ -322,23 +341,50 @@ def explain_validation_error(err: ValidationError, where: str, cls: type[BaseMod
     """pydantic's errors as one ``ConfigError``: each key path as written in the YAML and what was
     expected (secrets redacted); given the validated ``cls``, unknown keys at any depth get a
     "did you mean" suggestion."""
-    lines = []
+    return ConfigError(f"{where}: " + "; ".join(m for _, m in validation_problems(err, cls)))
+
+
+# Values LLaMA-Factory (or transformers) accepts that alignkit does not, and why: a bare list of
+# allowed values leaves the user guessing whether theirs is a typo or a missing feature.
+VALUE_REASONS: dict[str, dict[Any, str]] = {
+    "optim": {
+        **dict.fromkeys(("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit",
+                         "paged_lion_8bit"), "8-bit and paged optimizers need bitsandbytes, which alignkit does not use"),
+        **dict.fromkeys(("adafactor", "lion_32bit", "galore_adamw", "galore_adamw_8bit", "apollo_adamw", "lomo",
+                         "adalomo", "muon"), "this optimizer is not implemented here"),
+    },
+    "lr_scheduler_type": dict.fromkeys(
+        ("cosine_with_restarts", "polynomial", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+         "warmup_stable_decay"), "this schedule is not implemented here"),
+    "finetuning_type": dict.fromkeys(("freeze", "oft"), "only LoRA adapters and full fine-tuning are implemented"),
+}
+
+
+def validation_problems(err: ValidationError, cls: type[BaseModel] | None = None) -> list[tuple[str | None, str]]:
+    """pydantic's errors as ``(top-level key, problem)``: the key path as written in the YAML and
+    what was expected (secrets redacted; a refused choice says why); unknown keys at any depth get
+    a "did you mean" suggestion."""
+    out: list[tuple[str | None, str]] = []
     for e in err.errors():
+        top = str(e["loc"][0]) if e["loc"] else None
         if e["type"] == "extra_forbidden":
             path, owner = _walk(cls, e["loc"][:-1])
             key = str(e["loc"][-1])
             known = set(owner.model_fields) | getattr(owner, "ALSO_ACCEPTED", set()) if owner else set()
-            lines.append(f"unknown key {'.'.join([*path, key])!r}{_did_you_mean(key, known)}")
+            out.append((top, f"unknown key {'.'.join([*path, key])!r}{_did_you_mean(key, known)}"))
             continue
         loc = ".".join(_walk(cls, e["loc"])[0]) or "(config)"
         if e["type"] == "missing":
-            lines.append(f"key {loc!r} is required")
-        else:
-            got = e.get("input")
-            shown = REDACTED if SECRET_KEY.search(loc) else repr(redact(got))
-            msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
-            lines.append(f"key {loc!r}: {msg} (got {shown})" if e["loc"] else msg)
-    return ConfigError(f"{where}: " + "; ".join(lines))
+            out.append((top, f"key {loc!r} is required"))
+            continue
+        got = e.get("input")
+        shown = REDACTED if SECRET_KEY.search(loc) else repr(redact(got))
+        msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        if e["type"] == "literal_error":
+            reason = VALUE_REASONS.get(loc, {}).get(got, "alignkit implements only these")
+            msg = f"{msg} ({reason})"
+        out.append((top, f"key {loc!r}: {msg} (got {shown})" if e["loc"] else msg))
+    return out
 
 
 def read_raw(
@@ -362,24 +408,101 @@ def read_raw(
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, **extra: Any) -> StageConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, check_paths: bool = False,
+                **extra: Any) -> StageConfig:
     """Read YAML, apply overrides, validate against the config class of its ``stage``.
 
-    ``extra`` keys (from Python callers) sit between the file and the overrides."""
+    ``extra`` keys (from Python callers) sit between the file and the overrides. Every problem is
+    reported in one ``ConfigError``: keys, values (with why a choice is refused), the stage, the
+    template name and, when anything is wrong or ``check_paths`` is set (``alignkit train``), the
+    dataset and the model/adapter/output paths; a problem a command-line override caused is
+    blamed on that override, not on the file."""
     where = str(path) if path else "config"
     raw = read_raw(path, overrides, extra)
+    from_cli = {ALIASES.get(k, k).split(".")[0]: item for item in overrides or [] for k in [parse_override(item)[0]]}
+    problems: list[tuple[str | None, str]] = []
+    n_keys = 0  # unknown or unsupported keys among the problems
     stage = raw.get("stage")
     if stage in LAZY_STAGES and stage not in STAGES:
         importlib.import_module(LAZY_STAGES[stage])
+    cfg = None
     if stage not in STAGES:
-        raise ConfigError(f"{where}: key 'stage' must be one of {sorted(STAGES)}, got {stage!r}")
-    cls = STAGES[stage]
-    try:
-        cfg = cls(**normalise_keys(raw, cls, where))
-    except ValidationError as err:
-        raise explain_validation_error(err, where, cls) from None
+        problems.append(("stage", stage_problem(stage)))
+    else:
+        cls = STAGES[stage]
+        known, problems = sort_keys(raw, cls, where)
+        n_keys = len(problems)
+        try:
+            cfg = cls(**known)
+        except ValidationError as err:
+            problems += validation_problems(err, cls)
+    problems += [("template", p) for p in template_problems(raw.get("template", "auto"))]
+    if problems or check_paths:
+        problems += path_problems(raw)
+    if problems:
+        raise ConfigError(describe_problems(problems, where, from_cli) + (f" {keys_hint(n_keys)}" if n_keys else ""))
     warn_slow_precision(cfg, where)
     return cfg
+
+
+def stage_problem(stage: Any) -> str:
+    stages = ", ".join(sorted({*STAGES, *LAZY_STAGES}))
+    if stage == "pt":
+        return (f"key 'stage': 'pt' (LLaMA-Factory's pre-training on raw text) is not a stage here; the stages are "
+                f"{stages}")
+    return f"key 'stage' must be one of {stages}, got {stage!r}"
+
+
+def template_problems(name: Any) -> list[str]:
+    """The template name, checked before any tokenizer loads (``auto`` is checked against it later)."""
+    from alignkit.data.templates import known_template_names, unknown_template_message
+
+    if isinstance(name, str) and name not in known_template_names():
+        return [f"key 'template': {unknown_template_message(name)}"]
+    return []
+
+
+def path_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the run reads and writes, checked without loading anything: the model and adapter
+    directories, the datasets (registered in dataset_info.json, files present) and output_dir."""
+    from alignkit.data.loader import dataset_problems
+
+    out: list[tuple[str, str]] = []
+    model = raw.get("model_name_or_path")
+    if isinstance(model, str) and not (Path(model) / "config.json").is_file():
+        out.append(("model_name_or_path", f"key 'model_name_or_path': {model!r} is not a Hugging Face model "
+                    "directory (no config.json there)"))
+    adapters = raw.get("adapter_name_or_path") or []
+    for adapter in adapters.split(",") if isinstance(adapters, str) else adapters:
+        if isinstance(adapter, str) and not (Path(adapter.strip()) / "adapter_config.json").is_file():
+            out.append(("adapter_name_or_path", f"key 'adapter_name_or_path': {adapter!r} is not a peft adapter "
+                        "directory (no adapter_config.json there)"))
+    dataset = raw.get("dataset")
+    if isinstance(dataset, str | list) and dataset:
+        out += [("dataset", f"key 'dataset': {p}") for p in dataset_problems(dataset, raw.get("dataset_dir", "data"))]
+    output_dir = raw.get("output_dir")
+    if isinstance(output_dir, str) and (problem := output_dir_problem(output_dir)):
+        out.append(("output_dir", problem))
+    return out
+
+
+def output_dir_problem(output_dir: str) -> str | None:
+    """output_dir, or the nearest existing folder above it (where it will be created), must be writable."""
+    path = Path(output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return (f"output_dir: {output_dir!r} cannot be written ({existing} is not a writable directory); "
+                "choose another output_dir or fix its permissions.")
+    return None
+
+
+def describe_problems(problems: list[tuple[str | None, str]], where: str, from_cli: dict[str, str]) -> str:
+    """One paragraph: the file's problems after its name, the overrides' after theirs."""
+    in_file = [m for k, m in problems if k not in from_cli]
+    parts = [f"{where}: " + "; ".join(in_file)] if in_file else []
+    for item in dict.fromkeys(from_cli[k] for k, _ in problems if k in from_cli):
+        parts.append(f"command-line override {item!r}: " + "; ".join(m for k, m in problems if from_cli.get(k) == item))
+    return ". ".join(parts) + "."
 
 
 def warn_slow_precision(cfg: StageConfig, where: str) -> None:
@@ -418,7 +541,10 @@ def _is_secret_value(v: Any) -> bool:
     return v is not None and not isinstance(v, dict) and not (isinstance(v, str) and ENV_VAR.search(v))
 
 
-def save_config(cfg: BaseModel, out_dir: str | Path, name: str = "alignkit_config.yaml") -> Path:
+CONFIG_FILE = "alignkit_config.yaml"  # the resolved config, saved in every run's output_dir
+
+
+def save_config(cfg: BaseModel, out_dir: str | Path, name: str = CONFIG_FILE) -> Path:
     """Write the resolved config (secrets redacted) next to the run's outputs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ import time
 
 import httpx
 
-from alignkit.rewards.api import build_api_reward
-from alignkit.rewards.api_config import parse_reward_api
+from alignkit.rewards.api.client import build_api_reward
+from alignkit.rewards.api.config import parse_reward_api
 
 # A judge that only waits: HTTP/1.1 keep-alive, Content-Length bodies, {"scores": [1.0, ...]}.
 LEAN_JUDGE = r"""

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from alignkit.config import REDACTED, ConfigError, load_config, parse_override, save_config
+from tests.conftest import EXAMPLES as EXAMPLES_DIR
 
 BASE = ["stage=sft", "model_name_or_path=/m", "dataset=a", "output_dir=/o"]
 
@@ -144,3 +145,51 @@ def test_keys_command_lists_every_ppo_key(capsys):
     for key in ("ppo_epochs", "reward_api", "init_kl_coef", "lora_target", "kl_penalty"):
         assert f"\n{key}: " in out or out.startswith(f"{key}: ")
     assert "Literal['kl', 'abs', 'mse', 'full']" in out
+
+
+# -- every problem of a config in one report, before any model loads ------------------------
+
+
+def test_every_problem_at_once_and_overrides_blamed_on_the_override(tmp_path, capsys):
+    from alignkit.cli import main
+
+    p = tmp_path / "sft.yaml"
+    out = tmp_path / "run"
+    p.write_text(yaml.safe_dump({
+        "stage": "sft", "model_name_or_path": str(tmp_path / "no_model_here"), "dataset": "nowhere_data",
+        "dataset_dir": str(tmp_path), "output_dir": str(out), "template": "qwen3_nothnk",
+        "optim": "adamw_bnb_8bit", "lerning_rate": 1e-4}))
+    with pytest.raises(ConfigError) as err:
+        load_config(p, ["lora_rank=0"])
+    message = str(err.value)
+    file_part, cli_part = message.split("command-line override 'lora_rank=0': ")
+    assert file_part.startswith(f"{p}: ")
+    for expected in ("unknown key 'lerning_rate'; did you mean 'learning_rate'?",
+                     "key 'optim': Input should be", "(8-bit and paged optimizers need bitsandbytes",
+                     "unknown template 'qwen3_nothnk'; did you mean 'qwen3_nothink'",
+                     "dataset 'nowhere_data' is neither registered",
+                     "'model_name_or_path'", "no config.json there"):
+        assert expected in file_part, expected
+    assert "lora_rank" not in file_part and "key 'lora_rank'" in cli_part and "greater than or equal to 1" in cli_part
+    assert "\n" not in message
+    # `alignkit train` reports the same at once, writes nothing and loads nothing.
+    assert main(["train", str(p)]) == 1
+    err_text = capsys.readouterr().err
+    assert "did you mean 'qwen3_nothink'" in err_text and "neither registered" in err_text
+    assert not out.exists()
+
+
+def test_train_checks_paths_even_when_the_keys_are_right(tmp_path, capsys):
+    from alignkit.cli import main
+
+    assert main(["train", str(EXAMPLES_DIR / "sft_tiny.yaml"), f"model_name_or_path={tmp_path / 'none'}",
+                 "dataset=not_a_dataset", f"output_dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err
+    assert "command-line override 'model_name_or_path=" in err and "no config.json there" in err
+    assert "command-line override 'dataset=not_a_dataset'" in err and not (tmp_path / "run").exists()
+
+
+def test_stage_pt_names_the_real_stages():
+    with pytest.raises(ConfigError, match=r"'pt' \(LLaMA-Factory's pre-training on raw text\) is not a stage here; "
+                                          r"the stages are dpo, kto, ppo, rm, sft"):
+        load_config(None, ["stage=pt", "model_name_or_path=/m", "dataset=a", "output_dir=/o"])

@@ -33,10 +33,10 @@ from alignkit.data.loader import Example
 from alignkit.data.templates import TEMPLATES, AutoTemplate, get_template
 from alignkit.judge.server import start_judge_server
 from alignkit.models.loading import load_tokenizer
-from alignkit.rewards.api import build_api_reward
-from alignkit.rewards.api_config import parse_reward_api
+from alignkit.rewards.api.client import build_api_reward
+from alignkit.rewards.api.config import parse_reward_api
+from alignkit.rewards.api.presets import make_preset
 from alignkit.rewards.base import ScoreMeta
-from alignkit.rewards.presets import make_preset
 from alignkit.rewards.service import RewardService, build_reward_service
 from alignkit.rewards.spec import RewardContext, RewardSpec
 from tests.conftest import EXAMPLES
@@ -208,6 +208,57 @@ def test_full_text_presets_send_template_system_prompt_and_special_tokens(tiny_m
         assert [(p["prompt"], p["response"]) for p in pairs] == [("", EXPECTED_PROMPT + "good<|im_end|>")]
     else:  # {"query": [prompt + response], "prompts": [prompt]}: the server splits query at the prompt
         assert [(p["prompt"], p["response"]) for p in pairs] == [(EXPECTED_PROMPT, "good<|im_end|>")]
+
+
+def sentencepiece_tokenizer():
+    """A real SentencePiece-style tokenizer (``tokenizers``' SentencePieceBPETokenizer: Metaspace
+    pre-tokenizer and decoder, as Llama-2 and Mistral have) trained on shipped text, with Llama-2's
+    chat markers as special tokens. Its decoder drops the space of a sequence's first word."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    rows = json.loads((EXAMPLES / "data" / "sft_demo.json").read_text())
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator([r["instruction"] + " " + r["output"] for r in rows], vocab_size=300, min_frequency=1,
+                           special_tokens=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"])
+    return PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=["[INST]", "[/INST]"])
+
+
+@pytest.mark.parametrize("preset", ["llamafactory", "openrlhf"])
+def test_full_text_presets_send_one_joint_decode_on_a_sentencepiece_tokenizer(preset):
+    tok = sentencepiece_tokenizer()
+    query = [tok.bos_token_id] + tok.encode("[INST] Say something good. [/INST]", add_special_tokens=False)
+    response = tok.encode("It is good", add_special_tokens=False) + [tok.eos_token_id]
+    joint = tok.decode(query + response, skip_special_tokens=False)
+    assert joint.endswith("[/INST] It is good</s>")
+    # Decoded apart, the response loses the space after [/INST]: the bug this guards against.
+    assert tok.decode(query) + tok.decode(response) != joint
+    prompt_text = RewardService.full_texts(tok, [query])[0]
+    meta = ScoreMeta(labels=["4"], templated_prompts=[prompt_text],
+                     full_responses=RewardService.joint_responses(tok, [query], [response]))
+    assert meta.templated_prompts[0] + meta.full_responses[0] == joint
+    with start_judge_server() as judge:
+        reward = build_api_reward(parse_reward_api({"url": judge.url_for(preset), "preset": preset}))
+        asyncio.run(reward.score(["Say something good."], ["It is good"], meta))
+        pairs = judge.stats.snapshot(pairs=True)["pairs"]
+    sent = [p["prompt"] + p["response"] for p in pairs]
+    assert sent == [joint]
+
+
+@pytest.mark.parametrize("preset", ["llamafactory", "openrlhf"])
+def test_start_up_probe_is_templated_for_full_text_presets(tiny_model_dir, preset):
+    with start_judge_server() as judge:
+        spec = RewardSpec(reward_model_type="api", reward_api={"url": judge.url_for(preset), "preset": preset})
+        context = RewardContext(base_model=str(tiny_model_dir), template="chatml", default_system=SYSTEM)
+        service = build_reward_service(spec, context)
+        try:
+            service.start()
+        finally:
+            service.close()
+        pairs = judge.stats.snapshot(pairs=True)["pairs"]
+    probe_prompt = EXPECTED_PROMPT.replace("Say hi.", "What is 2 + 2?")
+    assert [p["prompt"] + p["response"] for p in pairs] == [probe_prompt + "4<|im_end|>"]
 
 
 def test_openai_judge_reads_a_fraction_as_its_numerator():
@@ -413,7 +464,8 @@ def test_llamafactory_ppo_with_an_api_reward_sends_the_templated_text(tiny_model
     assert len(texts) >= 4  # the probe and two steps of two prompts
     system = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
     sampled = [t for t in texts if t.startswith(system + "<|im_start|>user\n")]
-    assert len(sampled) == len(texts) - 1  # all but the start-up probe are full templated texts
+    assert len(sampled) == len(texts)  # all are full templated texts, the start-up probe too (issue 25)
+    assert sum("What is 2 + 2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>" in t for t in sampled) == 1
     assert all("<|im_start|>assistant\n" in t for t in sampled)
 
 

@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
 
 import pytest
 import torch
 
 from alignkit.algos import logprobs_from_logits
-from alignkit.config import load_config
+from alignkit.config import ConfigError, load_config
 from alignkit.data.collators import SFTCollator, pad_left
 from alignkit.data.encode import encode_prompt, encode_supervised_examples
 from alignkit.data.loader import DataError, load_examples
 from alignkit.data.templates import get_template
-from alignkit.data.vision import PixelRows, VisionProcessor
+from alignkit.data.vision import PixelRows, VisionProcessor, fit_pixels
 from alignkit.generation import HFEngine, SamplingParams
 from alignkit.judge.process import JudgeProcess
 from alignkit.models.actor_critic import ActorCritic
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.models.tiny import build_tiny
-from alignkit.rewards.presets import AlignkitPreset, CustomPreset, OpenAIJudgePreset
+from alignkit.rewards.api.presets import AlignkitPreset, CustomPreset, OpenAIJudgePreset
 from alignkit.train import dpo, ppo, rm, sft
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES
@@ -223,3 +225,54 @@ def test_dpo_and_rm_with_images(vl_model, tmp_path):
     out = rm.run(preference_config("rm", vl_model, tmp_path / "rm"))
     losses = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+# -- image_max_pixels / image_min_pixels, as LLaMA-Factory resizes -------------------------
+
+
+@pytest.fixture(scope="module")
+def big_processor_model(vl_model, tmp_path_factory):
+    """The tiny VL checkpoint with Qwen2-VL's real processor limit (12845056 pixels), so only
+    image_max_pixels stands between a large image and its full token count."""
+    out = tmp_path_factory.mktemp("vl_big") / "model"
+    shutil.copytree(vl_model, out)
+    cfg = json.loads((out / "preprocessor_config.json").read_text())
+    cfg["size"] = {"longest_edge": 12845056, "shortest_edge": 3136}
+    (out / "preprocessor_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_image_max_pixels_caps_image_tokens_as_llamafactory(big_processor_model, tmp_path):
+    from PIL import Image
+
+    tokenizer = load_tokenizer(str(big_processor_model))
+    Image.new("RGB", (1024, 1024), (200, 10, 10)).save(tmp_path / "big.png")
+    Image.new("RGB", (512, 512), (200, 10, 10)).save(tmp_path / "half.png")
+
+    def tokens(path, *limits):
+        vision = VisionProcessor.load(big_processor_model, tokenizer, *limits)
+        return vision.num_tokens(vision.encode([str(path)])["image_grid_thw"])[0]
+
+    assert tokens(tmp_path / "big.png", 2**62) == 1369  # uncapped: (1036 / 28)^2
+    assert tokens(tmp_path / "big.png") == 729  # LLaMA-Factory's default 768*768 -> 768x768 -> (756 / 28)^2
+    # LLaMA-Factory scales 1024^2 by sqrt(262144 / 1024^2) = 0.5: the same tokens as a 512x512 image.
+    assert tokens(tmp_path / "big.png", 262144) == tokens(tmp_path / "half.png", 2**62) == 324
+
+
+def test_fit_pixels_follows_llamafactory():
+    from PIL import Image
+
+    assert fit_pixels(Image.new("RGB", (1000, 500)), 125000, 1024).size == (500, 250)
+    assert fit_pixels(Image.new("RGB", (10, 10)), 768 * 768, 32 * 32).size == (32, 32)  # min_pixels, then >= 28
+    assert fit_pixels(Image.new("RGB", (20, 100)), 768 * 768, 1).size == (28, 100)
+    assert fit_pixels(Image.new("RGB", (30000, 100)), 2**62, 1).size == (18000, 100)  # aspect over 200:1
+
+
+def test_image_pixel_keys_are_config_keys_and_video_keys_are_refused(vl_model, tmp_path, caplog):
+    base = ["stage=sft", f"model_name_or_path={vl_model}", "dataset=mm_sft_demo", f"dataset_dir={DATA}",
+            f"output_dir={tmp_path}"]
+    with caplog.at_level(logging.WARNING, logger="alignkit.config"):
+        cfg = load_config(None, [*base, "image_max_pixels=262144", "image_min_pixels=1024"])
+    assert (cfg.image_max_pixels, cfg.image_min_pixels) == (262144, 1024) and "image_m" not in caplog.text
+    with pytest.raises(ConfigError, match=r"key 'video_max_pixels' is not supported \(videos and audio"):
+        load_config(None, [*base, "video_max_pixels=65536"])

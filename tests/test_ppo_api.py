@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 from alignkit.config import load_config
 from alignkit.judge.server import start_judge_server
 from alignkit.report import write_report
-from alignkit.rewards.api import RewardApiError
+from alignkit.rewards.api.client import RewardApiError
 from alignkit.rewards.failures import RewardFailureError
 from alignkit.train import ppo
 from alignkit.train.checkpoint import list_checkpoints, load_state
+from alignkit.train.common import output_dir_error
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES
 
@@ -125,6 +126,9 @@ def test_unreachable_judge_stops_before_the_first_step(tiny_model_dir, tmp_path)
     assert "start-up check failed: connection error" in message
     assert f"POST {url}" in message and '"response": "4"' in message and "(no reply)" in message
     assert read_metrics(out) == []
+    # Nothing left there blocks the re-run: no overwrite_output_dir needed (LLaMA-Factory configs rarely set it).
+    assert [p.name for p in out.iterdir()] == ["alignkit_config.yaml"]
+    assert output_dir_error(ppo_api_config(tiny_model_dir, out, url), out) is None
 
 
 def test_wrong_token_fails_the_start_up_check_without_showing_it(tiny_model_dir, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from alignkit.judge.server import start_judge_server
 from alignkit.models.actor_critic import build_actor_critic
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.models.reward_model import RewardModel, save_reward_model
-from alignkit.rewards.api import RewardApiError
+from alignkit.rewards.api.client import RewardApiError
 from alignkit.rewards.base import Score, ScoreMeta
 from alignkit.rewards.failures import FailurePolicy, RewardFailureError
 from alignkit.rewards.model import ModelReward

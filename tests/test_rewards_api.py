@@ -13,11 +13,11 @@ import yaml
 from pydantic import ValidationError
 
 from alignkit.judge.server import JudgeSettings, start_judge_server
-from alignkit.rewards.api import ApiReward, RewardApiError, build_api_reward
-from alignkit.rewards.api_config import ApiSettings, parse_reward_api
+from alignkit.rewards.api.client import ApiReward, RewardApiError, build_api_reward
+from alignkit.rewards.api.config import ApiSettings, parse_reward_api
+from alignkit.rewards.api.presets import ReplyError, parse_path, resolve
 from alignkit.rewards.base import RewardSource, Score, ScoreMeta
 from alignkit.rewards.factory import build_reward_source
-from alignkit.rewards.presets import ReplyError, parse_path, resolve
 from alignkit.rewards.runner import BackgroundScorer
 from alignkit.rewards.spec import RewardContext, RewardSpec
 from alignkit.rewards.text import strip_think, think_truncated_frac
@@ -351,6 +351,21 @@ def test_think_stripped_before_scoring_and_truncation_policy(judge):
 def test_health_check_passes(judge):
     probe = asyncio.run(make(judge, "openai_judge").health_check())
     assert probe.ok
+
+
+def test_health_check_retries_an_unsuccessful_reply_like_a_5xx(judge):
+    """One ``{"success": false}`` at start is a busy judge, not a dead one: the probe retries it
+    (scoring requests do not: there it is the sample's failure)."""
+    judge.settings.fault_first, judge.settings.fault_kinds = 1, ("unsuccessful",)
+    probe = asyncio.run(build_api_reward(load_example("judge_custom.yaml", judge, headers={}, max_retries=2,
+                                                      backoff=0.01)).health_check())
+    assert probe.ok and judge.stats.snapshot()["requests"] == 2
+    judge.stats.reset()
+    judge.settings.fault_first, judge.settings.fault_rate = 0, 1.0  # always unsuccessful: it gives up
+    with pytest.raises(RewardApiError, match=r"start-up check failed: unsuccessful reply"):
+        asyncio.run(build_api_reward(load_example("judge_custom.yaml", judge, headers={}, max_retries=2,
+                                                  backoff=0.01)).health_check())
+    assert judge.stats.snapshot()["requests"] == 3
 
 
 def test_health_check_unreachable():

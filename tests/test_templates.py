@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from alignkit.data import Example, encode_supervised, get_template
@@ -169,3 +171,63 @@ def test_auto_masks_a_template_that_rewrites_history(enable_thinking, supervised
     segments = auto.segments(conv, None, False, enable_thinking, tokenizer=tok)
     assert "".join(text for text, _ in segments) == auto.render(conv, enable_thinking=enable_thinking)
     assert [text for text, sup in segments if sup] == supervised
+
+
+# -- LLaMA-Factory's Qwen3 family, by its own rendering rules ------------------------------
+# Written from LLaMA-Factory's data/template.py (read, not imported): every Qwen3-family template
+# has the ChatML slots (user turn ends with the assistant header, assistant slot is
+# "{content}<|im_end|>\n"); the reasoning ones (ReasoningTemplate) with enable_thinking on give a
+# response without a thought an empty one in the response, with it off drop the thought and put
+# the empty one in the prompt; the *_nothink ones have no think handling at all. qwen2_vl has a
+# default system prompt, the Qwen3 ones none.
+LF_THOUGHT = ("<think>\n", "\n</think>\n\n")
+LF_REASONING = {"qwen3", "qwen3_vl", "qwen3_5", "qwen3_6", "qwen3_omni"}
+LF_PLAIN = {"qwen3_nothink", "qwen3_vl_nothink", "qwen3_5_nothink", "qwen3_omni_nothink", "qwen2_vl"}
+LF_DEFAULT_SYSTEM = {"qwen2_vl": "You are a helpful assistant."}
+
+
+def lf_oneturn(name: str, system: str | None, user: str, response: str, enable_thinking: bool) -> tuple[str, str]:
+    """(prompt, response) text as LLaMA-Factory's encode_oneturn builds it for one exchange."""
+    system = system or LF_DEFAULT_SYSTEM.get(name, "")
+    prompt = (f"<|im_start|>system\n{system}<|im_end|>\n" if system else "")
+    prompt += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    if name in LF_REASONING:
+        if enable_thinking is False:
+            response = re.sub(re.escape(LF_THOUGHT[0]) + "(.*?)" + re.escape(LF_THOUGHT[1]), "", response,
+                              flags=re.DOTALL).lstrip("\n")
+        if "<think>" not in response and "</think>" not in response:
+            if enable_thinking:
+                response = "".join(LF_THOUGHT) + response
+            else:
+                prompt += "".join(LF_THOUGHT)
+    return prompt, response + "<|im_end|>\n"
+
+
+@pytest.mark.parametrize("name", sorted(LF_REASONING | LF_PLAIN))
+@pytest.mark.parametrize("enable_thinking", [True, False])
+@pytest.mark.parametrize("response", ["4", "<think>\nadd them\n</think>\n\n4"])
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_llamafactory_qwen_family_renders_byte_identical(name, enable_thinking, response, system, tokenizer):
+    template = get_template(name)
+    conv = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": response}]
+    want_prompt, want_response = lf_oneturn(name, system, "What is 2 + 2?", response, enable_thinking)
+    assert template.render(conv, system=system, enable_thinking=enable_thinking) == want_prompt + want_response
+    segments = template.segments(conv, system, False, enable_thinking, tokenizer=tokenizer)
+    supervised = "".join(text for text, sup in segments if sup)
+    assert supervised + "\n" == want_response  # the newline after <|im_end|> is not trained on (turn_sep)
+    generation = template.render(conv[:1], system=system, add_generation_prompt=True, enable_thinking=enable_thinking)
+    assert generation == lf_oneturn(name, system, "What is 2 + 2?", "", enable_thinking)[0]
+
+
+def test_qwen3_nothink_is_not_qwen3_with_thinking_off():
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert get_template("qwen3_nothink").render(conv, enable_thinking=False) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n")
+    assert "<think>" in get_template("qwen3").render(conv, enable_thinking=False)
+
+
+def test_template_names_did_you_mean_and_llamafactory_names_refused_with_the_way_out():
+    with pytest.raises(ValueError, match=r"unknown template 'qwen3_nothnk'; did you mean 'qwen3_nothink'"):
+        get_template("qwen3_nothnk")
+    with pytest.raises(ValueError, match=r"'sailor' is LLaMA-Factory's.*template: auto"):
+        get_template("sailor")

@@ -148,6 +148,23 @@ def load_examples(
     return examples
 
 
+def dataset_problems(dataset: str | list[str], dataset_dir: str | None) -> list[str]:
+    """Every dataset name that does not resolve to files (unregistered, a bad entry, a missing
+    file), without reading any rows: what config validation reports before a model loads."""
+    names = [n.strip() for n in (dataset.split(",") if isinstance(dataset, str) else dataset) if str(n).strip()]
+    try:
+        registry = _read_registry(dataset_dir)
+    except DataError as e:
+        return [str(e)]
+    problems = []
+    for name in names:
+        try:
+            _resolve(name, dataset_dir, registry)
+        except DataError as e:
+            problems.append(str(e))
+    return problems
+
+
 def split_train_val(
     examples: list[Example], val_size: float | int, seed: int
 ) -> tuple[list[Example], list[Example]]:

@@ -11,6 +11,7 @@ which the encoder tokenises piece by piece to build label masks.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass
@@ -96,11 +97,9 @@ class Template(_ChatTemplate):
                 prompt += self.tool.replace("{content}", content)
             elif role == "assistant":
                 prompt += self.assistant_start
-                if self.thinking and i < last_user:
-                    # Qwen3 drops the reasoning of turns before the latest user query.
-                    content = _THINK_BLOCK.sub("", content).lstrip("\n")
-                elif self.thinking and enable_thinking is False and "<think>" not in content:
-                    prompt += EMPTY_THINK
+                if self.thinking:
+                    extra, content = _think_turn(content, i < last_user, enable_thinking)
+                    prompt += extra
                 out.append((prompt, False))
                 out.append((content + eot, True))
                 prompt = self.turn_sep
@@ -116,6 +115,23 @@ class Template(_ChatTemplate):
     def _render(self, messages: list[dict], system: str | None, gen: bool, enable_thinking: bool | None) -> str:
         # Without a tokenizer: for ``empty`` (eot None), no eos tokens.
         return "".join(text for text, _ in self._segments(messages, system, gen, enable_thinking, None))
+
+
+def _think_turn(content: str, history: bool, enable_thinking: bool | None) -> tuple[str, str]:
+    """A thinking template's assistant turn: ``(added to the prompt, the response)``.
+
+    LLaMA-Factory's ``ReasoningTemplate`` and the Qwen3 chat_template agree: reasoning of turns
+    before the latest user query is dropped; thinking off drops the thought and puts the empty
+    think block in the (unsupervised) prompt; thinking on gives a response without a thought the
+    empty think block as part of the response. ``None`` renders the response as the data has it.
+    """
+    if history:
+        return "", _THINK_BLOCK.sub("", content).lstrip("\n")
+    if enable_thinking is False:
+        return EMPTY_THINK, _THINK_BLOCK.sub("", content).lstrip("\n")
+    if enable_thinking and "<think>" not in content and "</think>" not in content:
+        return "", EMPTY_THINK + content
+    return "", content
 
 
 def _turn_slots(header: str, end: str, tool_role: str = "tool") -> dict[str, str]:
@@ -138,7 +154,10 @@ TEMPLATES: dict[str, Template] = {
         **{**CHATML, "tool": QWEN_TOOL},
         default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
     ),
+    "qwen2_vl": Template(name="qwen2_vl", **{**CHATML, "tool": QWEN_TOOL}, default_system="You are a helpful assistant."),
     "qwen3": Template(name="qwen3", **{**CHATML, "tool": QWEN_TOOL}, thinking=True),
+    # LLaMA-Factory's qwen3_nothink: the Qwen3 slots without any think handling (no empty think block).
+    "qwen3_nothink": Template(name="qwen3_nothink", **{**CHATML, "tool": QWEN_TOOL}),
     "llama3": Template(
         name="llama3",
         prefix="<|begin_of_text|>",
@@ -236,12 +255,29 @@ LLAMAFACTORY_TEMPLATES = {
     "llama3": "llama3", "llama4": "auto", "mistral": "auto", "mistral_small": "auto", "ministral": "auto",
     "gemma": "auto", "gemma2": "auto", "gemma3": "auto", "glm4": "auto", "chatglm3": "auto",
     "deepseek": "auto", "deepseek3": "auto", "deepseekr1": "auto", "phi": "auto", "phi_small": "auto",
-    "phi4": "auto", "yi": "chatml", "qwen": "qwen", "qwen2_vl": "auto", "qwen3": "qwen3",
-    "qwen3_5": "auto", "chatml": "chatml", "chatml_de": "auto", "empty": "empty", "baichuan2": "auto",
+    "phi4": "auto", "yi": "chatml", "qwen": "qwen", "qwen2_vl": "qwen2_vl", "qwen3": "qwen3",
+    # The Qwen3 family renders a conversation's text with the same slots; they differ in the vision
+    # plugin (images are the model processor's business here) and in tool-call formats.
+    "qwen3_nothink": "qwen3_nothink", "qwen3_vl": "qwen3", "qwen3_vl_nothink": "qwen3_nothink",
+    "qwen3_5": "qwen3", "qwen3_5_nothink": "qwen3_nothink", "qwen3_6": "qwen3",
+    "qwen3_omni": "qwen3", "qwen3_omni_nothink": "qwen3_nothink", "chatml": "chatml", "chatml_de": "auto", "empty": "empty", "baichuan2": "auto",
     "internlm2": "auto", "intern2": "auto", "cohere": "auto", "falcon": "auto", "olmo": "auto", "granite3": "auto",
     "starchat": "auto", "zephyr": "auto", "openchat": "auto", "openchat-3.6": "auto", "orion": "auto",
     "xverse": "auto", "yuan": "auto", "codegeex4": "auto", "gpt_oss": "auto", "hunyuan": "auto", "kimi_vl": "auto",
 }
+
+
+# LLaMA-Factory's other template names (its data/template.py, August 2026): no built-in here renders
+# them, so they are refused with the way out (``auto``) rather than guessed at.
+LLAMAFACTORY_OTHER_TEMPLATES = frozenset("""
+    bailing bailing_v2 breeze cpm4 dbrx hy3 deepseekcoder dots_ocr ernie ernie_nothink ernie_vl exaone falcon_h1
+    fewshot gemma3n gemma4 gemma4n glm4_moe glm4v glm4_5v glm_ocr glm4_7 glmz1 granite3_vision granite4 index
+    hunyuan_small hy_dense_1_8b hy_dense_7b intern_vl intern_s1 keye_vl lfm2 lfm2_vl mllama moonlight moss_vl llava
+    llava_next llava_next_llama3 llava_next_mistral llava_next_qwen llava_next_yi llava_next_video
+    llava_next_video_mistral llava_next_video_yi mimo mimo_v2 mimo_vl minicpm_v minicpm_v_4_6 minicpm_o minimax1
+    minimax2 ministral3 opencoder paligemma paligemma_chat phi4_mini pixtral qwen2_audio qwen2_omni sailor
+    seed_coder seed_oss smollm smollm2 solar telechat2 video_llava xuanyuan yi_vl youtu youtu_vl aeva
+""".split())
 
 
 def known_template_names() -> list[str]:
@@ -260,5 +296,17 @@ def get_template(name: str, tokenizer: Any = None) -> Template | AutoTemplate:
     if name == "auto":
         return AutoTemplate(tokenizer)
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; set template to one of: {', '.join(known_template_names())}")
+        raise ValueError(unknown_template_message(name))
     return TEMPLATES[name]
+
+
+def unknown_template_message(name: str) -> str:
+    """One paragraph for a template name alignkit does not know, with the closest known names."""
+    known = known_template_names()
+    if name in LLAMAFACTORY_OTHER_TEMPLATES:
+        return (f"template {name!r} is LLaMA-Factory's, and no built-in template here renders the same text. "
+                "Set template: auto to render with the model's own chat_template (which LLaMA-Factory's "
+                f"templates are copied from), or one of: {', '.join(known)}")
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown template {name!r}{hint} Set template to one of: {', '.join(known)}"

@@ -15,6 +15,7 @@ megabytes of patches.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,12 @@ class VisionProcessor:
     pad: str  # <|image_pad|>: one per merged patch
     end: str  # <|vision_end|>
     image_token_id: int
+    max_pixels: int = 768 * 768  # image_max_pixels
+    min_pixels: int = 32 * 32  # image_min_pixels
 
     @classmethod
-    def load(cls, model_dir: str | Path, tokenizer: Any) -> VisionProcessor | None:
+    def load(cls, model_dir: str | Path, tokenizer: Any, max_pixels: int = 768 * 768,
+             min_pixels: int = 32 * 32) -> VisionProcessor | None:
         """The processor of a Qwen-VL style checkpoint (config names ``vision_start_token_id`` and
         ``image_token_id``); ``None`` for a model that takes no images."""
         config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -54,7 +58,7 @@ class VisionProcessor:
             ) from None
         start, end, pad = tokenizer.convert_ids_to_tokens(
             [config["vision_start_token_id"], config["vision_end_token_id"], config["image_token_id"]])
-        return cls(image_processor, start, pad, end, config["image_token_id"])
+        return cls(image_processor, start, pad, end, config["image_token_id"], max_pixels, min_pixels)
 
     def encode(self, paths: Sequence[str]) -> dict[str, torch.Tensor]:
         """``pixel_values`` (patches of all images, flattened: (N, C*T*P*P)) and ``image_grid_thw`` (n, 3)."""
@@ -63,7 +67,7 @@ class VisionProcessor:
         images = []
         for path in paths:
             with Image.open(path) as im:
-                images.append(im.convert("RGB"))
+                images.append(fit_pixels(im.convert("RGB"), self.max_pixels, self.min_pixels))
         out = self.image_processor(images=images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
@@ -87,6 +91,23 @@ class VisionProcessor:
     def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """1 on image tokens, 0 elsewhere: what transformers reads to lay out Qwen-VL's 3-D rope positions."""
         return (input_ids == self.image_token_id).int()
+
+
+def fit_pixels(image: Any, max_pixels: int, min_pixels: int) -> Any:
+    """The image scaled into [min_pixels, max_pixels] (aspect kept, sides truncated to whole
+    pixels), then kept at least 28 px a side and under a 200:1 aspect: LLaMA-Factory's image
+    pre-processing for its Qwen-VL plugins (mm_plugin.py), so the same image gives the same tokens."""
+    for bound, outside in ((max_pixels, lambda n: n > max_pixels), (min_pixels, lambda n: n < min_pixels)):
+        if outside(image.width * image.height):
+            factor = math.sqrt(bound / (image.width * image.height))
+            image = image.resize((int(image.width * factor), int(image.height * factor)))
+    if min(image.width, image.height) < 28:
+        image = image.resize((max(image.width, 28), max(image.height, 28)))
+    if image.width / image.height > 200:
+        image = image.resize((image.height * 180, image.height))
+    if image.height / image.width > 200:
+        image = image.resize((image.width, image.width * 180))
+    return image
 
 
 def prompt_messages(example: Example, vision: VisionProcessor | None) -> list[dict]:
@@ -113,7 +134,7 @@ def check_image_tokens(example: Example, vision: VisionProcessor | None, ids: Se
     if kept != expected:
         raise DataError(
             f"{example.source}: cutoff_len cuts through this row's images ({kept} of {expected} image tokens "
-            "kept); raise cutoff_len or use smaller images (the image processor's max_pixels)."
+            "kept); raise cutoff_len or lower image_max_pixels."
         )
 
 

@@ -53,7 +53,7 @@ PATHS = {
     "custom": "/custom/evaluate",
 }
 
-# The default openai_judge rubric lays the sample out in these sections (see rewards/presets.py).
+# The default openai_judge rubric lays the sample out in these sections (see rewards/api/presets.py).
 _RUBRIC_SECTIONS = re.compile(
     r"\[Prompt\]\n(.*?)\n\n\[Response\]\n(.*?)\n\n\[Reference answer\]\n(.*?)\n\nGive ", re.DOTALL
 )

@@ -16,7 +16,7 @@ from alignkit.rewards.factory import HealthCheck, build_reward
 from alignkit.rewards.failures import FailurePolicy
 from alignkit.rewards.runner import BackgroundScorer
 from alignkit.rewards.spec import RewardContext, RewardSpec
-from alignkit.rewards.text import decode_for_reward
+from alignkit.rewards.text import decode_for_reward, joint_responses
 from alignkit.rewards.wrappers import CountFailures
 
 
@@ -59,6 +59,12 @@ class RewardService:
     def full_texts(tokenizer, rows: list[list[int]]) -> list[str]:
         """Token ids with every special token kept: ``ScoreMeta``'s templated prompts and full responses."""
         return decode_for_reward(tokenizer, rows, include_special_tokens=True)
+
+    @staticmethod
+    def joint_responses(tokenizer, query_rows: list[list[int]], response_rows: list[list[int]]) -> list[str]:
+        """``ScoreMeta.full_responses``: each response as it reads after its templated prompt in one
+        decode of prompt + response (special tokens kept), so prompt + response is that decode."""
+        return joint_responses(tokenizer, query_rows, response_rows)
 
     def start(self) -> None:
         """Probe the judge once before training, when it has a start-up check and it is enabled;

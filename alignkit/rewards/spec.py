@@ -15,12 +15,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignkit.rewards.api_config import LIFTED, ApiSettings, LlamaFactoryApi, RewardApiConfig
+from alignkit.rewards.api.config import LIFTED, ApiSettings, LlamaFactoryApi, RewardApiConfig
+from alignkit.rewards.api.headers import check_env
+from alignkit.rewards.api.transport import check_url, is_http_url
 from alignkit.rewards.failures import OnFailure
-from alignkit.rewards.headers import check_env
 from alignkit.rewards.rules import BUILTIN_RULES
 from alignkit.rewards.text import DEFAULT_THINK_TAGS
-from alignkit.rewards.transport import check_url, is_http_url
 
 logger = logging.getLogger(__name__)
 RewardType = Literal["rule", "api", "lora", "full"]

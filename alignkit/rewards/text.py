@@ -7,6 +7,7 @@ thought as if it were one is what makes reward collapse on thinking models.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,27 @@ def decode_for_reward(
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     drop = special - {tokenizer.convert_tokens_to_ids(t) for t in keep}
     return [tokenizer.decode([i for i in r if i not in drop], skip_special_tokens=False) for r in rows]
+
+
+def joint_responses(
+    tokenizer: Any, query_rows: Sequence[Sequence[int]], response_rows: Sequence[Sequence[int]]
+) -> list[str]:
+    """Each response as the text that follows its prompt in ONE decode of prompt + response ids,
+    special tokens kept: what LLaMA-Factory and OpenRLHF send (``decode(query + response)``).
+
+    Decoding the two parts apart is the same on byte-level BPE, but a SentencePiece-style
+    tokenizer drops the leading space of a sequence's first word, so ``decode(response)`` after
+    ``[/INST]`` loses the space that the joint decode keeps. Where the prompt's own decode is not a
+    prefix of the joint one (a clean-up rule merging across the seam), the response starts after
+    their common prefix.
+    """
+    out = []
+    for query, response in zip(query_rows, response_rows, strict=True):
+        prompt = tokenizer.decode(list(query), skip_special_tokens=False)
+        full = tokenizer.decode([*query, *response], skip_special_tokens=False)
+        seam = len(prompt) if full.startswith(prompt) else len(os.path.commonprefix([prompt, full]))
+        out.append(full[seam:])
+    return out
 
 
 def strip_think(text: str, tags: Sequence[str] = DEFAULT_THINK_TAGS) -> tuple[str, bool]:

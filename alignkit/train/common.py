@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object
 from transformers import get_scheduler
 
-from alignkit.config import StageConfig, save_config
+from alignkit.config import CONFIG_FILE, StageConfig, output_dir_problem, save_config
 from alignkit.data.loader import Example, Kind, load_examples
 from alignkit.models.loading import check_model_dir
 from alignkit.train.checkpoint import (
@@ -55,11 +55,8 @@ def _check_model_files(path: str, key: str, marker: str, what: str) -> None:
 
 def _check_writable(output_dir: str) -> None:
     """output_dir, or the nearest existing folder above it (where it will be created), is writable."""
-    path = Path(output_dir).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir: {output_dir!r} cannot be written ({existing} is not a writable directory); "
-                         "choose another output_dir or fix its permissions.")
+    if problem := output_dir_problem(output_dir):
+        raise ValueError(problem)
 
 
 def setup_run(cfg: StageConfig) -> tuple[Accelerator, Path]:
@@ -122,8 +119,12 @@ def backend(accelerator: Accelerator) -> str:
 
 
 def output_dir_error(cfg: StageConfig, out: Path) -> str | None:
+    """Why ``out`` may not be written, or None. The saved config alone does not count: a run that
+    stopped before its first step (a failed judge start-up check, a model that did not load)
+    left nothing to lose, and its re-run must not need overwrite_output_dir."""
     resuming = cfg.resume_from_checkpoint not in (None, False)
-    if out.is_dir() and any(out.iterdir()) and not (resuming or cfg.overwrite_output_dir):
+    kept = [p for p in out.iterdir() if p.name != CONFIG_FILE] if out.is_dir() else []
+    if kept and not (resuming or cfg.overwrite_output_dir):
         found = "it holds checkpoints" if list_checkpoints(out) else "it holds no checkpoint yet"
         return (f"output_dir {out} is not empty ({found}): set resume_from_checkpoint=true to continue the run "
                 "from its latest checkpoint, overwrite_output_dir=true to start over in it, or choose another output_dir")

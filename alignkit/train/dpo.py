@@ -292,7 +292,8 @@ def run_preference(cfg: PreferenceConfig, recipe: Recipe) -> Path:
     # held-out examples are split off before a pair becomes two KTO rows.
     policy, frozen = build_models(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer)  # None: a text-only model
+    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
+                                  cfg.image_min_pixels)  # None: a text-only model
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
     train = recipe.tokenize(cfg, tokenizer, train_ex, vision)
     val = recipe.tokenize(cfg, tokenizer, val_ex, vision) if val_ex else []

@@ -110,7 +110,8 @@ def run(cfg: RMConfig) -> Path:
     # 2. Reward model (LM + score head) and tokenized pairs.
     rm = RewardModel.from_causal_lm(build_policy_model(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer)  # None: a text-only model
+    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
+                                  cfg.image_min_pixels)  # None: a text-only model
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
     train, val = tokenize(cfg, tokenizer, train_ex, vision), tokenize(cfg, tokenizer, val_ex, vision) if val_ex else []
     collate = PairCollator(tokenizer.pad_token_id, vision)

@@ -91,7 +91,8 @@ def run(cfg: SFTConfig) -> Path:
 
     # 2. Model and tokenized data.
     model, tokenizer = build_policy_model(cfg), load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer)  # None: a text-only model
+    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
+                                  cfg.image_min_pixels)  # None: a text-only model
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
     train, val = tokenize(cfg, tokenizer, train_ex, vision), tokenize(cfg, tokenizer, val_ex, vision) if val_ex else []
     collate = SFTCollator(tokenizer.pad_token_id, vision)

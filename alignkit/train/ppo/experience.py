@@ -54,7 +54,8 @@ class RolloutSettings:
     pad_token_id: int
     decode: Callable[[list[list[int]]], list[str]]  # response ids -> the text the reward scores
     need_reference: bool = True  # False: no reference pass, KL is zero (runs with a KL coefficient of 0)
-    decode_full: Callable[[list[list[int]]], list[str]] | None = None  # response ids -> text, special tokens kept
+    # (query ids, response ids) -> each response as it reads after its prompt in one joint decode
+    decode_full: Callable[[list[list[int]], list[list[int]]], list[str]] | None = None
     # Entered once around the whole rollout: ZeRO-3 gathers the policy there (sharding.rollout_context).
     gather: Callable[[], AbstractContextManager] = nullcontext
 
@@ -169,7 +170,8 @@ def score_meta(prompts: PromptSet, ids: list[int], resp_ids: list[list[int]], se
     return ScoreMeta(
         labels=[prompts.labels[i] for i in ids],
         templated_prompts=None if prompts.templated is None else [prompts.templated[i] for i in ids],
-        full_responses=settings.decode_full(resp_ids) if settings.decode_full is not None else None,
+        full_responses=None if settings.decode_full is None else settings.decode_full(
+            [prompts.queries[i] for i in ids], resp_ids),
         images=None if prompts.images is None else [tuple(prompts.images[i]) for i in ids],
     )
 

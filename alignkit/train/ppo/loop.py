@@ -250,7 +250,8 @@ def load_prompts(cfg: PPOConfig, tokenizer, examples: list[Example]) -> PromptSe
     """Template-encoded prompts (room left for max_new_tokens), the prompt text the reward sees and,
     on a VL model, each prompt's images."""
     template = get_template(cfg.template, tokenizer)
-    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer)  # None: a text-only model
+    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
+                                  cfg.image_min_pixels)  # None: a text-only model
     prompt_len = max(8, cfg.cutoff_len - cfg.max_new_tokens)
     queries = [encode_prompt(tokenizer, template, ex, prompt_len, cfg.default_system, cfg.enable_thinking, vision)
                for ex in examples]
@@ -324,7 +325,7 @@ def rollout_settings(cfg: PPOConfig, tokenizer, service: RewardService, ac: Acto
         forward_batch_size=cfg.per_device_eval_batch_size, kl_estimator=cfg.kl_penalty,
         pad_token_id=tokenizer.pad_token_id,
         decode=partial(service.response_texts, tokenizer),
-        decode_full=partial(service.full_texts, tokenizer),
+        decode_full=partial(service.joint_responses, tokenizer),
         # A KL coefficient of 0 stays 0 (the adaptive controller scales it): no reference pass at all.
         need_reference=cfg.init_kl_coef > 0,
         gather=gather,

@@ -1,9 +1,9 @@
 """Score rollouts with a remote HTTP judge: concurrent, bounded, retried, validated.
 
-``reward_api.*`` keys live in ``api_config.py``; request shapes in ``presets.py``. Every
+``reward_api.*`` keys live in ``config.py``; request shapes in ``presets.py``. Every
 value that comes back is validated; anything else (HTTP error, timeout, malformed JSON, a
 wrong count, NaN, a string) is a failure with its reason, never a silent 0. Think stripping,
-the score cache and failure counts are wrappers every source gets (``wrappers.py``).
+the score cache and failure counts are wrappers every source gets (``rewards/wrappers.py``).
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ from typing import Any
 
 import aiohttp
 
-from alignkit.rewards.api_config import ApiSettings
+from alignkit.rewards.api.config import ApiSettings
+from alignkit.rewards.api.headers import redact_headers, resolve_headers, scrub
+from alignkit.rewards.api.presets import UNSUCCESSFUL, Item, ReplyError, make_preset, shape_settings
+from alignkit.rewards.api.transport import Reply, RequestFailure, open_session, post, retry_after_seconds
 from alignkit.rewards.base import RewardError, Score, ScoreMeta, images_for, labels_for
 from alignkit.rewards.cache import identity_of
-from alignkit.rewards.headers import redact_headers, resolve_headers, scrub
-from alignkit.rewards.presets import Item, ReplyError, make_preset, shape_settings
-from alignkit.rewards.transport import Reply, RequestFailure, open_session, post, retry_after_seconds
 
 logger = logging.getLogger(__name__)
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-_HEALTH_ITEM: Item = ("What is 2 + 2?", "4", "4", ())
+PROBE_PROMPT, PROBE_ANSWER = "What is 2 + 2?", "4"  # the start-up probe's sample (and its label)
 
 
 class RewardApiError(RewardError):
@@ -121,12 +121,14 @@ class ApiReward:
             out[f"reward/extra/{name}"] = sum(values) / len(values)
         return out
 
-    async def health_check(self) -> Score:
+    async def health_check(self, meta: ScoreMeta | None = None) -> Score:
         """Send one probe request, retried like any scoring request; raise ``RewardApiError``
-        showing request and reply if it still fails. Its counters are not step 1's metrics."""
-        body = json.dumps(self.preset.build([_HEALTH_ITEM])).encode()
+        showing request and reply if it still fails. Its counters are not step 1's metrics.
+        ``meta`` carries the probe's templated texts for a full-text preset."""
+        prompts, responses = self._texts([PROBE_PROMPT], [PROBE_ANSWER], meta)
+        body = json.dumps(self.preset.build([(prompts[0], responses[0], PROBE_ANSWER, ())])).encode()
         sent = f"POST {self.url}\n  headers: {redact_headers(self.cfg.headers)}\n  body: {_clip(body.decode(), 800)}"
-        outcome, reply, latency = await self._send(body, 1)
+        outcome, reply, latency = await self._send(body, 1, probe=True)
         self.metrics()  # drop the probe's requests, latency and extra_logs
         got = "(no reply)" if reply is None else (
             f"HTTP {reply.status}\n  body: {_clip(reply.content.decode(errors='replace'), 800)}")
@@ -149,9 +151,13 @@ class ApiReward:
             self._latencies.append(latency)
         return [Score(s.value, s.reason and self._redact(s.reason), latency_s=latency) for s in outcome]
 
-    async def _send(self, body: bytes, n: int) -> tuple[list[Score] | RequestFailure, Reply | None, float]:
+    async def _send(
+        self, body: bytes, n: int, probe: bool = False
+    ) -> tuple[list[Score] | RequestFailure, Reply | None, float]:
         """POST ``body`` (``n`` items) with the retry policy: the last attempt's outcome, its reply
-        (``None`` when none came) and the time taken over all attempts, seconds."""
+        (``None`` when none came) and the time taken over all attempts, seconds. The start-up
+        ``probe`` also retries a reply that says it failed (``{"success": false}``): a judge that
+        fails once at start is busy, not dead, as with a 5xx."""
         state = self._loop_state()
         start = time.perf_counter()
         failure, reply = RequestFailure("not sent", "no attempt made"), None
@@ -169,7 +175,8 @@ class ApiReward:
             if not isinstance(outcome, RequestFailure):
                 return outcome, reply, time.perf_counter() - start
             failure = outcome
-            if not failure.retryable or attempt == self.cfg.max_retries:
+            retryable = failure.retryable or (probe and failure.kind == UNSUCCESSFUL)
+            if not retryable or attempt == self.cfg.max_retries:
                 break
             self._count("retries")
             logger.debug("reward_api retry %d after %s", attempt + 1, self._redact(failure.reason))

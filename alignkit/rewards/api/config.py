@@ -23,9 +23,9 @@ from pydantic import (
     model_validator,
 )
 
-from alignkit.rewards.headers import redact_headers
-from alignkit.rewards.presets import DEFAULT_RUBRIC, DEFAULT_SCORE_REGEX, make_preset
-from alignkit.rewards.transport import check_url
+from alignkit.rewards.api.headers import redact_headers
+from alignkit.rewards.api.presets import DEFAULT_RUBRIC, DEFAULT_SCORE_REGEX, make_preset
+from alignkit.rewards.api.transport import check_url
 
 PRESETS = ("alignkit", "llamafactory", "openrlhf", "openai_judge", "custom")
 

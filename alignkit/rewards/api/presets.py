@@ -42,6 +42,9 @@ Give a one-sentence justification, then the score as the last number of your rep
 DEFAULT_SCORE_REGEX = r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
 
 
+UNSUCCESSFUL = "unsuccessful reply"  # the kind of a reply whose success condition is not met
+
+
 class ReplyError(Exception):
     """The reply as a whole is unusable; every item of the request fails with this reason."""
 
@@ -151,7 +154,7 @@ class Condition:
         except ReplyError:
             got = None
         if (got == self.expected) != (self.op == "=="):
-            raise ReplyError("unsuccessful reply", f"success condition {self.text!r} not met (got {got!r})")
+            raise ReplyError(UNSUCCESSFUL, f"success condition {self.text!r} not met (got {got!r})")
 
 
 class Preset:
