@@ -19,13 +19,13 @@ from alignkit.data.templates import TEMPLATES, get_template
 from alignkit.export import (
     ExportConfig,
     export_model,
-    load_tool_config,
     system_override_jinja,
     template_jinja,
     verify_export,
 )
 from alignkit.models.loading import load_causal_lm, merge_adapters
 from alignkit.runs import build_spec
+from alignkit.tools.config import load_tool_config
 
 SYSTEM = "You are a tiny bot."
 PROMPT_IDS = [[1, 20, 30, 40, 50, 60, 70, 2], [5, 6, 7, 8]]
