@@ -233,7 +233,8 @@ def test_config_errors_and_vllm_skip(runs, tmp_path):
 
 
 def test_runs_read_config_from_a_checkpoint_and_list_complete_checkpoints(runs, tmp_path):
-    from alignkit.runs import STATE_FILE, list_checkpoints, read_run_config, resolve_run
+    from alignkit.runs import read_run_config, resolve_run
+    from alignkit.train.checkpoint import STATE_FILE, list_checkpoints
 
     run = tmp_path / "run"
     (run / "checkpoint-7").mkdir(parents=True)
