@@ -126,11 +126,11 @@ COMMAND_MODULES = [
     "alignkit.judge.cli",  # judge serve
     "alignkit.rewards.score_cli",  # score
     "alignkit.export",  # export
-    "alignkit.infer",  # chat, predict
-    "alignkit.compare",  # compare
-    "alignkit.pairs",  # pairs
+    "alignkit.tools.infer",  # chat, predict
+    "alignkit.tools.compare",  # compare
+    "alignkit.tools.pairs",  # pairs
     "alignkit.report",  # report
-    "alignkit.demo",  # demo
+    "alignkit.tools.demo",  # demo
     "alignkit.models.tiny_cli",  # tiny
 ]
 

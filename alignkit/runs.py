@@ -1,14 +1,13 @@
-"""A run directory (an SFT/PPO/RM ``output_dir``): its saved config, its checkpoints, and what
-model it consists of (``ModelSpec``: a base, adapters in order, the template it was prompted with).
+"""A run directory (an SFT/PPO/RM ``output_dir``, or one of its checkpoints): its saved config, and
+what model it consists of (``ModelSpec``: a base, adapters in order, the template it was prompted with).
 
-Training writes the directory (``alignkit.train``); the tools read it (export, chat, predict,
-compare). This module only reads files: it loads no model.
+Training writes the directory (``alignkit.train``; its checkpoints are ``alignkit.train.checkpoint``'s);
+the tools read it (export, chat, predict, compare). This module only reads files: it loads no model.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,6 @@ from alignkit.models.loading import check_model_dir
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "alignkit_config.yaml"
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.pt"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete ``checkpoint-N`` dirs (their state file written last), oldest first."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    found = [p for p in found if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 def read_run_config(run_dir: str | Path) -> tuple[dict[str, Any], Path] | None:

@@ -54,13 +54,13 @@ class CrashAfterCheckpoint(Exception):
 
 def crash_after_first_checkpoint(run, monkeypatch) -> None:
     """Call ``run()`` and stop it with ``CrashAfterCheckpoint`` as soon as its first checkpoint is
-    written (rank 0 writes through ``alignkit.train.checkpoint.save_checkpoint``)."""
-    from alignkit.train.checkpoint import save_checkpoint
+    written (rank 0 writes through ``alignkit.train.checkpoint.write_checkpoint``)."""
+    from alignkit.train.checkpoint import write_checkpoint
 
     def save_then_crash(*args, **kwargs):
-        raise CrashAfterCheckpoint(save_checkpoint(*args, **kwargs))
+        raise CrashAfterCheckpoint(write_checkpoint(*args, **kwargs))
 
-    monkeypatch.setattr("alignkit.train.checkpoint.save_checkpoint", save_then_crash)
+    monkeypatch.setattr("alignkit.train.checkpoint.write_checkpoint", save_then_crash)
     with pytest.raises(CrashAfterCheckpoint):
         run()
     monkeypatch.undo()

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from alignkit.demo import run_demo
+from alignkit.tools.demo import run_demo
 
 
 @pytest.mark.slow

@@ -16,9 +16,9 @@ from alignkit.data.loader import DataError, load_examples
 from alignkit.report import write_report
 from alignkit.report.data import Series
 from alignkit.report.health import FAIL, OK, WARN, check_chosen_logps, check_pref_margins
-from alignkit.train import dpo, kto, sharding
+from alignkit.train import dpo, kto
 from alignkit.train.tracking import read_metrics
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, crash_after_first_checkpoint
 from tests.test_llamafactory import lf_train
 
 # prefs_demo: the chosen answer contains the word "good", the rejected one does not; 10% is held out.
@@ -93,19 +93,8 @@ def test_dpo_resume_reproduces_uninterrupted_run_and_exports(tiny_model_dir, tmp
     args = ["max_steps=4", "save_steps=2", *NO_EVAL]
     full = dpo.run(stage_config("dpo_tiny.yaml", tiny_model_dir, tmp_path / "full", *args))
 
-    class Crash(Exception):
-        pass
-
-    save = sharding.save_checkpoint
-
-    def save_then_crash(*a, **kw):
-        save(*a, **kw)
-        raise Crash
-
-    monkeypatch.setattr(sharding, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        dpo.run(stage_config("dpo_tiny.yaml", tiny_model_dir, tmp_path / "cut", *args))
-    monkeypatch.undo()
+    crash_after_first_checkpoint(lambda: dpo.run(stage_config("dpo_tiny.yaml", tiny_model_dir, tmp_path / "cut", *args)),
+                                 monkeypatch)
     resumed = dpo.run(stage_config("dpo_tiny.yaml", tiny_model_dir, tmp_path / "cut", *args, "resume_from_checkpoint=true"))
     a, b = read_metrics(full), read_metrics(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]

@@ -19,13 +19,13 @@ from alignkit.data.templates import TEMPLATES, get_template
 from alignkit.export import (
     ExportConfig,
     export_model,
-    load_tool_config,
     system_override_jinja,
     template_jinja,
     verify_export,
 )
 from alignkit.models.loading import load_causal_lm, merge_adapters
 from alignkit.runs import build_spec
+from alignkit.tools.config import load_tool_config
 
 SYSTEM = "You are a tiny bot."
 PROMPT_IDS = [[1, 20, 30, 40, 50, 60, 70, 2], [5, 6, 7, 8]]
@@ -233,7 +233,8 @@ def test_config_errors_and_vllm_skip(runs, tmp_path):
 
 
 def test_runs_read_config_from_a_checkpoint_and_list_complete_checkpoints(runs, tmp_path):
-    from alignkit.runs import STATE_FILE, list_checkpoints, read_run_config, resolve_run
+    from alignkit.runs import read_run_config, resolve_run
+    from alignkit.train.checkpoint import STATE_FILE, list_checkpoints
 
     run = tmp_path / "run"
     (run / "checkpoint-7").mkdir(parents=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from alignkit.cli import main
-from alignkit.compare import CompareConfig, run_compare
 from alignkit.rewards.rules import count_good
+from alignkit.tools.compare import CompareConfig, run_compare
 from tests.test_export import SYSTEM, build_runs
 
 PROMPTS = ["Say something good.", "How are you?", "Is this <good> & fine?", "Write a greeting."]
@@ -103,9 +103,9 @@ def test_chat_streams_keeps_history_and_resets(runs, monkeypatch, capsys):
 
 
 def test_chat_function_with_history(runs):
-    from alignkit.generator import Generator
-    from alignkit.infer import chat
     from alignkit.runs import build_spec
+    from alignkit.tools.generator import Generator
+    from alignkit.tools.infer import chat
 
     gen = Generator(build_spec(str(runs["ppo"])), "float32", "cpu")
     assert gen.spec.adapters == [str(runs["sft"]), str(runs["ppo"])]
@@ -122,12 +122,12 @@ def test_compare_and_predict_check_paths_before_loading_a_model(runs, prompts_fi
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the paths were checked")
 
-    monkeypatch.setattr("alignkit.compare.Generator", no_model)
-    monkeypatch.setattr("alignkit.infer.Generator", no_model)
+    monkeypatch.setattr("alignkit.tools.compare.Generator", no_model)
+    monkeypatch.setattr("alignkit.tools.infer.Generator", no_model)
     cfg = tmp_path / "compare.yaml"
     cfg.write_text(f"model_a: {runs['sft']}\nmodel_b: {tmp_path / 'missing'}\ndataset: {prompts_file}\n"
                    f"reward_model: count_good\noutput_dir: {tmp_path / 'cmp'}\n")
-    # The compare command is registered by alignkit.compare itself; model_b is checked before A generates.
+    # The compare command is registered by alignkit.tools.compare itself; model_b is checked before A generates.
     assert main(["compare", str(cfg)]) == 1
     assert "missing' is not a local directory" in capsys.readouterr().err
     cfg = tmp_path / "predict.yaml"

@@ -47,9 +47,9 @@ PPO = {"stage": "ppo", "model_name_or_path": "/m", "dataset": "a", "output_dir":
 
 def supported_keys() -> set[str]:
     """Fields of every stage and tool config, and the aliases."""
-    from alignkit.compare import CompareConfig
     from alignkit.export.config import ExportConfig
-    from alignkit.infer import PredictConfig
+    from alignkit.tools.compare import CompareConfig
+    from alignkit.tools.infer import PredictConfig
 
     for module in LAZY_STAGES.values():
         importlib.import_module(module)

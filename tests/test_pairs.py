@@ -8,13 +8,13 @@ import json
 
 import pytest
 
-from alignkit import pairs
 from alignkit.cli import main
-from alignkit.compare import CompareConfig, run_compare
 from alignkit.data.loader import load_examples
-from alignkit.export import load_tool_config
 from alignkit.judge.server import start_judge_server
-from alignkit.pairs import PAIRS_FILE, STATE_FILE, SUMMARY_FILE, PairsConfig, best_vs_worst, run_pairs
+from alignkit.tools import pairs
+from alignkit.tools.compare import CompareConfig, run_compare
+from alignkit.tools.config import load_tool_config
+from alignkit.tools.pairs import PAIRS_FILE, STATE_FILE, SUMMARY_FILE, PairsConfig, best_vs_worst, run_pairs
 from tests.conftest import EXAMPLES
 
 # count_good: the judge scores a response by how often it says "good".

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from alignkit.cli import main
 from alignkit.config import load_config
 from alignkit.train import sft
-from alignkit.train.checkpoint import list_checkpoints, save_checkpoint
+from alignkit.train.checkpoint import list_checkpoints, load_state, prune, write_checkpoint
 from alignkit.train.tracking import read_metrics
 from tests.conftest import crash_after_first_checkpoint
 
@@ -78,17 +78,27 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, memo_data, tmp_path, m
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
-    save_checkpoint(tmp_path, 1, lambda d: (d / "w.bin").write_text("one"), {"x": 1})
+    write_checkpoint(tmp_path, 1, lambda d: (d / "w.bin").write_text("one"), {"x": 1})
 
     def broken(d):
         (d / "w.bin").write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        save_checkpoint(tmp_path, 2, broken, {"x": 2})
+        write_checkpoint(tmp_path, 2, broken, {"x": 2})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
     assert (tmp_path / "checkpoint-1" / "w.bin").read_text() == "one"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint")]
+
+
+def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (1, 2, 10):
+        write_checkpoint(tmp_path, step, lambda d: None, {}, save_total_limit=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]  # by step, not by name
+    assert not (tmp_path / "checkpoint-1").exists()
+    prune(tmp_path, None)  # no limit: everything stays
+    assert len(list_checkpoints(tmp_path)) == 2
+    assert load_state(tmp_path / "checkpoint-10")["step"] == 10
 
 
 def test_full_finetune_and_cli(tiny_model_dir, memo_data, tmp_path):

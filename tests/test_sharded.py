@@ -17,8 +17,8 @@ from alignkit.cli import main
 from alignkit.config import load_config
 from alignkit.train import sft, sharding
 from alignkit.train.checkpoint import load_state
-from alignkit.train.common import FSDP_ENV
 from alignkit.train.ppo.loop import build_models
+from alignkit.train.sharding import FSDP_ENV
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES
 from tests.launch import launch, requires_deepspeed
@@ -225,7 +225,7 @@ def test_every_stage_saves_what_one_process_saves(config, tiny_model_dir, single
 
 
 def fake_accelerator(name: str, monkeypatch) -> SimpleNamespace:
-    """What ``common.backend`` reads of an Accelerator launched with examples/accelerate/{name}.yaml."""
+    """What ``sharding.backend`` reads of an Accelerator launched with examples/accelerate/{name}.yaml."""
     monkeypatch.setenv(FSDP_ENV, str(name == "fsdp").lower())
     zero = name.startswith("deepspeed_zero")
     return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED if zero else DistributedType.MULTI_CPU,

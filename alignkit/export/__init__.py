@@ -11,14 +11,7 @@ it against the unmerged base + adapters (see ``verify_export``); the verdict goe
 """
 
 from alignkit.export.cli import add_parser, cmd_export
-from alignkit.export.config import (
-    DTYPES,
-    CommaList,
-    ExportConfig,
-    add_config_command,
-    comma_list,
-    load_tool_config,
-)
+from alignkit.export.config import DTYPES, ExportConfig
 from alignkit.export.merge import export_model, load_merged
 from alignkit.export.output import REPORT_FILE, base_dtype, copy_extras
 from alignkit.export.reward import export_reward_model, is_reward_run, sequence_classifier_config
@@ -37,20 +30,16 @@ __all__ = [
     "REPORT_FILE",
     "TOLERANCE",
     "VERIFY_PROMPTS",
-    "CommaList",
     "ExportConfig",
-    "add_config_command",
     "add_parser",
     "base_dtype",
     "cmd_export",
-    "comma_list",
     "copy_extras",
     "export_chat_template",
     "export_model",
     "export_reward_model",
     "is_reward_run",
     "load_merged",
-    "load_tool_config",
     "reference_model",
     "sequence_classifier_config",
     "system_override_jinja",

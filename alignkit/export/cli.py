@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 from alignkit.config import ConfigError
-from alignkit.export.config import ExportConfig, load_tool_config
+from alignkit.export.config import ExportConfig
 from alignkit.export.merge import export_model
 from alignkit.export.output import REPORT_FILE
+from alignkit.tools.config import load_tool_config
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Pieces every stage shares: preflight checks, output dir, seeds, optimizer/scheduler, resume."""
+"""Pieces every stage shares: preflight checks, output dir, seeds, optimizer/scheduler, batch order.
+Checkpoints (save, list, prune, resume) are ``alignkit.train.checkpoint``'s."""
 
 from __future__ import annotations
 
@@ -11,23 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from transformers import get_scheduler
 
-from alignkit.config import CONFIG_FILE, StageConfig, output_dir_problem, save_config
+from alignkit.config import StageConfig, output_dir_problem, save_config
 from alignkit.data.loader import Example, Kind, load_examples
 from alignkit.models.loading import check_model_dir
-from alignkit.train.checkpoint import (
-    SHARDS,
-    list_checkpoints,
-    load_state,
-    resolve_resume,
-    rng_state,
-    set_rng_state,
-)
+from alignkit.train.checkpoint import output_dir_error, resolve_resume
+from alignkit.train.sharding import FSDP_ENV
 
 logger = logging.getLogger(__name__)
-FSDP_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with examples/accelerate/fsdp.yaml
 
 
 def preflight(cfg: StageConfig, kind: Kind) -> list[Example]:
@@ -104,45 +98,6 @@ def make_accelerator() -> Accelerator:
     return accelerator
 
 
-def fsdp_setting(key: str, default: str) -> str:
-    """A key of the accelerate FSDP config, as ``accelerate launch`` exports it (``FSDP_<KEY>``)."""
-    return os.environ.get(f"FSDP_{key}", default).lower()
-
-
-def backend(accelerator: Accelerator) -> str:
-    """``single``, ``ddp``, ``zero2``, ``zero3`` (``zero0``/``zero1``) or ``fsdp``: how the run is spread."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
-    if accelerator.num_processes == 1:
-        return "single"
-    return "fsdp" if os.environ.get(FSDP_ENV, "false").lower() == "true" else "ddp"
-
-
-def output_dir_error(cfg: StageConfig, out: Path) -> str | None:
-    """Why ``out`` may not be written, or None. The saved config alone does not count: a run that
-    stopped before its first step (a failed judge start-up check, a model that did not load)
-    left nothing to lose, and its re-run must not need overwrite_output_dir."""
-    resuming = cfg.resume_from_checkpoint not in (None, False)
-    kept = [p for p in out.iterdir() if p.name != CONFIG_FILE] if out.is_dir() else []
-    if kept and not (resuming or cfg.overwrite_output_dir):
-        found = "it holds checkpoints" if list_checkpoints(out) else "it holds no checkpoint yet"
-        return (f"output_dir {out} is not empty ({found}): set resume_from_checkpoint=true to continue the run "
-                "from its latest checkpoint, overwrite_output_dir=true to start over in it, or choose another output_dir")
-    return None
-
-
-def rank_rng_states(accelerator: Accelerator) -> list[dict]:
-    """Every rank's RNG state, in rank order (a collective: call it on all ranks)."""
-    state = rng_state()
-    return gather_object([state]) if accelerator.num_processes > 1 else [state]
-
-
-def restore_rng(accelerator: Accelerator, state: dict) -> None:
-    """Each rank resumes its own RNG stream when the checkpoint has one per rank (same world size)."""
-    per_rank = state.get("rng_per_rank") or []
-    set_rng_state(per_rank[accelerator.process_index] if len(per_rank) == accelerator.num_processes else state["rng"])
-
-
 def reduce_metrics(accelerator: Accelerator, metrics: dict[str, float | torch.Tensor]) -> dict[str, float]:
     """Mean over ranks of each metric, ignoring ranks where it is NaN/inf (one collective).
 
@@ -193,38 +148,3 @@ def global_batch_indices(n: int, step: int, global_bs: int, seed: int) -> list[i
     epoch, pos = divmod(step, per_epoch)
     order = epoch_order(n, epoch, seed)
     return order[pos * global_bs : (pos + 1) * global_bs]
-
-
-def resume(accelerator: Accelerator, out: Path, cfg: StageConfig, restore_weights, optimizer, scheduler,
-           model: torch.nn.Module | None = None) -> dict | None:
-    """Restore a checkpoint named by ``resume_from_checkpoint`` (weights through
-    ``restore_weights(ckpt)``, optimizer, scheduler, this rank's RNG); its state, or None.
-
-    A ZeRO checkpoint's weights and optimizer are DeepSpeed's per-rank shards (``accelerator.load_state``
-    on every rank); it resumes only under DeepSpeed with the same number of processes. An FSDP
-    checkpoint holds the whole trainable weights and optimizer state, which every rank hands to
-    torch's ``set_state_dict`` on the sharded ``model``; it resumes only under FSDP."""
-    ckpt = resolve_resume(out, cfg.resume_from_checkpoint)
-    if ckpt is None:
-        return None
-    state = load_state(ckpt)
-    kind = "zero" if (ckpt / SHARDS).is_dir() else "fsdp" if state.get("backend") == "fsdp" else "plain"
-    name = backend(accelerator)
-    if kind != ("zero" if name.startswith("zero") else "fsdp" if name == "fsdp" else "plain"):
-        raise ValueError(f"resume_from_checkpoint: {ckpt} was written by a {state.get('backend', 'ddp')} run and "
-                         f"cannot resume a {name} run; launch with the accelerate config it was "
-                         "written with (the final model or a checkpoint's adapter can start a new run instead).")
-    if kind == "zero":
-        accelerator.load_state(str(ckpt / SHARDS))
-    elif kind == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True, strict=False))
-    else:
-        restore_weights(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    restore_rng(accelerator, state)
-    logger.info("resumed from %s at step %d", ckpt, state["step"])
-    return state

@@ -20,8 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from alignkit.config import StageConfig
-from alignkit.train import sharding
-from alignkit.train.common import build_optimizer, global_batch_indices, resume, total_steps
+from alignkit.train import checkpoint, sharding
+from alignkit.train.checkpoint import resume
+from alignkit.train.common import build_optimizer, global_batch_indices, total_steps
 from alignkit.train.tracking import MetricLogger, plot_metrics
 
 logger = logging.getLogger(__name__)
@@ -122,9 +123,9 @@ def fit(cfg: StageConfig, accelerator: Accelerator, out: Path, stage: Stage) -> 
         if stage.evaluate and cfg.eval_strategy != "no" and done % sizes.eval_every == 0 and done < sizes.num_steps:
             tracker.log(done, stage.evaluate(model))
         if done % cfg.save_steps == 0 and done < sizes.num_steps:
-            sharding.save_checkpoint(accelerator, model, optimizer, out, done,
-                                     lambda d: stage.save(accelerator.unwrap_model(model), d),
-                                     {"scheduler": scheduler.state_dict()}, cfg.save_total_limit)
+            checkpoint.save_checkpoint(accelerator, model, optimizer, out, done,
+                                       lambda d: stage.save(accelerator.unwrap_model(model), d),
+                                       {"scheduler": scheduler.state_dict()}, cfg.save_total_limit)
         accelerator.wait_for_everyone()
     bar.close()
 

@@ -7,9 +7,8 @@ SFT/RM loop and the PPO loop read the same under DDP, ZeRO and FSDP.
 - ``backward``: accumulation with DeepSpeed's engine (it owns the reduce and the optimizer step).
 - ``full_weights`` / ``rollout_context``: full parameters for a save (rank 0) or for one whole
   rollout (ZeRO-3 and FSDP otherwise gather each layer again for every generated token).
-- ``save_checkpoint``: under ZeRO every rank writes its optimizer shard (``accelerator.save_state``)
-  next to the plain model files rank 0 writes; under FSDP rank 0 stores the gathered trainable
-  weights and optimizer state; ``common.resume`` reads either back.
+- ``backend``: how the run is spread (``single``, ``ddp``, ``zero2``/``zero3``, ``fsdp``).
+- ``full_state``: FSDP's whole trainable weights and optimizer state, which ``checkpoint`` saves.
 
 FSDP is alignkit's own ``torch.distributed.fsdp.fully_shard`` (FSDP2), not accelerate's plugin:
 accelerate 1.15 applies its plugin only on accelerator devices (on CPU it silently leaves the model
@@ -21,11 +20,9 @@ DeepSpeed is imported only under DeepSpeed (``pip install alignkit[deepspeed]``)
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -33,10 +30,22 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from alignkit.generation.sampling import synchronised_stop
-from alignkit.runs import CHECKPOINT_PREFIX
-from alignkit.train import checkpoint
-from alignkit.train.checkpoint import SHARDS
-from alignkit.train.common import backend, fsdp_setting, rank_rng_states
+
+FSDP_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with examples/accelerate/fsdp.yaml
+
+
+def fsdp_setting(key: str, default: str) -> str:
+    """A key of the accelerate FSDP config, as ``accelerate launch`` exports it (``FSDP_<KEY>``)."""
+    return os.environ.get(f"FSDP_{key}", default).lower()
+
+
+def backend(accelerator: Accelerator) -> str:
+    """``single``, ``ddp``, ``zero2``, ``zero3`` (``zero0``/``zero1``) or ``fsdp``: how the run is spread."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    if accelerator.num_processes == 1:
+        return "single"
+    return "fsdp" if os.environ.get(FSDP_ENV, "false").lower() == "true" else "ddp"
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
@@ -308,36 +317,3 @@ def plain_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> Iterato
     finally:
         for module, local, p in swapped:
             module._parameters[local] = p
-
-
-def save_checkpoint(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, out: Path,
-                    step: int, write_model: Callable[[Path], None], state: dict[str, Any], limit: int | None) -> None:
-    """Write ``checkpoint-{step}`` (a collective: every rank calls it).
-
-    ``state`` is what else rank 0 stores (scheduler, KL controller, ...). The optimizer state goes
-    in it when it is whole on every rank (DDP); under ZeRO every rank writes its shards instead
-    (``accelerator.save_state``: DeepSpeed's own checkpoint of weights and optimizer) into a folder
-    that rank 0 moves into the checkpoint before the rename that makes it complete."""
-    shards = None
-    if is_deepspeed(accelerator):
-        shards = out / f".{CHECKPOINT_PREFIX}{step}-{SHARDS}"
-        accelerator.save_state(str(shards))
-    elif is_fsdp(accelerator):  # whole (world-size independent); common.resume hands it to set_state_dict
-        weights, optim = full_state(model, optimizer)
-        state = {**state, "model": weights, "optimizer": optim}
-    else:
-        state = {**state, "optimizer": optimizer.state_dict()}
-    rngs = rank_rng_states(accelerator)  # collective; each rank resumes its own sampling/dropout stream
-
-    def write(d: Path) -> None:
-        write_model(d)
-        if shards is not None:
-            shards.rename(d / SHARDS)
-
-    with full_weights(accelerator, model):
-        if accelerator.is_main_process:
-            checkpoint.save_checkpoint(out, step, write, {**state, "rng_per_rank": rngs,
-                                                          "backend": backend(accelerator)}, limit)
-    accelerator.wait_for_everyone()
-    if shards is not None and accelerator.is_main_process:
-        shutil.rmtree(shards, ignore_errors=True)  # left only if rank 0's write failed

@@ -44,13 +44,13 @@ from alignkit.models.loading import (
     model_dtype,
 )
 from alignkit.rewards.service import RewardService, build_reward_service
-from alignkit.train import sharding
+from alignkit.train import checkpoint, sharding
+from alignkit.train.checkpoint import resume
 from alignkit.train.common import (
     build_optimizer,
     global_batch_indices,
     preflight,
     reduce_metrics,
-    resume,
     setup_run,
     total_steps,
 )
@@ -240,7 +240,7 @@ def engine_context(cfg: PPOConfig, pad_token_id: int) -> EngineContext:
 def save(r: PPORun, done: int) -> None:
     """A checkpoint (every rank calls it): policy files, optimizer (or ZeRO shards), scheduler, KL
     controller, score moments and every rank's RNG."""
-    sharding.save_checkpoint(r.accelerator, r.learner.model, r.learner.optimizer, r.out, done, r.ac.save_policy, {
+    checkpoint.save_checkpoint(r.accelerator, r.learner.model, r.learner.optimizer, r.out, done, r.ac.save_policy, {
         "scheduler": r.scheduler.state_dict(), "kl_ctl": r.kl_ctl.state_dict(),
         "moments": r.moments.state_dict() if r.moments else None,
     }, r.cfg.save_total_limit)

@@ -31,14 +31,14 @@ from tqdm.auto import tqdm
 from alignkit.config import ConfigError
 from alignkit.data.collators import pad_left
 from alignkit.data.loader import Example, load_examples
-from alignkit.export import CommaList, add_config_command, load_tool_config
 from alignkit.generation import decode_responses
 from alignkit.generation.engine import HFEngine, SamplingParams
-from alignkit.generator import GenerationKeys, Generator
 from alignkit.rewards.base import ScoreMeta
 from alignkit.rewards.service import RewardService, build_reward_service
 from alignkit.rewards.spec import RewardContext, RewardSpec
 from alignkit.runs import build_spec
+from alignkit.tools.config import CommaList, add_config_command, load_tool_config
+from alignkit.tools.generator import GenerationKeys, Generator
 
 logger = logging.getLogger(__name__)
 PAIRS_FILE, SUMMARY_FILE, STATE_FILE = "pairs.jsonl", "pairs_summary.json", "pairs_state.json"

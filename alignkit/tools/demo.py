@@ -64,11 +64,11 @@ def run_demo(output: Path, steps: int = 120, keep_server: bool = False) -> dict:
 
     import torch
 
-    from alignkit.compare import CompareConfig, run_compare
     from alignkit.config import load_config
     from alignkit.export import ExportConfig, export_model
     from alignkit.judge.process import JudgeProcess
     from alignkit.models.tiny import build_tiny
+    from alignkit.tools.compare import CompareConfig, run_compare
     from alignkit.train import ppo, sft
 
     examples = _examples()

@@ -2,7 +2,7 @@
 
 A run dir (an SFT/PPO ``output_dir``) brings its base, its adapters in order and its template
 and system prompt (``alignkit.runs.resolve_run``), so a model is prompted as it was trained.
-The model and batched generation are ``alignkit.generator``'s, shared with ``alignkit compare``.
+The model and batched generation are ``alignkit.tools.generator``'s, shared with ``alignkit compare``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from pydantic import Field, model_validator
 from transformers import GenerationConfig, TextIteratorStreamer
 
 from alignkit.data.loader import Example, load_examples
-from alignkit.export import DTYPES, CommaList, add_config_command, load_tool_config
-from alignkit.generator import GenerationKeys, Generator, generate_all
+from alignkit.export import DTYPES
 from alignkit.runs import build_spec
+from alignkit.tools.config import CommaList, add_config_command, load_tool_config
+from alignkit.tools.generator import GenerationKeys, Generator, generate_all
 
 # LLaMA-Factory predict configs carry these; they mean nothing to `alignkit predict`.
 LF_PREDICT_IGNORED = {

@@ -20,12 +20,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from alignkit.data.loader import Example, load_examples
-from alignkit.export import CommaList, add_config_command, load_tool_config
-from alignkit.generator import GenerationKeys, Generator, generate_all
 from alignkit.rewards.base import Score, ScoreMeta
 from alignkit.rewards.factory import build_reward_source
 from alignkit.rewards.spec import RewardContext, RewardSpec
 from alignkit.runs import ModelSpec, build_spec
+from alignkit.tools.config import CommaList, add_config_command, load_tool_config
+from alignkit.tools.generator import GenerationKeys, Generator, generate_all
 
 
 class ModelSide(BaseModel):

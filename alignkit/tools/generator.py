@@ -20,10 +20,11 @@ from alignkit.data.collators import pad_left
 from alignkit.data.encode import encode_prompt
 from alignkit.data.loader import Example
 from alignkit.data.templates import get_template
-from alignkit.export import DTYPES, CommaList, load_merged
+from alignkit.export import DTYPES, load_merged
 from alignkit.generation import first_eos_mask, stop_token_ids
 from alignkit.models.loading import load_tokenizer
 from alignkit.runs import ModelSpec
+from alignkit.tools.config import CommaList
 
 
 class Generator:
