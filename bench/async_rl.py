@@ -1,0 +1,81 @@
+"""Synchronous (async_level 0) against asynchronous (1, 2) GRPO behind a slow judge, one run; prints figures.
+
+Model: the reference tiny Qwen2 of ``bench/ppo_step.py`` (~0.65 M parameters), LoRA r 8 on
+q_proj,v_proj; GRPO 4 prompts x 4 generations, ppo_epochs 1, max_new_tokens 32. Reward: the
+project's judge server on 127.0.0.1 (rule count_good) over HTTP, one request per sample, with
+``--latencies`` seconds added to every request, at most ``--concurrency`` requests in flight,
+no cache (every step pays its judge calls).
+
+    .venv/bin/python bench/async_rl.py [--latencies 0,1,3] [--levels 0,1,2] [--steps 8] [--warmup 3]
+
+For each latency it prints each level's median s/step over ``--steps`` steps after ``--warmup``
+(the first k steps of async_level k also start the batches ahead), its ratio to sync's, and the
+pipelined bound: with k + 1 batches in flight a step costs about sync's step / (k + 1), but never
+less than the compute of one step (sync's rollout + update, no judge wait), so
+``bound = max(compute, sync / (k + 1))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from ppo_step import build_reference_model, reference_config
+
+from alignkit.judge.server import start_judge_server
+from alignkit.train import ppo
+from alignkit.train.tracking import read_metrics
+
+GRPO = dict(advantage_estimator="grpo", num_generations=4, beta=0, per_device_train_batch_size=4,
+            ppo_buffer_size=1, ppo_epochs=1)
+
+
+def run_level(model: Path, url: str, level: int, steps: int, warmup: int, concurrency: int) -> dict[str, float]:
+    """Median per-step figures of one run at ``async_level: level``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = reference_config(model, Path(tmp) / "run", steps + warmup, url, **GRPO, async_level=level,
+                               **{"reward_api.health_check": False, "reward_api.cache": "null",
+                                  "reward_api.max_concurrency": concurrency, "reward_api.max_retries": 0})
+        rows = read_metrics(ppo.run(cfg))[warmup:]
+    keys = ("time/step", "time/rollout", "time/update", "time/score_wait", "async/learner_wait_s",
+            "env/reward_mean", "is/ratio_mean")
+    return {k: statistics.median(r[k] for r in rows) for k in keys if all(k in r for r in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latencies", default="0,1,3", help="seconds added to every judge request, comma list")
+    ap.add_argument("--levels", default="0,1,2", help="async_level values; 0 (sync) is the baseline")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=64, help="judge requests in flight at most")
+    args = ap.parse_args()
+    levels = sorted({0, *(int(x) for x in args.levels.split(","))})
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread; GRPO 4x4, 32 new tokens; {args.steps} steps after {args.warmup} "
+          f"warm-up; judge concurrency {args.concurrency}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_reference_model(Path(tmp))
+        for latency in (float(x) for x in args.latencies.split(",")):
+            with start_judge_server(rule="count_good", latency_ms=latency * 1000) as judge:
+                url = judge.url_for("alignkit")
+                sync = run_level(model, url, 0, args.steps, args.warmup, args.concurrency)
+                compute = sync["time/rollout"] + sync["time/update"]
+                print(f"judge +{latency:g} s: sync {sync['time/step']:.3f} s/step (rollout {sync['time/rollout']:.3f}, "
+                      f"score wait {sync['time/score_wait']:.3f}, update {sync['time/update']:.3f}; compute "
+                      f"{compute:.3f})")
+                for k in levels[1:]:
+                    m = run_level(model, url, k, args.steps, args.warmup, args.concurrency)
+                    bound = max(compute, sync["time/step"] / (k + 1))
+                    print(f"  async_level {k}: {m['time/step']:.3f} s/step = {m['time/step'] / sync['time/step']:.2f}x "
+                          f"sync | pipelined bound {bound:.3f} s ({bound / sync['time/step']:.2f}x), "
+                          f"{m['time/step'] / bound:.2f}x the bound | learner wait "
+                          f"{m.get('async/learner_wait_s', float('nan')):.3f} s | IS ratio mean "
+                          f"{m.get('is/ratio_mean', float('nan')):.4f}")
+
+
+if __name__ == "__main__":
+    main()
