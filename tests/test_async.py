@@ -18,7 +18,14 @@ from alignkit.train import ppo
 from alignkit.train.checkpoint import list_checkpoints
 from alignkit.train.ppo.source import PipelinedSource
 from alignkit.train.tracking import read_metrics
-from tests.test_critic_free import FRIEND_RULE, friend_rule, grpo_config  # noqa: F401 (fixture)
+from tests.test_critic_free import FRIEND_RULE, grpo_config
+
+
+@pytest.fixture(scope="module")
+def friend_rule(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rule") / "friend.py"
+    path.write_text(FRIEND_RULE)
+    return f"{path}:score"
 
 
 def test_staleness_never_exceeds_async_level(tiny_model_dir, sft_adapter, friend_rule, tmp_path, monkeypatch):
