@@ -198,3 +198,19 @@ def test_cli_report(tmp_path, capsys):
     assert "fail  loss_trend" in out and (run_dir / "report.html").exists()
     assert main(["report", "--strict", str(run_dir)]) == 1
     assert main(["report", str(tmp_path / "missing")]) == 1
+
+
+def test_is_weights_check_flags_ratios_drifting_from_one():
+    from alignkit.report.data import Series
+    from alignkit.report.health import check_is_weights
+
+    steps = list(range(1, 13))
+    near = {"is/ratio_mean": Series(steps, [1.0 + 0.01 * (-1) ** i for i in steps]),
+            "is/clipped_frac": Series(steps, [0.01] * 12)}
+    assert check_is_weights(near, {}).verdict == "ok"
+    drifting = {**near, "is/ratio_mean": Series(steps, [1.0] * 8 + [1.7] * 4)}
+    check = check_is_weights(drifting, {})
+    assert check.verdict == "fail" and "async_level" in check.detail
+    clipped = {**near, "is/clipped_frac": Series(steps, [0.0] * 8 + [0.1] * 4)}
+    assert check_is_weights(clipped, {}).verdict == "warn"
+    assert check_is_weights({}, {}) is None  # an on-policy run has no such check

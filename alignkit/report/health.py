@@ -255,6 +255,29 @@ check_think_truncated = _threshold_check(
     "; thoughts use up the token budget: raise max_new_tokens or turn thinking off")
 
 
+IS_DRIFT_WARN, IS_DRIFT_FAIL = 0.2, 0.5  # |mean importance ratio - 1|, last third
+IS_CUT_WARN, IS_CUT_FAIL = 0.05, 0.2  # share of tokens truncated (TIS) or dropped (MIS), last third
+
+
+def check_is_weights(m: Metrics, settings: dict[str, float]) -> Check | None:
+    """Off-policy runs (async_level, an engine's log-probs): the importance ratio pi / pi_behaviour
+    should stay near 1; far from it, the samples are too stale or the engine's weights are not the
+    policy's, and the correction truncates (or drops) much of the batch."""
+    ratio = _vals(m, "is/ratio_mean")
+    if ratio is None:
+        return None
+    cut = _vals(m, "is/clipped_frac") or [0.0]
+    dropped = _vals(m, "is/masked_frac") or [0.0]
+    drift = median(abs(r - 1) for r in _last_third(ratio))
+    lost = max(median(_last_third(cut)), median(_last_third(dropped)))
+    nums = f"mean ratio off 1 by {drift:.3f}, {lost:.1%} of tokens truncated or dropped (last third)"
+    if drift > IS_DRIFT_WARN or lost > IS_CUT_WARN:
+        bad = drift > IS_DRIFT_FAIL or lost > IS_CUT_FAIL
+        return Check("is_weights", FAIL if bad else WARN, f"{nums}; samples are too far off-policy: lower "
+                     "async_level or ppo_epochs, or check the engine's weight sync (rollout.sync_tolerance)")
+    return Check("is_weights", OK, nums)
+
+
 SCORE_LEN_CORR_WARN, SCORE_LEN_CORR_FAIL = 0.5, 0.8  # score-length correlation, while length grows
 LENGTH_GROWTH_HACK = 1.5  # last-third median length over the first decile's
 REPEAT_WARN, REPEAT_FAIL = 0.1, 0.3  # repeated 3-gram share of responses, last third
@@ -439,7 +462,8 @@ check_chosen_logps = _decile_check("chosen_logps", "train/logps/chosen", _chosen
 STAGE_CHECKS: dict[str, list[Callable[[Metrics, dict[str, float]], Check | None]]] = {
     "ppo": [check_kl_band, check_clipfrac, check_reward_trend, check_entropy, check_value_loss,
             check_response_length, check_no_eos, check_think_truncated, check_reward_failures, check_group_signal,
-            check_score_length, check_repetition, check_diversity, check_reward_probe, check_non_finite],
+            check_score_length, check_repetition, check_diversity, check_reward_probe, check_is_weights,
+            check_non_finite],
     "sft": [check_loss_trend, check_non_finite],
     "rm": [check_loss_trend, check_rm_accuracy, check_non_finite],
     "dpo": [check_loss_trend, check_pref_margins, check_chosen_logps, check_non_finite],

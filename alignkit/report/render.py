@@ -116,6 +116,8 @@ def render(run: Run, checks: list[Check]) -> Path:
     figures = [(key, _plot(key, run.metrics[key], out, run.settings)) for key in _plotted(run)]
     if (frontier := _frontier_plot(run, out)) is not None:
         figures.insert(1, ("frontier", frontier))
+    if (timeline := _timeline_plot(run, out)) is not None:
+        figures.append(("timeline", timeline))
     (out / "health.json").write_text(json.dumps(
         {"verdict": worst(checks), "checks": [c.__dict__ for c in checks]}, indent=2))
     path = run.run_dir / "report.html"
@@ -191,6 +193,43 @@ def _frontier_plot(run: Run, out: Path) -> bytes | None:
     return buf.getvalue()
 
 
+TIMELINE_NOTE = ("Seconds per step: the producer's rollout (sampling and no-grad passes), the learner waiting for the "
+                 "judge's scores, and the update. A tall red part means the judge is the bottleneck: async_level 1 or "
+                 "2 lets the judge score while the next batches roll out and the learner updates.")
+TIMELINE = (("time/rollout", "rollout (producer)", "#0969da"),
+            ("time/score_wait", "waiting for the judge", "#cf222e"),
+            ("time/update", "update (learner)", "#2da44e"))
+
+
+def _timeline_plot(run: Run, out: Path) -> bytes | None:
+    """Where each step's time goes, stacked per step (``report/timeline.png``): the producer's
+    rollout, the learner's wait for scores, the update. With async_level k the red part shrinks:
+    the judge scores while the next batches roll out and the learner updates."""
+    series = [(run.metrics[k], label, color) for k, label, color in TIMELINE if k in run.metrics]
+    if len(series) < len(TIMELINE):
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 2.9), dpi=80)
+    ax = fig.subplots()
+    bottom: dict[int, float] = {}
+    for s, label, color in series:
+        ys = [v if math.isfinite(v) else 0.0 for v in s.values]
+        ax.bar(s.steps, ys, bottom=[bottom.get(x, 0.0) for x in s.steps], color=color, label=label, width=0.9)
+        for x, y in zip(s.steps, ys, strict=True):
+            bottom[x] = bottom.get(x, 0.0) + y
+    ax.set_title("timeline: seconds per step", fontsize=10)
+    ax.set_xlabel("step", fontsize=8)
+    ax.legend(fontsize=7, loc="best")
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.89, bottom=0.16)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    (out / "timeline.png").write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
 def sample_sections(samples: list[dict]) -> list[tuple[str, list[dict]]]:
     """(title, rows) of the report's sample tables: the first, middle and last logged step, then the
     highest- and lowest-scored samples of the whole run (3 each)."""
@@ -258,6 +297,9 @@ def _badge(verdict: str) -> str:
     return f'<span class="v" style="background:{VERDICT_COLOURS[verdict]}">{html.escape(verdict)}</span>'
 
 
+CAPTIONS = {"frontier": FRONTIER, "timeline": TIMELINE_NOTE}
+
+
 def _html(run: Run, checks: list[Check], figures: list[tuple[str, bytes]]) -> str:
     e = html.escape
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -267,8 +309,8 @@ def _html(run: Run, checks: list[Check], figures: list[tuple[str, bytes]]) -> st
     timing_rows = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in timings(run))
     figs = "".join(
         f'<figure><img alt="{e(k)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{e(FRONTIER if k == 'frontier' else EXPLAIN[k])}"
-        f"{'' if k == 'frontier' else _non_finite_note(run.metrics[k])}</figcaption></figure>"
+        f"<figcaption>{e(CAPTIONS[k] if k in CAPTIONS else EXPLAIN[k])}"
+        f"{'' if k in CAPTIONS else _non_finite_note(run.metrics[k])}</figcaption></figure>"
         for k, png in figures)
     config = (e(yaml.safe_dump(run.config, sort_keys=False)) if run.config
               else "no alignkit_config.yaml in the run directory")
