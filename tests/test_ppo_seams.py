@@ -206,3 +206,13 @@ def test_engine_added_through_the_registry_is_built_from_the_config(tiny_model_d
                                   "rollout.text=good good", "max_steps=2"))
     assert [r["env/reward_mean"] for r in read_metrics(out)] == [2.0, 2.0]
     assert scripted_engine_registered[0].synced == 2
+
+
+def test_a_ppo_step_prints_no_kv_cache_deprecation(tiny_model_dir, tmp_path):
+    # transformers 5.2x renamed forward's past_key_values to cache and warns on every decode step.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ppo.run(one_step_config(tiny_model_dir, tmp_path / "quiet"))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

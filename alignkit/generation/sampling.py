@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -80,6 +82,18 @@ def all_finished(finished: torch.Tensor) -> bool:
 
 
 @torch.inference_mode()
+@functools.cache
+def _forward_takes_cache(cls: type) -> bool:
+    return "cache" in inspect.signature(cls.forward).parameters
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` where the model's class has it (transformers
+    5.2x renamed it; ``past_key_values`` warns there on every call), else ``past_key_values``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's HF model
+    return "cache" if _forward_takes_cache(type(inner)) else "past_key_values"
+
+
 def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
            temperature: float, top_k: int, top_p: float, eos_ids: list[int], pixels: dict | None = None,
            suppress_ids: tuple[int, ...] = (), with_logprobs: bool = False) -> Rollout:
@@ -99,10 +113,10 @@ def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.
 
     B, device = query_ids.shape[0], query_ids.device
     eos = torch.tensor(eos_ids, device=device)
-    cache = DynamicCache()
+    cache = {cache_kwarg(model): DynamicCache()}
     attn = query_mask
     position = rope_positions(model, query_ids, query_mask, (pixels or {}).get("image_grid_thw"))
-    out = model(input_ids=query_ids, attention_mask=attn, position_ids=position, past_key_values=cache,
+    out = model(input_ids=query_ids, attention_mask=attn, position_ids=position, **cache,
                 use_cache=True, logits_to_keep=1, **image_forward_kwargs(model, query_ids, pixels))
     # (B, 1): one past the prompt's largest position (text: its length; Qwen-VL: an image spans fewer)
     next_pos = position.amax(-1).reshape(-1, B).amax(0)[:, None] + 1
@@ -122,7 +136,7 @@ def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.
         if len(tokens) == max_new_tokens or all_finished(finished):
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
-        out = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+        out = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, **cache,
                     use_cache=True)
         next_pos = next_pos + 1
     response = torch.stack(tokens, 1)  # (B, R)
