@@ -2,7 +2,7 @@
 
 Reads top to bottom: check paths and pairs → policy (and a frozen reference only where one must
 be its own copy) → tokenize pairs → (reference log-probs once per dataset) → the shared loop
-(``train.loop.fit``) → ``eval_results.json``.
+(``train.fit.fit``) → ``eval_results.json``.
 
 The reference is, by default, the policy's own weights with its LoRA adapter disabled: every
 adapter in ``adapter_name_or_path`` (the SFT model) is merged into the base and a new adapter is
@@ -54,7 +54,7 @@ from alignkit.models.reference import adapters_disabled
 from alignkit.train import sharding
 from alignkit.train.common import preflight, setup_run
 from alignkit.train.dpo_config import DPOConfig, PreferenceConfig
-from alignkit.train.loop import Stage, fit, plan
+from alignkit.train.fit import Stage, fit, plan
 
 logger = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]

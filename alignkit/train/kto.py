@@ -2,7 +2,7 @@
 
 Reads top to bottom: check paths and rows → policy (and a frozen reference only where one must be
 its own copy) → unpaired rows, each with a mismatched answer for the KL estimate → (reference
-log-probs once per dataset) → the shared loop (``train.loop.fit``) → ``eval_results.json``.
+log-probs once per dataset) → the shared loop (``train.fit.fit``) → ``eval_results.json``.
 
 Rows are LLaMA-Factory's KTO rows (a conversation whose last assistant turn a ``kto_tag`` column
 marks desirable or not) or preference pairs, split into a desirable (chosen) and an undesirable

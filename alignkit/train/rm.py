@@ -1,7 +1,7 @@
 """Reward-model training: a scalar head on the last real token, pairwise (Bradley-Terry) loss.
 
 Reads top to bottom: check paths and pairs → load → tokenize pairs → the shared loop
-(``train.loop.fit``: steps, eval, checkpoints, final eval, save) → ``eval_results.json``.
+(``train.fit.fit``: steps, eval, checkpoints, final eval, save) → ``eval_results.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from alignkit.data.vision import VisionProcessor
 from alignkit.models.loading import build_policy_model, load_tokenizer, split_adapters
 from alignkit.models.reward_model import RewardModel, pairwise_loss, restore_reward_model, save_reward_model
 from alignkit.train.common import preflight, setup_run
-from alignkit.train.loop import Stage, fit, plan
+from alignkit.train.fit import Stage, fit, plan
 
 logger = logging.getLogger(__name__)
 EVAL_FILE = "eval_results.json"

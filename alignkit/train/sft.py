@@ -1,6 +1,6 @@
 """Supervised fine-tuning: next-token loss on assistant tokens only.
 
-Reads top to bottom: check paths and data → load → tokenize → the shared loop (``train.loop.fit``).
+Reads top to bottom: check paths and data → load → tokenize → the shared loop (``train.fit.fit``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from alignkit.models.architectures import forward_with_aux
 from alignkit.models.io import restore_model, save_model
 from alignkit.models.loading import build_policy_model, load_tokenizer
 from alignkit.train.common import preflight, setup_run
-from alignkit.train.loop import Stage, fit
+from alignkit.train.fit import Stage, fit
 
 logger = logging.getLogger(__name__)
 
