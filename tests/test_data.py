@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from alignkit.data import (
+    ChatFormat,
     DataError,
     Example,
     PairCollator,
@@ -357,7 +358,7 @@ def supervised_spans(labels: list[int]) -> list[list[int]]:
 @pytest.mark.parametrize("name", ["chatml", "qwen", "auto"])
 def test_sft_labels_are_exactly_the_assistant_turns(tokenizer, name):
     template = get_template(name, tokenizer)
-    ids, labels = encode_supervised(tokenizer, template, TWO_TURNS, 1024, None, None)
+    ids, labels = encode_supervised(ChatFormat(tokenizer, template), TWO_TURNS, 1024)
     assert len(ids) == len(labels)
     assert tokenizer.decode(ids) == template.render(TWO_TURNS.messages, system="Be kind.")
     spans = [tokenizer.decode(s) for s in supervised_spans(labels)]
@@ -369,7 +370,7 @@ def test_sft_system_precedence(tokenizer):
     plain = Example(messages=TWO_TURNS.messages[:2])
 
     def text(ex: Example, default: str | None) -> str:
-        return tokenizer.decode(encode_supervised(tokenizer, qwen, ex, 512, default, None)[0])
+        return tokenizer.decode(encode_supervised(ChatFormat(tokenizer, qwen, default), ex, 512)[0])
 
     assert "You are Qwen" in text(plain, None)
     assert "<|im_start|>system\nBe short.<|im_end|>" in text(plain, "Be short.")
@@ -379,38 +380,38 @@ def test_sft_system_precedence(tokenizer):
 
 def test_sft_truncation_keeps_beginning_and_drops_unsupervised(tokenizer, caplog):
     chatml = get_template("chatml")
-    full, full_labels = encode_supervised(tokenizer, chatml, TWO_TURNS, 1024, None, None)
+    full, full_labels = encode_supervised(ChatFormat(tokenizer, chatml), TWO_TURNS, 1024)
     cutoff = next(i for i, t in enumerate(full_labels) if t != -100) + 2  # two answer tokens survive
-    ids, labels = encode_supervised(tokenizer, chatml, TWO_TURNS, cutoff, None, None)
+    ids, labels = encode_supervised(ChatFormat(tokenizer, chatml), TWO_TURNS, cutoff)
     assert ids == full[:cutoff] and labels == full_labels[:cutoff]
     long_prompt = Example(
         messages=[{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok"}]
     )
     with caplog.at_level(logging.WARNING, logger="alignkit.data.encode"):
-        features = encode_supervised_examples(tokenizer, chatml, [TWO_TURNS, long_prompt], cutoff, None, None)
+        features = encode_supervised_examples(ChatFormat(tokenizer, chatml), [TWO_TURNS, long_prompt], cutoff)
     assert len(features) == 1 and "dropped 1 of 2" in caplog.text
 
 
 def test_prompt_encoding_ends_with_generation_prompt(tokenizer):
     chatml = get_template("chatml")
     ex = Example(messages=TWO_TURNS.messages[:3], system="Be kind.")
-    ids = encode_prompt(tokenizer, chatml, ex, 1024, None, None)
+    ids = encode_prompt(ChatFormat(tokenizer, chatml), ex, 1024)
     assert tokenizer.decode(ids).endswith(
         "<|im_start|>user\nSay something good.<|im_end|>\n<|im_start|>assistant\n"
     )
     assert tokenizer.decode(ids).startswith("<|im_start|>system\nBe kind.")
-    qwen3_ids = encode_prompt(tokenizer, get_template("qwen3"), ex, 1024, None, False)
+    qwen3_ids = encode_prompt(ChatFormat(tokenizer, get_template("qwen3"), enable_thinking=False), ex, 1024)
     assert tokenizer.decode(qwen3_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
 def test_prompt_left_truncation(tokenizer):
     chatml = get_template("chatml")
     ex = Example(messages=TWO_TURNS.messages[:3], system="Be kind.")
-    full = encode_prompt(tokenizer, chatml, ex, 1024, None, None)
-    cut = encode_prompt(tokenizer, chatml, ex, 12, None, None)
+    full = encode_prompt(ChatFormat(tokenizer, chatml), ex, 1024)
+    cut = encode_prompt(ChatFormat(tokenizer, chatml), ex, 12)
     assert len(full) > 12 and cut == full[-12:]
     with pytest.raises(ValueError, match="must end with a user turn"):
-        encode_prompt(tokenizer, chatml, TWO_TURNS, 1024, None, None)
+        encode_prompt(ChatFormat(tokenizer, chatml), TWO_TURNS, 1024)
 
 
 def test_pair_encoding(tokenizer):
@@ -418,12 +419,12 @@ def test_pair_encoding(tokenizer):
     ex = Example(
         messages=[{"role": "user", "content": "Is this good?"}], chosen="Yes, it is good.", rejected="No."
     )
-    chosen, rejected = encode_pair(tokenizer, chatml, ex, 1024, None, None)
-    prompt = encode_prompt(tokenizer, chatml, ex, 1024, None, None)
+    chosen, rejected = encode_pair(ChatFormat(tokenizer, chatml), ex, 1024)
+    prompt = encode_prompt(ChatFormat(tokenizer, chatml), ex, 1024)
     assert chosen[: len(prompt)] == prompt and rejected[: len(prompt)] == prompt
     assert tokenizer.decode(chosen[len(prompt) :]) == "Yes, it is good.<|im_end|>"
     assert tokenizer.decode(rejected[len(prompt) :]) == "No.<|im_end|>"
-    short_c, short_r = encode_pair(tokenizer, chatml, ex, 10, None, None)
+    short_c, short_r = encode_pair(ChatFormat(tokenizer, chatml), ex, 10)
     assert len(short_c) <= 10 and len(short_r) <= 10
     assert short_c[-1] == short_r[-1] == tokenizer.eos_token_id
 

@@ -28,6 +28,7 @@ from alignkit.config import (
     load_config,
     save_config,
 )
+from alignkit.data.chat_format import ChatFormat
 from alignkit.data.encode import encode_prompt
 from alignkit.data.loader import Example
 from alignkit.data.templates import TEMPLATES, AutoTemplate, get_template
@@ -185,8 +186,8 @@ def test_llamafactory_template_names(tiny_model_dir, caplog):
 
 def templated(tok, prompt: str, response_ids: list[int]) -> ScoreMeta:
     """ScoreMeta as the PPO loop builds it: the encoded prompt and the response ids, decoded."""
-    query = encode_prompt(tok, TEMPLATES["chatml"], Example(messages=[{"role": "user", "content": prompt}]),
-                          256, SYSTEM, None)
+    query = encode_prompt(ChatFormat(tok, TEMPLATES["chatml"], SYSTEM), Example(messages=[{"role": "user", "content": prompt}]),
+                          256)
     full = RewardService.full_texts(tok, [query, response_ids])
     return ScoreMeta(labels=["4"], templated_prompts=[full[0]], full_responses=[full[1]])
 

@@ -17,10 +17,10 @@ import torch
 
 from alignkit.algos import logprobs_from_logits
 from alignkit.config import ConfigError, load_config
+from alignkit.data.chat_format import ChatFormat
 from alignkit.data.collators import SFTCollator, pad_left
 from alignkit.data.encode import encode_prompt, encode_supervised_examples
 from alignkit.data.loader import DataError, load_examples
-from alignkit.data.templates import get_template
 from alignkit.data.vision import PixelRows, VisionProcessor, fit_pixels
 from alignkit.generation import HFEngine, SamplingParams
 from alignkit.judge.process import JudgeProcess
@@ -49,7 +49,7 @@ def vl(vl_model):
 
 
 def prompt_batch(tokenizer, vision, examples):
-    queries = [encode_prompt(tokenizer, get_template("chatml"), ex, 256, None, None, vision) for ex in examples]
+    queries = [encode_prompt(ChatFormat.named(tokenizer, "chatml", vision=vision), ex, 256) for ex in examples]
     ids, mask = pad_left(queries, tokenizer.pad_token_id)
     return ids, mask, PixelRows.build(vision, [ex.images for ex in examples])
 
@@ -69,7 +69,7 @@ def test_placeholders_become_image_tokens(vl):
     tokenizer, vision, _ = vl
     ex = load_examples("mm_prompts_demo", str(DATA), "prompt")[6]  # "<image> or <image>: which one is round?"
     assert [p.rsplit("/", 1)[1] for p in ex.images] == ["red_square.png", "blue_circle.png"]
-    text = tokenizer.decode(encode_prompt(tokenizer, get_template("chatml"), ex, 256, None, None, vision))
+    text = tokenizer.decode(encode_prompt(ChatFormat.named(tokenizer, "chatml", vision=vision), ex, 256))
     image = "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"
     assert f"<|im_start|>user\n{image} or {image}: which one is round?<|im_end|>" in text
 
@@ -138,7 +138,7 @@ def test_images_on_a_text_only_model_name_the_row(tmp_path_factory, tiny_model_d
     vision = VisionProcessor.load(tiny_model_dir, tokenizer)
     with pytest.raises(DataError, match=r"mm_prompts_demo.json:0: this row has 1 image\(s\), but the model takes "
                                         r"no images.*drop the 'images' column"):
-        encode_prompt(tokenizer, get_template("chatml"), ex, 256, None, None, vision)
+        encode_prompt(ChatFormat.named(tokenizer, "chatml", vision=vision), ex, 256)
 
 
 def test_cutoff_through_an_image_is_an_error(vl):
@@ -146,7 +146,7 @@ def test_cutoff_through_an_image_is_an_error(vl):
     ex = load_examples("mm_prompts_demo", str(DATA), "prompt")[1]  # the image comes last: "... shape? <image>"
     ex = dataclasses.replace(ex, messages=[{"role": "user", "content": "<image>" + ex.messages[0]["content"][:-7]}])
     with pytest.raises(DataError, match="cutoff_len cuts through this row's images"):
-        encode_prompt(tokenizer, get_template("chatml"), ex, 12, None, None, vision)
+        encode_prompt(ChatFormat.named(tokenizer, "chatml", vision=vision), ex, 12)
 
 
 def test_reward_requests_carry_the_image_references():
@@ -203,7 +203,7 @@ def test_sft_with_images_three_steps(vl_model, tmp_path):
 def test_sft_batches_carry_pixels_for_their_image_rows(vl):
     tokenizer, vision, _ = vl
     examples = load_examples("mm_sft_demo", str(DATA), "sft")
-    feats = encode_supervised_examples(tokenizer, get_template("chatml"), examples, 256, None, None, vision)
+    feats = encode_supervised_examples(ChatFormat.named(tokenizer, "chatml", vision=vision), examples, 256)
     batch = SFTCollator(tokenizer.pad_token_id, vision)([feats[6], feats[7]])  # two images, then a text row
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]] and batch["pixel_values"].shape[0] == 32
     assert batch["mm_token_type_ids"].sum(-1).tolist() == [8, 0]

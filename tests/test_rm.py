@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alignkit.cli import main
 from alignkit.config import load_config
+from alignkit.data.chat_format import ChatFormat
 from alignkit.data.collators import PairCollator
 from alignkit.data.loader import load_examples, split_train_val
 from alignkit.data.templates import get_template
@@ -120,14 +121,15 @@ def test_rm_learns_the_marker_word(lora_rm):
 def test_pairs_in_both_shapes_with_margins(tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    sharegpt = rm_stage.tokenize(rm_config(tiny_model_dir, tmp_path, dataset="prefs_sharegpt"), tokenizer,
+    cfg = rm_config(tiny_model_dir, tmp_path, dataset="prefs_sharegpt")
+    sharegpt = rm_stage.tokenize(cfg, ChatFormat.of(cfg, tokenizer),
                                  load_examples("prefs_sharegpt", str(EXAMPLES / "data"), "pairwise", 8))
     assert len(sharegpt) == 8 and all(f["chosen_ids"][-1] == eot == f["rejected_ids"][-1] for f in sharegpt)
     rows = [{"instruction": "Hi?", "chosen": "A good day.", "rejected": "No.", "margin": 2.0},
             {"instruction": "Yo?", "chosen": "Good.", "rejected": "Bad."}]
     (tmp_path / "m.json").write_text(json.dumps(rows))
     cfg = rm_config(tiny_model_dir, tmp_path, dataset=str(tmp_path / "m.json"))
-    feats = rm_stage.tokenize(cfg, tokenizer, load_examples(cfg.dataset, None, "pairwise"))
+    feats = rm_stage.tokenize(cfg, ChatFormat.of(cfg, tokenizer), load_examples(cfg.dataset, None, "pairwise"))
     batch = PairCollator(tokenizer.pad_token_id)(feats)
     assert batch["margin"].tolist() == [2.0, 0.0]
 

@@ -77,6 +77,16 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, memo_data, tmp_path, m
     assert steps == [1, 2, 3, 4, 5, 6]  # the log reads as one run
 
 
+def test_epoch_logged_is_the_one_reached_after_the_step(tiny_model_dir, tmp_path):
+    """18 rows in global batches of 4: an epoch is 4 steps (the last 2 rows are dropped), so a run of
+    2 epochs logs 0.25 after its first step and exactly 2.0 after its last."""
+    data = tmp_path / "memo18.json"
+    data.write_text(json.dumps((MEMO * 5)[:18]))
+    out = sft.run(sft_config(tiny_model_dir, data, tmp_path / "run", max_steps=-1, num_train_epochs=2,
+                             report_to="none"))
+    epochs = [r["train/epoch"] for r in read_metrics(out) if "train/epoch" in r]
+    assert epochs == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
     write_checkpoint(tmp_path, 1, lambda d: (d / "w.bin").write_text("one"), {"x": 1})
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from alignkit.data import Example, encode_supervised, get_template
+from alignkit.data import ChatFormat, Example, encode_supervised, get_template
 from alignkit.models.tiny import build_tokenizer
 
 CONV = [
@@ -109,7 +109,7 @@ def test_qwen3_thinking_off_and_history_think_stripped():
 
 def test_empty_template_supervised_appends_eos(tokenizer):
     ex = Example(messages=CONV)
-    ids, labels = encode_supervised(tokenizer, get_template("empty"), ex, 512, None, None)
+    ids, labels = encode_supervised(ChatFormat.named(tokenizer, "empty"), ex, 512)
     assert tokenizer.decode(ids) == "Hi" + "Hello<|im_end|>" + "Bye" + "See you<|im_end|>"
     assert tokenizer.decode([t for t in labels if t != -100]) == "Hello<|im_end|>See you<|im_end|>"
 
@@ -122,8 +122,8 @@ def test_auto_matches_chatml_for_tiny_tokenizer(tokenizer):
             CONV[:3], system, add_generation_prompt=True
         )
         ex = Example(messages=CONV, system=system)
-        assert encode_supervised(tokenizer, auto, ex, 512, None, None) == encode_supervised(
-            tokenizer, chatml, ex, 512, None, None
+        assert encode_supervised(ChatFormat(tokenizer, auto), ex, 512) == encode_supervised(
+            ChatFormat(tokenizer, chatml), ex, 512
         )
 
 

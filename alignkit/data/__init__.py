@@ -1,5 +1,6 @@
 """Datasets (LLaMA-Factory registry and row formats), chat templates, encoding, collators."""
 
+from alignkit.data.chat_format import ChatFormat
 from alignkit.data.collators import PairCollator, SFTCollator, pad_left
 from alignkit.data.encode import (
     IGNORE_INDEX,
@@ -15,6 +16,7 @@ __all__ = [
     "IGNORE_INDEX",
     "TEMPLATES",
     "AutoTemplate",
+    "ChatFormat",
     "DataError",
     "Example",
     "PairCollator",

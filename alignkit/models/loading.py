@@ -61,12 +61,6 @@ def load_causal_lm(
     return model.to(device) if device else model
 
 
-def lora_target_modules(model: torch.nn.Module, lora_target: list[str]) -> list[str] | str:
-    """``lora_target`` as peft's ``target_modules``: ``all`` is every linear layer but the heads, the
-    MoE routers and the (frozen) vision tower and projector (``architectures.lora_targets``)."""
-    return lora_targets(model, lora_target)[0]
-
-
 def lora_config(model: torch.nn.Module, rank: int, alpha: int, dropout: float, target: list[str],
                 train_vision_tower: bool = False, train_projector: bool = False) -> LoraConfig:
     """peft config; with ``all`` on a MoE model, the fused expert weights as ``target_parameters``."""

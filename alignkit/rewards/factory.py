@@ -45,16 +45,15 @@ def build_reward(spec: RewardSpec, context: RewardContext, policy_model=None) ->
 def templated_probe(context: RewardContext) -> ScoreMeta:
     """The start-up probe as the trainer would send it: the probe question in the run's chat
     template and system prompt, the answer "4" with its end-of-turn token, decoded jointly."""
-    from alignkit.data.encode import encode_prompt  # tokenizer and templates: only for a full-text judge
+    from alignkit.data.chat_format import ChatFormat  # tokenizer and templates: only for a full-text judge
+    from alignkit.data.encode import encode_prompt
     from alignkit.data.loader import Example
-    from alignkit.data.templates import get_template
     from alignkit.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(context.base_model)
-    template = get_template(context.template, tokenizer)
-    query = encode_prompt(tokenizer, template, Example(messages=[{"role": "user", "content": PROBE_PROMPT}]),
-                          context.cutoff_len, context.default_system, context.enable_thinking)
-    eot = getattr(template, "eot", None) or tokenizer.eos_token or ""
+    fmt = ChatFormat.of(context, tokenizer)
+    query = encode_prompt(fmt, Example(messages=[{"role": "user", "content": PROBE_PROMPT}]), context.cutoff_len)
+    eot = getattr(fmt.template, "eot", None) or tokenizer.eos_token or ""
     response = tokenizer.encode(PROBE_ANSWER + eot, add_special_tokens=False)
     return ScoreMeta(labels=[PROBE_ANSWER], templated_prompts=decode_for_reward(tokenizer, [query], True),
                      full_responses=joint_responses(tokenizer, [query], [response]))

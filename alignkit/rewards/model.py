@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from alignkit.data.chat_format import ChatFormat
 from alignkit.data.encode import encode_pair
 from alignkit.data.loader import Example
 from alignkit.data.templates import get_template
@@ -59,7 +60,7 @@ def encode_for_scoring(
 ) -> list[int]:
     """Token ids of (prompt, response) exactly as RM training encodes a chosen sequence."""
     ex = Example(messages=[{"role": "user", "content": prompt}], chosen=response, rejected=response)
-    return encode_pair(tokenizer, template, ex, cutoff_len, default_system, enable_thinking)[0]
+    return encode_pair(ChatFormat(tokenizer, template, default_system, enable_thinking), ex, cutoff_len)[0]
 
 
 class ModelReward:

@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from alignkit.data.chat_format import ChatFormat
 from alignkit.data.collators import pad_left
 from alignkit.data.encode import encode_prompt
 from alignkit.data.loader import Example
-from alignkit.data.templates import get_template
 from alignkit.export import DTYPES, load_merged
 from alignkit.generation import first_eos_mask, stop_token_ids
 from alignkit.models.loading import load_tokenizer
@@ -40,12 +40,11 @@ class Generator:
             torch_dtype = DTYPES[dtype]
         self.tokenizer = load_tokenizer(spec.tokenizer_dir, trust_remote_code)
         self.model = load_merged(spec, torch_dtype, trust_remote_code).to(self.device)
-        self.template = get_template(spec.template, self.tokenizer)
-        self.eos_ids = stop_token_ids(self.tokenizer, self.template, self.model)
+        self.format = ChatFormat.of(spec, self.tokenizer)
+        self.eos_ids = stop_token_ids(self.tokenizer, self.format.template, self.model)
 
     def prompt_ids(self, example: Example, cutoff_len: int) -> list[int]:
-        return encode_prompt(self.tokenizer, self.template, example, cutoff_len, self.spec.default_system,
-                             self.spec.enable_thinking)
+        return encode_prompt(self.format, example, cutoff_len)
 
     def generation_config(self, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                           top_k: int = 0) -> GenerationConfig:

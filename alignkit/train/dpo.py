@@ -2,7 +2,7 @@
 
 Reads top to bottom: check paths and pairs → policy (and a frozen reference only where one must
 be its own copy) → tokenize pairs → (reference log-probs once per dataset) → the shared loop
-(``train.loop.fit``) → ``eval_results.json``.
+(``train.fit.fit``) → ``eval_results.json``.
 
 The reference is, by default, the policy's own weights with its LoRA adapter disabled: every
 adapter in ``adapter_name_or_path`` (the SFT model) is merged into the base and a new adapter is
@@ -35,9 +35,9 @@ from alignkit.algos.preference import (
     sequence_logps,
     simpo_loss,
 )
+from alignkit.data.chat_format import ChatFormat
 from alignkit.data.encode import encode_responses
 from alignkit.data.loader import Kind, split_train_val
-from alignkit.data.templates import get_template
 from alignkit.data.vision import VisionProcessor, batch_images
 from alignkit.models.architectures import forward_with_aux
 from alignkit.models.io import restore_model, save_model
@@ -54,7 +54,7 @@ from alignkit.models.reference import adapters_disabled
 from alignkit.train import sharding
 from alignkit.train.common import preflight, setup_run
 from alignkit.train.dpo_config import DPOConfig, PreferenceConfig
-from alignkit.train.loop import Stage, fit, plan
+from alignkit.train.fit import Stage, fit, plan
 
 logger = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -224,14 +224,12 @@ def pair_loss_sum(cfg: DPOConfig, frozen: nn.Module | None, model: nn.Module, ba
 # ---------------------------------------------------------------- data, evaluation, results
 
 
-def tokenize(cfg: DPOConfig, tokenizer, examples, vision: VisionProcessor | None = None) -> list[dict]:
+def tokenize(cfg: DPOConfig, fmt: ChatFormat, examples) -> list[dict]:
     """``chosen_ids``/``rejected_ids`` (prompt + response + end-of-turn), ``prompt_len`` and a
     row's ``images`` (paths) when it has some."""
-    template = get_template(cfg.template, tokenizer)
     rows = []
     for ex in examples:
-        prompt, (chosen, rejected) = encode_responses(tokenizer, template, ex, [ex.chosen, ex.rejected],
-                                                      cfg.cutoff_len, cfg.default_system, cfg.enable_thinking, vision)
+        prompt, (chosen, rejected) = encode_responses(fmt, ex, [ex.chosen, ex.rejected], cfg.cutoff_len)
         if chosen != rejected:  # an identical pair has no gradient and can never be ranked right
             rows.append({"chosen_ids": prompt + chosen, "rejected_ids": prompt + rejected, "prompt_len": len(prompt),
                          **({"images": ex.images} if ex.images else {})})
@@ -271,7 +269,7 @@ class Recipe:
 
     name: str  # the stage, as the progress bar shows it
     kind: Kind  # how the dataset's rows are parsed: "pairwise" (DPO) or "kto"
-    tokenize: Callable[..., list[dict]]  # (cfg, tokenizer, examples, vision processor or None) -> rows
+    tokenize: Callable[..., list[dict]]  # (cfg, ChatFormat, examples) -> rows
     sequences: tuple[str, ...]  # each row's ``<name>_ids``, in collated order
     ref_keys: tuple[str, ...]  # where precomputed reference log-probs go, one per sequence kind
     # (cfg, frozen reference or None, model, batch) -> summed loss and summed metrics of a micro-batch
@@ -294,10 +292,11 @@ def run_preference(cfg: PreferenceConfig, recipe: Recipe) -> Path:
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
                                   cfg.image_min_pixels)  # None: a text-only model
+    fmt = ChatFormat.of(cfg, tokenizer, vision)
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
-    train = recipe.tokenize(cfg, tokenizer, train_ex, vision)
-    val = recipe.tokenize(cfg, tokenizer, val_ex, vision) if val_ex else []
-    collate = PreferenceCollator(tokenizer.pad_token_id, recipe.sequences, vision)
+    train = recipe.tokenize(cfg, fmt, train_ex)
+    val = recipe.tokenize(cfg, fmt, val_ex) if val_ex else []
+    collate = PreferenceCollator(tokenizer.pad_token_id, recipe.sequences, fmt.vision)
 
     # 3. Reference log-probs: once for the dataset (precompute_ref_logprobs), or per batch in the loss.
     frozen = prepare_reference(cfg, accelerator, (policy, frozen), train + val, collate, recipe.ref_keys)

@@ -2,7 +2,7 @@
 
 Reads top to bottom: check paths and rows → policy (and a frozen reference only where one must be
 its own copy) → unpaired rows, each with a mismatched answer for the KL estimate → (reference
-log-probs once per dataset) → the shared loop (``train.loop.fit``) → ``eval_results.json``.
+log-probs once per dataset) → the shared loop (``train.fit.fit``) → ``eval_results.json``.
 
 Rows are LLaMA-Factory's KTO rows (a conversation whose last assistant turn a ``kto_tag`` column
 marks desirable or not) or preference pairs, split into a desirable (chosen) and an undesirable
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from alignkit.algos.preference import implicit_rewards, kto_loss, kto_reference_point
+from alignkit.data.chat_format import ChatFormat
 from alignkit.data.encode import encode_responses
 from alignkit.data.loader import Example
-from alignkit.data.templates import get_template
 from alignkit.train.dpo import Batch, Recipe, policy_logps, reference_logps, response_logps, run_preference
 from alignkit.train.dpo_config import KTOConfig
 
@@ -41,7 +41,7 @@ def unpaired(examples: list[Example]) -> list[tuple[Example, str, bool]]:
     return rows
 
 
-def tokenize(cfg: KTOConfig, tokenizer, examples: list[Example], vision=None) -> list[dict]:
+def tokenize(cfg: KTOConfig, fmt: ChatFormat, examples: list[Example]) -> list[dict]:
     """``completion_ids`` (prompt + answer), ``kl_ids`` (the same prompt + another row's answer,
     half the dataset away, so pairs split into two rows never meet their own answer: the mismatched
     pairs z0 is estimated on, as LLaMA-Factory builds them), ``prompt_len`` and ``desirable``.
@@ -49,13 +49,11 @@ def tokenize(cfg: KTOConfig, tokenizer, examples: list[Example], vision=None) ->
     if with_images := next((ex for ex in examples if ex.images), None):
         raise ValueError(f"{with_images.source}: kto does not take image rows yet (sft, rm, dpo and ppo do); "
                          "drop the 'images' column from the dataset's entry in dataset_info.json.")
-    template = get_template(cfg.template, tokenizer)
     rows = unpaired(examples)
     feats = []
     for i, (prompt, answer, desirable) in enumerate(rows):
         other = rows[(i + len(rows) // 2) % len(rows)][1]
-        ids, (own, mismatched) = encode_responses(tokenizer, template, prompt, [answer, other], cfg.cutoff_len,
-                                                  cfg.default_system, cfg.enable_thinking)
+        ids, (own, mismatched) = encode_responses(fmt, prompt, [answer, other], cfg.cutoff_len)
         feats.append({"completion_ids": ids + own, "kl_ids": ids + mismatched, "prompt_len": len(ids),
                       "desirable": desirable})
     n_good = sum(f["desirable"] for f in feats)

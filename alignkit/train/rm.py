@@ -1,7 +1,7 @@
 """Reward-model training: a scalar head on the last real token, pairwise (Bradley-Terry) loss.
 
 Reads top to bottom: check paths and pairs → load → tokenize pairs → the shared loop
-(``train.loop.fit``: steps, eval, checkpoints, final eval, save) → ``eval_results.json``.
+(``train.fit.fit``: steps, eval, checkpoints, final eval, save) → ``eval_results.json``.
 """
 
 from __future__ import annotations
@@ -14,28 +14,26 @@ import torch
 from torch import nn
 
 from alignkit.config import RMConfig
+from alignkit.data.chat_format import ChatFormat
 from alignkit.data.collators import PairCollator
 from alignkit.data.encode import encode_pair
 from alignkit.data.loader import split_train_val
-from alignkit.data.templates import get_template
 from alignkit.data.vision import VisionProcessor
 from alignkit.models.loading import build_policy_model, load_tokenizer, split_adapters
 from alignkit.models.reward_model import RewardModel, pairwise_loss, restore_reward_model, save_reward_model
 from alignkit.train.common import preflight, setup_run
-from alignkit.train.loop import Stage, fit, plan
+from alignkit.train.fit import Stage, fit, plan
 
 logger = logging.getLogger(__name__)
 EVAL_FILE = "eval_results.json"
 PLOTTED = ["train/loss", "train/accuracy", "eval/loss", "eval/accuracy", "eval/margin"]
 
 
-def tokenize(cfg: RMConfig, tokenizer, examples, vision: VisionProcessor | None = None) -> list[dict]:
+def tokenize(cfg: RMConfig, fmt: ChatFormat, examples) -> list[dict]:
     """``chosen_ids``/``rejected_ids`` (prompt + response + end-of-turn), the row's margin and images."""
-    template = get_template(cfg.template, tokenizer)
     feats = []
     for ex in examples:
-        chosen, rejected = encode_pair(tokenizer, template, ex, cfg.cutoff_len, cfg.default_system, cfg.enable_thinking,
-                                       vision)
+        chosen, rejected = encode_pair(fmt, ex, cfg.cutoff_len)
         # An identical pair has no gradient and can never be ranked right; it only skews accuracy.
         if chosen != rejected:
             feats.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": ex.margin,
@@ -112,9 +110,10 @@ def run(cfg: RMConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
                                   cfg.image_min_pixels)  # None: a text-only model
+    fmt = ChatFormat.of(cfg, tokenizer, vision)
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
-    train, val = tokenize(cfg, tokenizer, train_ex, vision), tokenize(cfg, tokenizer, val_ex, vision) if val_ex else []
-    collate = PairCollator(tokenizer.pad_token_id, vision)
+    train, val = tokenize(cfg, fmt, train_ex), tokenize(cfg, fmt, val_ex) if val_ex else []
+    collate = PairCollator(tokenizer.pad_token_id, fmt.vision)
     meta = run_meta(cfg)
 
     # 3. Train. The loss is the mean over the global batch's pairs. The held-out pairs are

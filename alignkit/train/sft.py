@@ -1,6 +1,6 @@
 """Supervised fine-tuning: next-token loss on assistant tokens only.
 
-Reads top to bottom: check paths and data → load → tokenize → the shared loop (``train.loop.fit``).
+Reads top to bottom: check paths and data → load → tokenize → the shared loop (``train.fit.fit``).
 """
 
 from __future__ import annotations
@@ -13,25 +13,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignkit.config import SFTConfig
+from alignkit.data.chat_format import ChatFormat
 from alignkit.data.collators import SFTCollator
 from alignkit.data.encode import IGNORE_INDEX as IGNORE
 from alignkit.data.encode import encode_supervised_examples
 from alignkit.data.loader import split_train_val
-from alignkit.data.templates import get_template
 from alignkit.data.vision import VisionProcessor
 from alignkit.models.architectures import forward_with_aux
 from alignkit.models.io import restore_model, save_model
 from alignkit.models.loading import build_policy_model, load_tokenizer
 from alignkit.train.common import preflight, setup_run
-from alignkit.train.loop import Stage, fit
+from alignkit.train.fit import Stage, fit
 
 logger = logging.getLogger(__name__)
 
 
-def tokenize(cfg: SFTConfig, tokenizer, examples, vision: VisionProcessor | None = None) -> list[dict]:
-    template = get_template(cfg.template, tokenizer)
-    feats = encode_supervised_examples(tokenizer, template, examples, cfg.cutoff_len, cfg.default_system,
-                                       cfg.enable_thinking, vision)
+def tokenize(cfg: SFTConfig, fmt: ChatFormat, examples) -> list[dict]:
+    feats = encode_supervised_examples(fmt, examples, cfg.cutoff_len)
     if examples and not feats:
         raise ValueError(f"dataset {cfg.dataset}: no example has a supervised token left after cutoff_len={cfg.cutoff_len}")
     return feats
@@ -93,9 +91,10 @@ def run(cfg: SFTConfig) -> Path:
     model, tokenizer = build_policy_model(cfg), load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
                                   cfg.image_min_pixels)  # None: a text-only model
+    fmt = ChatFormat.of(cfg, tokenizer, vision)
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
-    train, val = tokenize(cfg, tokenizer, train_ex, vision), tokenize(cfg, tokenizer, val_ex, vision) if val_ex else []
-    collate = SFTCollator(tokenizer.pad_token_id, vision)
+    train, val = tokenize(cfg, fmt, train_ex), tokenize(cfg, fmt, val_ex) if val_ex else []
+    collate = SFTCollator(tokenizer.pad_token_id, fmt.vision)
 
     # 3. Train. The loss is averaged over the supervised tokens of the whole global batch.
     def eval_loss(m: nn.Module) -> dict[str, float]:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from alignkit.algos import AdaptiveKLController, FixedKLController, RunningMoments
 from alignkit.algos.advantages import AdvantageParams
 from alignkit.algos.correction import importance_weights
+from alignkit.data.chat_format import ChatFormat
 from alignkit.data.encode import encode_prompt
 from alignkit.data.loader import Example
 from alignkit.data.templates import get_template
@@ -249,12 +250,11 @@ def save(r: PPORun, done: int) -> None:
 def load_prompts(cfg: PPOConfig, tokenizer, examples: list[Example]) -> PromptSet:
     """Template-encoded prompts (room left for max_new_tokens), the prompt text the reward sees and,
     on a VL model, each prompt's images."""
-    template = get_template(cfg.template, tokenizer)
     vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
                                   cfg.image_min_pixels)  # None: a text-only model
+    fmt = ChatFormat.of(cfg, tokenizer, vision)
     prompt_len = max(8, cfg.cutoff_len - cfg.max_new_tokens)
-    queries = [encode_prompt(tokenizer, template, ex, prompt_len, cfg.default_system, cfg.enable_thinking, vision)
-               for ex in examples]
+    queries = [encode_prompt(fmt, ex, prompt_len) for ex in examples]
     return PromptSet(
         queries=queries,
         texts=[ex.last_user_text() for ex in examples],

@@ -55,6 +55,7 @@ class Sizes:
     micro_bs: int  # rows per micro-batch on one rank
     accum: int  # micro-batches per optimizer step
     global_bs: int  # rows per optimizer step over all ranks
+    steps_per_epoch: int  # whole global batches in one pass over the training rows (drop-last)
     num_steps: int  # optimizer steps in the run
     eval_every: int  # optimizer steps between in-run evaluations
 
@@ -75,7 +76,7 @@ def plan(cfg: StageConfig, n_train: int, world: int) -> Sizes:
                          "(per_device_train_batch_size x gradient_accumulation_steps x processes)")
     steps_per_epoch = n_train // global_bs
     eval_every = (cfg.eval_steps or cfg.save_steps) if cfg.eval_strategy == "steps" else steps_per_epoch
-    return Sizes(micro_bs, accum, global_bs, total_steps(cfg, steps_per_epoch), eval_every)
+    return Sizes(micro_bs, accum, global_bs, steps_per_epoch, total_steps(cfg, steps_per_epoch), eval_every)
 
 
 def fit(cfg: StageConfig, accelerator: Accelerator, out: Path, stage: Stage) -> dict[str, float] | None:
@@ -115,7 +116,9 @@ def fit(cfg: StageConfig, accelerator: Accelerator, out: Path, stage: Stage) -> 
         bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"lr": f"{lr:.2e}"})
         if done % cfg.logging_steps == 0 or done == sizes.num_steps:
             metrics = {f"train/{k}": v for k, v in means.items()}
-            metrics |= {"train/learning_rate": lr, "train/epoch": step * sizes.global_bs / len(stage.train),
+            # The epoch reached after this step, as Hugging Face's Trainer logs it (the last step of a
+            # run of num_train_epochs logs num_train_epochs); an epoch is whole global batches.
+            metrics |= {"train/learning_rate": lr, "train/epoch": done / sizes.steps_per_epoch,
                         "time/step": time.perf_counter() - t0}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = sharding.grad_norm_value(grad_norm)
