@@ -109,7 +109,10 @@ class StageConfig(BaseModel):
         "LLaMA-Factory template name (llama2, mistral, gemma, glm4, ...: mapped, see docs/data.md)."
     )
     default_system: str | None = Field(None, description="Replaces the template's default system prompt.")
-    enable_thinking: bool | None = Field(None, description="Qwen3-style templates: false renders with thinking off.")
+    enable_thinking: bool | None = Field(
+        None, description="Qwen3-style templates: false renders with thinking off; unset is true with a thinking "
+        "template (LLaMA-Factory's default: an answer without a thought gets an empty think block)."
+    )
     cutoff_len: int = Field(1024, ge=8, description="Maximum tokens per example (prompt + response).")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many rows per dataset.")
     val_size: float | int = Field(0.0, ge=0.0, description="Held-out split: fraction in (0,1) or a row count >= 1.")
@@ -201,6 +204,13 @@ class StageConfig(BaseModel):
         if 0 < self.warmup_steps < 1:  # as in current transformers: a fraction of the total steps
             object.__setattr__(self, "warmup_ratio", self.warmup_steps)
             object.__setattr__(self, "warmup_steps", 0)
+        if self.enable_thinking is None:
+            from alignkit.data.templates import is_thinking_template
+
+            if is_thinking_template(self.template):
+                # LLaMA-Factory's default (enable_thinking: true), so a qwen3 config renders the same text
+                # there and here: an answer without a thought is trained after an empty think block.
+                object.__setattr__(self, "enable_thinking", True)
         return self
 
     @property
