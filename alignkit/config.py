@@ -13,7 +13,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import types
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError, field_validator, model_validator
+
+from alignkit.config_checks import VALUE_REASONS, describe_problems, path_problems, template_problems
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,10 @@ class StageConfig(BaseModel):
         "LLaMA-Factory template name (llama2, mistral, gemma, glm4, ...: mapped, see docs/data.md)."
     )
     default_system: str | None = Field(None, description="Replaces the template's default system prompt.")
-    enable_thinking: bool | None = Field(None, description="Qwen3-style templates: false renders with thinking off.")
+    enable_thinking: bool | None = Field(
+        None, description="Qwen3-style templates: false renders with thinking off; unset is true with a thinking "
+        "template (LLaMA-Factory's default: an answer without a thought gets an empty think block)."
+    )
     cutoff_len: int = Field(1024, ge=8, description="Maximum tokens per example (prompt + response).")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many rows per dataset.")
     val_size: float | int = Field(0.0, ge=0.0, description="Held-out split: fraction in (0,1) or a row count >= 1.")
@@ -200,6 +204,13 @@ class StageConfig(BaseModel):
         if 0 < self.warmup_steps < 1:  # as in current transformers: a fraction of the total steps
             object.__setattr__(self, "warmup_ratio", self.warmup_steps)
             object.__setattr__(self, "warmup_steps", 0)
+        if self.enable_thinking is None:
+            from alignkit.data.templates import is_thinking_template
+
+            if is_thinking_template(self.template):
+                # LLaMA-Factory's default (enable_thinking: true), so a qwen3 config renders the same text
+                # there and here: an answer without a thought is trained after an empty think block.
+                object.__setattr__(self, "enable_thinking", True)
         return self
 
     @property
@@ -344,22 +355,6 @@ def explain_validation_error(err: ValidationError, where: str, cls: type[BaseMod
     return ConfigError(f"{where}: " + "; ".join(m for _, m in validation_problems(err, cls)))
 
 
-# Values LLaMA-Factory (or transformers) accepts that alignkit does not, and why: a bare list of
-# allowed values leaves the user guessing whether theirs is a typo or a missing feature.
-VALUE_REASONS: dict[str, dict[Any, str]] = {
-    "optim": {
-        **dict.fromkeys(("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit",
-                         "paged_lion_8bit"), "8-bit and paged optimizers need bitsandbytes, which alignkit does not use"),
-        **dict.fromkeys(("adafactor", "lion_32bit", "galore_adamw", "galore_adamw_8bit", "apollo_adamw", "lomo",
-                         "adalomo", "muon"), "this optimizer is not implemented here"),
-    },
-    "lr_scheduler_type": dict.fromkeys(
-        ("cosine_with_restarts", "polynomial", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
-         "warmup_stable_decay"), "this schedule is not implemented here"),
-    "finetuning_type": dict.fromkeys(("freeze", "oft"), "only LoRA adapters and full fine-tuning are implemented"),
-}
-
-
 def validation_problems(err: ValidationError, cls: type[BaseModel] | None = None) -> list[tuple[str | None, str]]:
     """pydantic's errors as ``(top-level key, problem)``: the key path as written in the YAML and
     what was expected (secrets redacted; a refused choice says why); unknown keys at any depth get
@@ -451,58 +446,6 @@ def stage_problem(stage: Any) -> str:
         return (f"key 'stage': 'pt' (LLaMA-Factory's pre-training on raw text) is not a stage here; the stages are "
                 f"{stages}")
     return f"key 'stage' must be one of {stages}, got {stage!r}"
-
-
-def template_problems(name: Any) -> list[str]:
-    """The template name, checked before any tokenizer loads (``auto`` is checked against it later)."""
-    from alignkit.data.templates import known_template_names, unknown_template_message
-
-    if isinstance(name, str) and name not in known_template_names():
-        return [f"key 'template': {unknown_template_message(name)}"]
-    return []
-
-
-def path_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
-    """What the run reads and writes, checked without loading anything: the model and adapter
-    directories, the datasets (registered in dataset_info.json, files present) and output_dir."""
-    from alignkit.data.loader import dataset_problems
-
-    out: list[tuple[str, str]] = []
-    model = raw.get("model_name_or_path")
-    if isinstance(model, str) and not (Path(model) / "config.json").is_file():
-        out.append(("model_name_or_path", f"key 'model_name_or_path': {model!r} is not a Hugging Face model "
-                    "directory (no config.json there)"))
-    adapters = raw.get("adapter_name_or_path") or []
-    for adapter in adapters.split(",") if isinstance(adapters, str) else adapters:
-        if isinstance(adapter, str) and not (Path(adapter.strip()) / "adapter_config.json").is_file():
-            out.append(("adapter_name_or_path", f"key 'adapter_name_or_path': {adapter!r} is not a peft adapter "
-                        "directory (no adapter_config.json there)"))
-    dataset = raw.get("dataset")
-    if isinstance(dataset, str | list) and dataset:
-        out += [("dataset", f"key 'dataset': {p}") for p in dataset_problems(dataset, raw.get("dataset_dir", "data"))]
-    output_dir = raw.get("output_dir")
-    if isinstance(output_dir, str) and (problem := output_dir_problem(output_dir)):
-        out.append(("output_dir", problem))
-    return out
-
-
-def output_dir_problem(output_dir: str) -> str | None:
-    """output_dir, or the nearest existing folder above it (where it will be created), must be writable."""
-    path = Path(output_dir).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        return (f"output_dir: {output_dir!r} cannot be written ({existing} is not a writable directory); "
-                "choose another output_dir or fix its permissions.")
-    return None
-
-
-def describe_problems(problems: list[tuple[str | None, str]], where: str, from_cli: dict[str, str]) -> str:
-    """One paragraph: the file's problems after its name, the overrides' after theirs."""
-    in_file = [m for k, m in problems if k not in from_cli]
-    parts = [f"{where}: " + "; ".join(in_file)] if in_file else []
-    for item in dict.fromkeys(from_cli[k] for k, _ in problems if k in from_cli):
-        parts.append(f"command-line override {item!r}: " + "; ".join(m for k, m in problems if from_cli.get(k) == item))
-    return ". ".join(parts) + "."
 
 
 def warn_slow_precision(cfg: StageConfig, where: str) -> None:

@@ -302,6 +302,34 @@ def test_max_samples_per_dataset():
     assert [e.source.rsplit(":", 1)[1] for e in examples] == ["0", "1", "2"] * 2
 
 
+def register(tmp_path: Path, n_rows: int, **entry) -> str:
+    write(tmp_path, "x.json", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(n_rows)])
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"x": {"file_name": "x.json", **entry}}))
+    return str(tmp_path)
+
+
+def test_num_samples_draws_rows_as_llamafactory(tmp_path):
+    """num_samples: a shuffle of all rows cut to n; past the file's size every row once plus repeats;
+    then max_samples cuts. The same rows every time (every rank)."""
+    fewer = load_examples("x", register(tmp_path, 10, num_samples=4), "sft")
+    assert len(fewer) == 4 and len({e.last_user_text() for e in fewer}) == 4
+    assert [e.last_user_text() for e in fewer] == [e.last_user_text() for e in load_examples("x", str(tmp_path), "sft")]
+    more = load_examples("x", register(tmp_path, 3, num_samples=7), "sft")
+    assert len(more) == 7 and {e.last_user_text() for e in more} == {"q0", "q1", "q2"}
+    assert len(load_examples("x", register(tmp_path, 10, num_samples=6), "sft", max_samples=2)) == 2
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ({"split": "test"}, r"split 'test' cannot be honoured: a local file is one 'train' split"),
+    ({"num_samples": 0}, r"num_samples must be a whole number >= 1, got 0"),
+    ({"num_samples": "5"}, r"num_samples must be a whole number >= 1, got '5'"),
+])
+def test_split_and_bad_num_samples_are_refused_clearly(tmp_path, entry, problem):
+    with pytest.raises(DataError, match=rf"dataset 'x': {problem}"):
+        load_examples("x", register(tmp_path, 3, **entry), "sft")
+    assert load_examples("x", register(tmp_path, 3, split="train"), "sft")  # the one split a file has
+
+
 def test_shipped_datasets():
     d = str(EXAMPLES)
     assert 60 <= len(load_examples("sft_demo", d, "sft")) <= 200

@@ -201,3 +201,39 @@ def test_too_many_failures_stop_and_health_check_is_the_services():
                 service.start()
         finally:
             service.close()
+
+
+# -- thoughts and strip_think --------------------------------------------------------------
+
+PPO_RULE = ["stage=ppo", "model_name_or_path=/m", "dataset=a", "output_dir=/o", "reward_model=count_good"]
+
+
+@pytest.mark.parametrize(("template", "extra", "expected"), [
+    ("qwen3", [], True), ("qwen3_vl", [], True), ("qwen3_nothink", [], False), ("chatml", [], False),
+    ("qwen3", ["strip_think=false"], False), ("chatml", ["strip_think=true"], True),
+])
+def test_a_thinking_template_turns_strip_think_on_by_default(template, extra, expected):
+    assert load_config(None, [*PPO_RULE, f"template={template}", *extra]).strip_think is expected
+
+
+def test_thoughts_reaching_the_judge_are_warned_about_once(tiny_model_dir, caplog):
+    tok = load_tokenizer(str(tiny_model_dir))
+    rows = [tok.encode("<think>count</think>good", add_special_tokens=False), tok.encode("good")]
+    assert tok.convert_tokens_to_ids("<think>") in rows[0]  # a special token: dropped from the judged text
+    service = build_reward_service(RewardSpec(reward_model="count_good", strip_think=False), RewardContext())
+    try:
+        with caplog.at_level(logging.WARNING, logger="alignkit.rewards.service"):
+            assert service.response_texts(tok, rows) == ["countgood", "good"]  # the thought, without its tags
+            service.response_texts(tok, rows)
+    finally:
+        service.close()
+    warnings = [r.getMessage() for r in caplog.records if "strip_think is off" in r.getMessage()]
+    assert len(warnings) == 1 and "strip_think: true" in warnings[0]
+    quiet = build_reward_service(RewardSpec(reward_model="count_good", strip_think=True), RewardContext())
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignkit.rewards.service"):
+            assert quiet.response_texts(tok, rows) == ["<think>count</think>good", "good"]  # tags kept to strip
+    finally:
+        quiet.close()
+    assert not caplog.records

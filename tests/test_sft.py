@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -181,3 +182,35 @@ def test_preflight_names_the_key_and_path_before_anything_loads(tiny_model_dir, 
     bad.write_text(json.dumps([*MEMO, {"instruction": "No answer."}]))
     assert main(["train", str(yaml_path), f"dataset={bad}"]) == 1
     assert str(bad) in capsys.readouterr().err and not out.exists()
+
+
+def test_llamafactory_log_files_beside_alignkits(tiny_model_dir, memo_data, tmp_path):
+    """trainer_log.jsonl (LLaMA-Factory's LogCallback format), trainer_state.json (the Trainer's
+    log_history) and all_results.json, which LlamaBoard and users' scripts read."""
+    out = sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "run", max_steps=4, logging_steps=2,
+                             report_to="none"))
+    ours = [r for r in read_metrics(out) if "train/loss" in r]
+    lines = [json.loads(ln) for ln in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [ln["current_steps"] for ln in lines] == [2, 4] and {ln["total_steps"] for ln in lines} == {4}
+    assert [ln["percentage"] for ln in lines] == [50.0, 100.0]
+    assert [ln["loss"] for ln in lines] == [r["train/loss"] for r in ours]
+    assert [ln["lr"] for ln in lines] == [r["train/learning_rate"] for r in ours]
+    assert all(re.fullmatch(r"\d+:\d\d:\d\d", ln["elapsed_time"]) and re.fullmatch(r"\d+:\d\d:\d\d", ln["remaining_time"])
+               for ln in lines)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == state["max_steps"] == 4
+    assert [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h] == [(2, ours[0]["train/loss"]),
+                                                                                     (4, ours[1]["train/loss"])]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_loss"] == pytest.approx(sum(r["train/loss"] for r in ours) / 2)
+    assert results["train_runtime"] > 0
+
+
+def test_a_dataset_smaller_than_one_global_batch_says_why_and_what_fits(tiny_model_dir, memo_data, tmp_path):
+    # 16 rows; 4 per device x 8 accumulation steps = 32 per step.
+    with pytest.raises(ValueError) as err:
+        sft.run(sft_config(tiny_model_dir, memo_data, tmp_path / "run", gradient_accumulation_steps=8))
+    message = str(err.value)
+    assert "16 training examples cannot fill one global batch of 32" in message
+    assert "LLaMA-Factory would run one partial batch" in message
+    assert "set gradient_accumulation_steps: 4" in message

@@ -231,3 +231,15 @@ def test_template_names_did_you_mean_and_llamafactory_names_refused_with_the_way
         get_template("qwen3_nothnk")
     with pytest.raises(ValueError, match=r"'sailor' is LLaMA-Factory's.*template: auto"):
         get_template("sailor")
+
+
+def test_a_qwen3_config_renders_as_llamafactory_by_default():
+    """LLaMA-Factory's enable_thinking defaults to true; a config that does not set it gets the same text."""
+    from alignkit.config import load_config
+
+    base = ["stage=sft", "model_name_or_path=/m", "dataset=a", "output_dir=/o"]
+    assert load_config(None, [*base, "template=qwen3"]).enable_thinking is True
+    assert load_config(None, [*base, "template=qwen3_vl"]).enable_thinking is True
+    assert load_config(None, [*base, "template=qwen3", "enable_thinking=false"]).enable_thinking is False
+    assert load_config(None, [*base, "template=qwen3_nothink"]).enable_thinking is None
+    assert load_config(None, [*base, "template=chatml"]).enable_thinking is None

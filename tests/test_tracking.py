@@ -73,3 +73,23 @@ def test_uninstalled_tracker_names_the_package(monkeypatch):
     monkeypatch.setitem(tracking.TRACKER_PACKAGES, "wandb", "alignkit_no_such_package")
     with pytest.raises(ValueError, match="pip install alignkit_no_such_package"):
         check_trackers(["tensorboard", "wandb"])
+
+
+def test_llamafactory_trainer_log_for_ppo_and_on_resume(tmp_path):
+    """PPO's loss and mean reward under LLaMA-Factory's keys; a resumed run's log reads as one run."""
+    import json
+
+    ppo = {"ppo/loss/total": 0.25, "env/reward_mean": 0.5, "ppo/learning_rate": 1e-5}
+    logger = MetricLogger(tmp_path, ["jsonl"], total_steps=4)
+    for step in (1, 2, 3):
+        logger.log(step, ppo)
+    logger.close()
+    logger = MetricLogger(tmp_path, ["jsonl"], resume_step=2, total_steps=4)  # resumed from checkpoint-2
+    for step in (3, 4):
+        logger.log(step, ppo)
+    logger.close()
+    lines = [json.loads(ln) for ln in (tmp_path / "trainer_log.jsonl").read_text().splitlines()]
+    assert [ln["current_steps"] for ln in lines] == [1, 2, 3, 4]
+    assert lines[-1] | {"elapsed_time": "", "remaining_time": ""} == {
+        "current_steps": 4, "total_steps": 4, "loss": 0.25, "reward": 0.5, "lr": 1e-5, "percentage": 100.0,
+        "elapsed_time": "", "remaining_time": ""}

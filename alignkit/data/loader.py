@@ -113,6 +113,7 @@ class DatasetSpec:
     tags: dict[str, str] = field(default_factory=dict)
     ranking: bool = False
     media_dir: Path | None = None  # relative image paths start here (dataset_dir), else at the file's folder
+    num_samples: int | None = None  # dataset_info.json: draw this many rows (with repeats past the file's size)
 
 
 class RowError(Exception):
@@ -142,10 +143,31 @@ def load_examples(
     registry = _read_registry(dataset_dir)
     examples: list[Example] = []
     for name in names:
-        for spec in _resolve(name, dataset_dir, registry):
+        specs = _resolve(name, dataset_dir, registry)
+        num_samples = specs[0].num_samples if specs else None
+        rows: list[Example] = []
+        for spec in specs:
             spec.media_dir = Path(dataset_dir) if dataset_dir else None
-            examples.extend(_load_file(spec, kind, max_samples, skip_bad_rows))
+            rows.extend(_load_file(spec, kind, None if num_samples else max_samples, skip_bad_rows))
+        if num_samples is not None:  # LLaMA-Factory's order: sample num_samples, then cut to max_samples
+            logger.info("dataset %r: num_samples=%d rows drawn from its %d", name, num_samples, len(rows))
+            rows = sample_rows(rows, num_samples)[:max_samples]
+        examples.extend(rows)
     return examples
+
+
+NUM_SAMPLES_SEED = 0  # the rows num_samples draws are the same on every run and every rank
+
+
+def sample_rows(rows: list[Example], n: int) -> list[Example]:
+    """``n`` rows as LLaMA-Factory's ``num_samples`` draws them: a shuffle of all rows cut to ``n``,
+    and past the file's size every row once plus random repeats."""
+    if not rows:
+        return []
+    rng = random.Random(NUM_SAMPLES_SEED)
+    idx = rng.sample(range(len(rows)), len(rows))[:n]
+    idx += rng.choices(range(len(rows)), k=n - len(idx))
+    return [rows[i] for i in idx]
 
 
 def dataset_problems(dataset: str | list[str], dataset_dir: str | None) -> list[str]:
@@ -240,6 +262,14 @@ def _specs_from_entry(name: str, entry: Any, root: Path) -> list[DatasetSpec]:
         )
     if unknown := set(tags) - set(SHAREGPT_TAGS):
         raise DataError(f"{where}: unknown tags {sorted(unknown)}; known: {sorted(SHAREGPT_TAGS)}")
+    if (split := entry.get("split", "train")) != "train":
+        raise DataError(f"{where}: split {split!r} cannot be honoured: a local file is one 'train' split (as "
+                        "LLaMA-Factory loads it too). Remove 'split' or set it to 'train'; for held-out data use "
+                        "val_size, or register the held-out file as its own dataset.")
+    num_samples = entry.get("num_samples")
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 1):
+        raise DataError(f"{where}: num_samples must be a whole number >= 1, got {num_samples!r}")
     path = root / entry["file_name"]
     if path.is_dir():
         paths = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
@@ -249,7 +279,8 @@ def _specs_from_entry(name: str, entry: Any, root: Path) -> list[DatasetSpec]:
         raise DataError(f"{where}: file {path} does not exist")
     tag_map = {**SHAREGPT_TAGS, **tags} if tags else {}  # empty: detected from the first message
     return [
-        DatasetSpec(p, formatting, {**defaults, **columns}, tag_map, bool(entry.get("ranking", False)))
+        DatasetSpec(p, formatting, {**defaults, **columns}, tag_map, bool(entry.get("ranking", False)),
+                    num_samples=num_samples)
         for p in paths
     ]
 

@@ -300,6 +300,12 @@ def get_template(name: str, tokenizer: Any = None) -> Template | AutoTemplate:
     return TEMPLATES[name]
 
 
+def is_thinking_template(name: str) -> bool:
+    """A built-in template (by its name or LLaMA-Factory's) whose model writes ``<think>`` blocks."""
+    name = LLAMAFACTORY_TEMPLATES.get(name, name) if name not in TEMPLATES else name
+    return name in TEMPLATES and TEMPLATES[name].thinking
+
+
 def unknown_template_message(name: str) -> str:
     """One paragraph for a template name alignkit does not know, with the closest known names."""
     known = known_template_names()

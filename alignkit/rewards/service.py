@@ -9,6 +9,7 @@ the loop never knows whether a rule, a reward model or an HTTP judge produced th
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 from dataclasses import dataclass
 
 from alignkit.rewards.base import Score, ScoreMeta
@@ -18,6 +19,8 @@ from alignkit.rewards.runner import BackgroundScorer
 from alignkit.rewards.spec import RewardContext, RewardSpec
 from alignkit.rewards.text import decode_for_reward, joint_responses
 from alignkit.rewards.wrappers import CountFailures
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,9 +46,11 @@ class RewardService:
         include_special_tokens: bool = False,
         health_check: HealthCheck | None = None,
         keep_tokens: tuple[str, ...] = (),
+        unstripped_think: tuple[str, ...] = (),
     ) -> None:
         self.include_special_tokens = include_special_tokens  # how the trainer decodes responses
         self.keep_tokens = keep_tokens  # special tokens kept in the response text anyway (think tags)
+        self._watch = unstripped_think  # think tags that reach the judge (strip_think off): warn once if seen
         self._source = source
         self._policy = policy
         self._health_check = health_check
@@ -53,7 +58,19 @@ class RewardService:
 
     def response_texts(self, tokenizer, rows: list[list[int]]) -> list[str]:
         """Response token ids (one row per sample, no padding) as the text this source scores."""
-        return decode_for_reward(tokenizer, rows, self.include_special_tokens, self.keep_tokens)
+        texts = decode_for_reward(tokenizer, rows, self.include_special_tokens, self.keep_tokens)
+        if self._watch and self._has_thoughts(tokenizer, rows, texts):
+            logger.warning(
+                "responses contain thoughts (%s ... %s) and strip_think is off, so the judge scores the thought "
+                "with the answer%s. Set strip_think: true to score the answer only (this warning is shown once).",
+                *self._watch, "" if self.include_special_tokens else " (tags that are special tokens are dropped)")
+            self._watch = ()
+        return texts
+
+    def _has_thoughts(self, tokenizer, rows: list[list[int]], texts: list[str]) -> bool:
+        # A tag that is a special token is dropped from the text, so look for its id as well.
+        ids = {tokenizer.convert_tokens_to_ids(t) for t in self._watch} - {None, tokenizer.unk_token_id}
+        return any(t in text for text in texts for t in self._watch) or any(i in ids for r in rows for i in r)
 
     @staticmethod
     def full_texts(tokenizer, rows: list[list[int]]) -> list[str]:
@@ -104,4 +121,5 @@ def build_reward_service(spec: RewardSpec, context: RewardContext, policy_model=
     built = build_reward(spec, context, policy_model)
     policy = FailurePolicy(spec.on_failure, spec.max_failure_rate)
     keep = tuple(spec.think_tags) if spec.strip_think else ()
-    return RewardService(built.source, policy, spec.include_special_tokens, built.health_check, keep)
+    watch = () if spec.strip_think else tuple(spec.think_tags)
+    return RewardService(built.source, policy, spec.include_special_tokens, built.health_check, keep, watch)

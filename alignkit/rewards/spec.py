@@ -69,7 +69,10 @@ class RewardSpec(BaseModel):
     max_failure_rate: float = Field(
         0.5, ge=0.0, le=1.0, description="Stop the run when a step's failed fraction exceeds this (0-1)."
     )
-    strip_think: bool = Field(False, description="Remove the thought (between think_tags) before scoring.")
+    strip_think: bool | None = Field(
+        None, description="Remove the thought (between think_tags) before scoring. Unset: on with a thinking "
+        "template (qwen3 and its LLaMA-Factory names), off otherwise."
+    )
     think_tags: tuple[str, str] = Field(DEFAULT_THINK_TAGS, description="Opening and closing tag of a thought.")
     think_truncated: Literal["score", "fail"] = Field(
         "score", description="A response cut off inside its thought: give it think_truncated_score, or fail it."
@@ -112,6 +115,21 @@ class RewardSpec(BaseModel):
             data[new] = value
         data["reward_api"] = api
         return data
+
+    @model_validator(mode="after")
+    def _think_default(self) -> RewardSpec:
+        """A thinking model's thought is not its answer: with a thinking template (the stage's
+        ``template``), the judge sees the answer only unless strip_think is set to false."""
+        if self.strip_think is None:
+            from alignkit.data.templates import is_thinking_template
+
+            template = getattr(self, "template", None)
+            on = isinstance(template, str) and is_thinking_template(template)
+            if on:
+                logger.info("template %r writes <think> blocks: strip_think is on (the judge scores the answer; "
+                            "set strip_think: false to score the thought too)", template)
+            object.__setattr__(self, "strip_think", on)  # no re-validation: a stage config validates assignments
+        return self
 
     @model_validator(mode="after")
     def _check_reward_source(self) -> RewardSpec:

@@ -15,7 +15,8 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from transformers import get_scheduler
 
-from alignkit.config import StageConfig, output_dir_problem, save_config
+from alignkit.config import StageConfig, save_config
+from alignkit.config_checks import output_dir_problem
 from alignkit.data.loader import Example, Kind, load_examples
 from alignkit.models.loading import check_model_dir
 from alignkit.train.checkpoint import output_dir_error, resolve_resume

@@ -72,11 +72,23 @@ def plan(cfg: StageConfig, n_train: int, world: int) -> Sizes:
     micro_bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     global_bs = micro_bs * accum * world
     if n_train < global_bs:
-        raise ValueError(f"{n_train} training examples cannot fill one global batch of {global_bs} "
-                         "(per_device_train_batch_size x gradient_accumulation_steps x processes)")
+        raise ValueError(partial_batch_message(n_train, micro_bs, accum, world))
     steps_per_epoch = n_train // global_bs
     eval_every = (cfg.eval_steps or cfg.save_steps) if cfg.eval_strategy == "steps" else steps_per_epoch
     return Sizes(micro_bs, accum, global_bs, steps_per_epoch, total_steps(cfg, steps_per_epoch), eval_every)
+
+
+def partial_batch_message(n_train: int, micro_bs: int, accum: int, world: int) -> str:
+    """Why a dataset smaller than one global batch is refused, and the setting that makes it fit."""
+    fits = n_train // (micro_bs * world)
+    fix = (f"set gradient_accumulation_steps: {fits}" if fits >= 1 else
+           f"set per_device_train_batch_size: {n_train // world} and gradient_accumulation_steps: 1"
+           if n_train >= world else "run on fewer processes")
+    return (f"{n_train} training examples cannot fill one global batch of {micro_bs * accum * world} "
+            f"(per_device_train_batch_size {micro_bs} x gradient_accumulation_steps {accum} x {world} processes). "
+            "LLaMA-Factory would run one partial batch; alignkit's steps are whole global batches, so every "
+            "step averages its loss over the same number of rows and a resumed run sees the same batches. "
+            f"To train on these {n_train} examples, {fix} (or add data).")
 
 
 def fit(cfg: StageConfig, accelerator: Accelerator, out: Path, stage: Stage) -> dict[str, float] | None:
@@ -98,7 +110,8 @@ def fit(cfg: StageConfig, accelerator: Accelerator, out: Path, stage: Stage) -> 
                    optimizer, scheduler, model)
     start = state["step"] if state else 0
 
-    tracker = MetricLogger(out, cfg.report_to, enabled=accelerator.is_main_process, resume_step=start)
+    tracker = MetricLogger(out, cfg.report_to, enabled=accelerator.is_main_process, resume_step=start,
+                           total_steps=sizes.num_steps)
     bar = tqdm(total=sizes.num_steps, initial=start, desc=stage.name, disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     for step in range(start, sizes.num_steps):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,8 @@ class MetricLogger:
     Only the main process writes; other ranks get a logger whose calls do nothing.
     """
 
-    def __init__(self, output_dir: str | Path, report_to: list[str], enabled: bool = True, resume_step: int = 0):
+    def __init__(self, output_dir: str | Path, report_to: list[str], enabled: bool = True, resume_step: int = 0,
+                 total_steps: int | None = None):
         self.enabled = enabled
         self.dir = Path(output_dir)
         self.trackers: list[Any] = []
@@ -73,6 +75,7 @@ class MetricLogger:
         path = self.dir / METRICS_FILE
         truncate_jsonl(path, resume_step)  # on resume the log reads as one run
         self.file = path.open("a")
+        self.llamafactory = LlamaFactoryLogs(self.dir, resume_step, total_steps)
         self.trackers = [build_tracker(name, self.dir, resume_step) for name in report_to if name not in NO_TRACKER]
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -81,6 +84,7 @@ class MetricLogger:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self.file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         self.file.flush()
+        self.llamafactory.log(step, clean)
         finite = {k: v for k, v in clean.items() if math.isfinite(v)}
         for tracker in self.trackers:
             tracker.log(finite, step=step)
@@ -95,8 +99,76 @@ class MetricLogger:
         if not self.enabled:
             return
         self.file.close()
+        self.llamafactory.close()
         for tracker in self.trackers:
             tracker.finish()
+
+
+# LLaMA-Factory's log files, beside metrics.jsonl, for LlamaBoard and the scripts users wrote for it.
+TRAINER_LOG, TRAINER_STATE, ALL_RESULTS = "trainer_log.jsonl", "trainer_state.json", "all_results.json"
+# trainer_log.jsonl's keys (its LogCallback) <- alignkit's metric names, first found wins (SFT/RM/DPO, then PPO).
+TRAINER_LOG_KEYS = {
+    "loss": ("train/loss", "ppo/loss/total"), "eval_loss": ("eval/loss",), "reward": ("env/reward_mean",),
+    "accuracy": ("train/rewards/accuracies", "train/accuracy"), "lr": ("train/learning_rate", "ppo/learning_rate"),
+    "epoch": ("train/epoch",),
+}
+
+
+def hf_name(key: str) -> str:
+    """An alignkit metric under the Trainer's name in ``log_history`` (``train/loss`` -> ``loss``,
+    ``eval/loss`` -> ``eval_loss``); other names (``ppo/...``, ``env/...``) are kept."""
+    if key.startswith("train/"):
+        return key.removeprefix("train/")
+    return "eval_" + key.removeprefix("eval/") if key.startswith("eval/") else key
+
+
+class LlamaFactoryLogs:
+    """``trainer_log.jsonl`` live, in LLaMA-Factory's format (current_steps, total_steps, loss, lr,
+    epoch, percentage, elapsed_time, remaining_time ...), and at the end ``trainer_state.json``
+    (the Trainer's ``log_history``) and ``all_results.json`` (train_loss, train_runtime, eval_*)."""
+
+    def __init__(self, out: Path, resume_step: int, total_steps: int | None):
+        self.out, self.resume_step, self.total_steps = out, resume_step, total_steps
+        self.start = time.time()
+        self.history: list[dict[str, Any]] = []
+        path = out / TRAINER_LOG
+        if path.exists():  # on resume the log reads as one run, as metrics.jsonl does
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln and json.loads(ln).get("current_steps", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.history.append({**{hf_name(k): v for k, v in metrics.items()}, "step": step})
+        elapsed = time.time() - self.start
+        total = self.total_steps or step
+        per_step = elapsed / max(1, step - self.resume_step)
+        line: dict[str, Any] = {"current_steps": step, "total_steps": total}
+        for name, keys in TRAINER_LOG_KEYS.items():
+            found = next((metrics[k] for k in keys if k in metrics), None)
+            if found is not None:
+                line[name] = found
+        line |= {"percentage": round(step / total * 100, 2) if total else 100,
+                 "elapsed_time": str(timedelta(seconds=int(elapsed))),
+                 "remaining_time": str(timedelta(seconds=int(max(0, total - step) * per_step)))}
+        with (self.out / TRAINER_LOG).open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        last_step = max((h["step"] for h in self.history), default=self.resume_step)
+        epochs = [h["epoch"] for h in self.history if "epoch" in h]
+        state = {"best_metric": None, "best_model_checkpoint": None, "epoch": epochs[-1] if epochs else None,
+                 "global_step": last_step, "max_steps": self.total_steps or last_step, "is_world_process_zero": True,
+                 "log_history": self.history, "total_flos": 0}
+        (self.out / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        runtime = time.time() - self.start
+        results: dict[str, Any] = {"epoch": state["epoch"], "train_runtime": round(runtime, 4),
+                                   "train_steps_per_second": round((last_step - self.resume_step) / runtime, 3)}
+        if losses:
+            results["train_loss"] = sum(losses) / len(losses)
+        for h in self.history:  # the latest value of each eval metric
+            results |= {k: v for k, v in h.items() if k.startswith("eval_")}
+        (self.out / ALL_RESULTS).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def truncate_jsonl(path: Path, resume_step: int) -> None:

@@ -141,7 +141,8 @@ def train(r: PPORun) -> None:
         r.kl_ctl.load_state_dict(state["kl_ctl"])
         if r.moments is not None:
             r.moments.load_state_dict(state["moments"])
-    tracker = MetricLogger(r.out, cfg.report_to, enabled=acc.is_main_process, resume_step=start)
+    tracker = MetricLogger(r.out, cfg.report_to, enabled=acc.is_main_process, resume_step=start,
+                           total_steps=r.num_steps)
     samples = SampleLogger.for_run(cfg, r.out, r.prompts.texts, r.service, r.num_steps, acc.is_main_process, start)
     window = MetricWindow()  # the steps since the last logged row: counters summed, gauges averaged
     bar = tqdm(total=r.num_steps, initial=start, desc="ppo", disable=not acc.is_main_process, dynamic_ncols=True)
