@@ -1,7 +1,7 @@
 """A real LLM judge: vLLM's OpenAI server (``.venv-vllm``) on SmolLM2-135M-Instruct scores a short GRPO run.
 
-Run by .venv's Python like every other test; the server is a child process in .venv-vllm, started the
-way ``alignkit judge serve --llm`` starts it. A recording proxy (a real HTTP server on 127.0.0.1)
+Run by .venv's Python like every other test; ``alignkit judge serve --llm FILE.gguf`` runs as a child
+process and starts the server in .venv-vllm; the test reads the block it prints. A recording proxy (a real HTTP server on 127.0.0.1)
 sits between the trainer's client and vLLM, so the test knows every reply the judge gave and can
 check the trainer's accounting against them: a reply without a score is a failure, counted and
 kept out of the reward mean, never a 0. A 135M judge is weak (it often answers the question instead
@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
 from alignkit.config import load_config
-from alignkit.judge.llm import LLM_SCORE_REGEX, LLMJudgeProcess, reward_api_block, vllm_python
+from alignkit.judge.llm import LLM_SCORE_REGEX, vllm_python
+from alignkit.judge.process import free_port
 from alignkit.models.gguf import convert_gguf, smollm2_gguf
 from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
@@ -34,6 +39,7 @@ except ModuleNotFoundError as e:
     MISSING = str(e)
 if MISSING is None and vllm_python() == sys.executable and importlib.util.find_spec("vllm") is None:
     MISSING = "no Python with vLLM (.venv-vllm): run scripts/setup_vllm.sh"
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 
 # Arithmetic prompts draw replies with numbers from this judge; the others mostly draw none.
@@ -72,13 +78,34 @@ class Recorder:
         self.server.shutdown()
 
 
+def printed_block(proc: subprocess.Popen, timeout_s: float = 600) -> str:
+    """The reward_api block ``alignkit judge serve --llm`` prints once its server answers."""
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        text = "".join(lines)
+        if "reward_api:" in text and "  timeout_s:" in text.split("reward_api:", 1)[1]:
+            return "reward_api:" + text.split("reward_api:", 1)[1]
+        time.sleep(1)
+    raise RuntimeError(f"judge serve --llm printed no reward_api block: {''.join(lines)[-2000:]}")
+
+
 @pytest.fixture(scope="module")
-def judge(tmp_path_factory):
-    log = tmp_path_factory.mktemp("judge") / "vllm.log"
-    with LLMJudgeProcess(convert_gguf(GGUF), name="smollm2-judge", log=log) as server:
-        recorder = Recorder(server.url)
-        yield server, recorder
+def judge():
+    """``alignkit judge serve --llm`` on the .gguf file itself, as a user runs it; its printed block."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignkit.cli", "judge", "serve", "--llm", str(GGUF), "--port", str(free_port()),
+         "--served-name", "smollm2-judge"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        block = yaml.safe_load(printed_block(proc))["reward_api"]
+        recorder = Recorder(block["url"])
+        yield block, recorder
         recorder.close()
+    finally:
+        proc.terminate()  # the command stops its vLLM child on SIGTERM
+        proc.wait(60)
 
 
 def parse(reply: str) -> float | None:
@@ -88,15 +115,15 @@ def parse(reply: str) -> float | None:
 
 
 def test_grpo_scored_by_a_real_llm_judge_counts_failures_and_logs_latency(judge, tmp_path):
-    server, recorder = judge
+    block, recorder = judge
+    assert block["preset"] == "openai_judge" and block["model"] == "smollm2-judge"
     data = tmp_path / "data"
     data.mkdir()
     (data / "q.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     (data / "dataset_info.json").write_text(json.dumps({"q": {"file_name": "q.jsonl", "columns": {"prompt": "prompt"}}}))
     # The block `alignkit judge serve --llm` prints, pointed at the recording proxy.
     config = tmp_path / "grpo.yaml"
-    config.write_text(reward_api_block(recorder.url, server.name))
-    assert yaml.safe_load(config.read_text())["reward_api"]["url"] == recorder.url
+    config.write_text(yaml.safe_dump({"reward_api": {**block, "url": recorder.url}}))
     overrides = [f"model_name_or_path={convert_gguf(GGUF)}", "stage=ppo", "dataset=q", f"dataset_dir={data}",
                  "template=auto", "finetuning_type=lora", "lora_rank=8", "lora_target=q_proj,v_proj",
                  f"output_dir={tmp_path / 'run'}", "report_to=none", "plot_loss=false", "advantage_estimator=grpo",

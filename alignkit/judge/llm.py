@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -127,6 +128,8 @@ def serve_llm(args: argparse.Namespace) -> int:
     judge = LLMJudgeProcess(model, args.port, args.host, args.served_name, args.vllm_python,
                             max_reply_tokens=args.max_reply_tokens)
     print(f"starting vLLM's OpenAI server on {model} (~1 min on CPU): {' '.join(judge.cmd)}", flush=True)
+    # SIGTERM unwinds like Ctrl-C, so the server child is stopped too rather than left orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with judge:
         print(f"LLM judge on {judge.url}. Score a run with it by adding to its config:\n", flush=True)
         print(reward_api_block(judge.url, judge.name), flush=True)
