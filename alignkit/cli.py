@@ -36,8 +36,11 @@ def available_stages() -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from alignkit.config import load_config
+    from alignkit.models.gguf import resolve_model_path
 
     cfg = load_config(args.config, args.overrides, check_paths=True)
+    # A .gguf model is converted once (cached) before the stage reads any file of it.
+    cfg.model_name_or_path = resolve_model_path(cfg.model_name_or_path)
     module = importlib.import_module(STAGE_MODULES[cfg.stage])
     out = module.run(cfg)
     end_distributed()
@@ -132,6 +135,7 @@ COMMAND_MODULES = [
     "alignkit.report",  # report
     "alignkit.tools.demo",  # demo
     "alignkit.models.tiny_cli",  # tiny
+    "alignkit.models.gguf_cli",  # convert
 ]
 
 

@@ -41,9 +41,10 @@ def path_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
 
     out: list[tuple[str, str]] = []
     model = raw.get("model_name_or_path")
-    if isinstance(model, str) and not (Path(model) / "config.json").is_file():
+    gguf_file = isinstance(model, str) and model.endswith(".gguf") and Path(model).is_file()  # converted at start
+    if isinstance(model, str) and not gguf_file and not (Path(model) / "config.json").is_file():
         out.append(("model_name_or_path", f"key 'model_name_or_path': {model!r} is not a Hugging Face model "
-                    "directory (no config.json there)"))
+                    "directory (no config.json there) nor a .gguf file"))
     adapters = raw.get("adapter_name_or_path") or []
     for adapter in adapters.split(",") if isinstance(adapters, str) else adapters:
         if isinstance(adapter, str) and not (Path(adapter.strip()) / "adapter_config.json").is_file():

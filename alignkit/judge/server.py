@@ -29,6 +29,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
+from alignkit.judge.llm import add_llm_args, serve_llm
 from alignkit.rewards.rules import Scorer, load_rule, rule_scorer
 
 FAULT_KINDS = (
@@ -516,8 +517,9 @@ def add_judge_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Add ``judge serve`` to the CLI's subparsers; the parsed args go to ``judge_main``."""
     judge = subparsers.add_parser("judge", help="run a local judge server")
     sub = judge.add_subparsers(dest="judge_command", required=True)
-    serve = sub.add_parser("serve", help="serve the judge API shapes over HTTP")
+    serve = sub.add_parser("serve", help="serve the judge API shapes over HTTP, or (--llm) a real LLM judge")
     _add_serve_args(serve)
+    add_llm_args(serve)
     return judge
 
 
@@ -551,7 +553,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def judge_main(args: argparse.Namespace, scorer: Scorer | None = None) -> None:
-    """Serve in the foreground until interrupted."""
+    """Serve in the foreground until interrupted; with ``--llm``, vLLM's OpenAI server on that model."""
+    if getattr(args, "llm", None):
+        serve_llm(args)
+        return
     settings = JudgeSettings(
         latency_ms=args.latency_ms,
         fault_rate=args.fault_rate,

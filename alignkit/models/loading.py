@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from alignkit.config import StageConfig
 from alignkit.models.architectures import auto_class_for, freeze_multimodal, is_vision_language, lora_targets
+from alignkit.models.gguf import is_gguf, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +28,13 @@ def model_dtype(bf16: bool, fp16: bool) -> torch.dtype:
 
 
 def check_model_dir(path: str, what: str = "model_name_or_path") -> Path:
+    """``path`` as a model directory; a ``.gguf`` file is converted once (cached) and its directory returned."""
+    if is_gguf(path) and Path(path).is_file():
+        return Path(resolve_model_path(path))
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(
-            f"{what}: {path!r} is not a local directory. alignkit loads models from disk; "
+            f"{what}: {path!r} is not a local directory (nor a .gguf file). alignkit loads models from disk; "
             "download the model first (e.g. `hf download ORG/NAME --local-dir DIR`)."
         )
     return p
@@ -42,7 +46,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     A pad token equal to EOS is tolerated: alignkit derives masks from attention masks and
     the first EOS position, never from ``token == pad_id``.
     """
-    check_model_dir(path)
+    path = str(check_model_dir(path))
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -55,7 +59,7 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """The checkpoint's language model with its LM head: a causal LM, or an image-text-to-text
     model (Qwen3-VL ...) through its own Auto class; an unsupported architecture is an error naming it."""
-    check_model_dir(path)
+    path = str(check_model_dir(path))
     cls = auto_class_for(path, trust_remote_code)
     model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device) if device else model
