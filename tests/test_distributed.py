@@ -149,6 +149,26 @@ def test_ppo_ddp_rule_reward_splits_prompts_and_resumes(tiny_model_dir, prompts_
     assert rows[1]["rollout/response_len_mean"] == pytest.approx(first_rows[1]["rollout/response_len_mean"])
 
 
+def test_grpo_ddp_async_level_one_splits_prompts_and_stays_within_its_staleness(tiny_model_dir, prompts_dir,
+                                                                               tmp_path):
+    # Two ranks, one step off-policy: each rank pipelines its own share of every global batch
+    # (the same prompts as a synchronous run), and every logged step trains on a batch at most
+    # one version old, with the correction's ratio near 1.
+    out, debug, rule = tmp_path / "grpo", tmp_path / "rollouts.jsonl", tmp_path / "recording_rule.py"
+    rule.write_text(RECORDING_RULE)
+    launch(EXAMPLES / "grpo_tiny.yaml", ppo_overrides(tiny_model_dir, prompts_dir, out, f"reward_model={rule}:score",
+                                                      "num_generations=2", "per_device_train_batch_size=1",
+                                                      "ppo_buffer_size=2", "max_steps=3", "async_level=1"),
+           env={"ROLLOUT_LOG": str(debug)})
+    log = rollout_log(debug, prompts_dir, per_step=2 * 2)  # 2 prompts x 2 responses per rank and step
+    groups = {step: {rank: list(dict.fromkeys(seen)) for rank, seen in by_rank.items()} for step, by_rank in log.items()}
+    assert_ranks_split_global_batches(groups, steps=3)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r.get("async/staleness_max") for r in rows] == [None, 1.0, 1.0]
+    assert all(0.5 < r["is/ratio_mean"] < 2.0 for r in rows[1:])
+
+
 def test_ppo_ddp_api_reward_scores_each_sample_once(tiny_model_dir, prompts_dir, tmp_path):
     with start_judge_server(rule="count_good") as judge:
         api = ["reward_model_type=api", "reward_model=null", "reward_api.preset=alignkit",
