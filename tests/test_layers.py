@@ -1,4 +1,4 @@
-"""Layers point down (DESIGN.md): read every module's imports with ``ast`` (nothing is imported)
+"""Layers point down (docs/design.md): read every module's imports with ``ast`` (nothing is imported)
 and check that no module takes a private name from another, that there are no import cycles,
 and that the lower layers never reach up.
 
@@ -17,7 +17,7 @@ import alignkit
 
 ROOT = Path(alignkit.__file__).resolve().parent
 
-# (modules under this package, may not import this package): DESIGN.md's layers, cli → tools →
+# (modules under this package, may not import this package): docs/design.md's layers, cli → tools →
 # train → rewards/generation/models/data/algos → config. ``tools`` holds the commands that use a
 # model (infer, compare, pairs, demo) and their shared generator; its ``config`` module is plumbing
 # that ``export`` uses too, so it imports nothing above ``alignkit.config``.
@@ -165,7 +165,7 @@ def test_layers_point_down(layer, above):
 
 
 def test_training_functions_stay_small():
-    """STYLE.md: the PPO loop reads in ~80 lines, and no training function takes more than ~8
+    """The PPO loop reads in ~80 lines, and no training function takes more than ~8
     parameters (a phase takes a typed settings object, not sixteen loose tensors)."""
     too_many, too_long = [], []
     for path in sorted((ROOT / "train").rglob("*.py")):
@@ -182,3 +182,10 @@ def test_training_functions_stay_small():
                 too_long.append((where, node.end_lineno - node.lineno + 1))
     assert not too_many, f"functions with more than 8 parameters: {too_many}"
     assert not too_long, f"functions longer than 80 lines: {too_long}"
+
+
+def test_no_function_in_the_package_is_over_80_lines():
+    too_long = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                for path in sorted(ROOT.rglob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80]
+    assert not too_long, "split these by responsibility: " + ", ".join(too_long)
