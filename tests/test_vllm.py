@@ -24,7 +24,9 @@ from alignkit.export import export_model
 from alignkit.export.config import ExportConfig
 from alignkit.export.verify import vllm_check
 from alignkit.generation import HFEngine, SamplingParams, filter_logits, stop_token_ids
-from alignkit.generation.vllm_engine import VLLMEngine, logprob_diff
+from alignkit.generation.engine import engine_sync_check
+from alignkit.generation.vllm_engine import VLLMEngine
+from alignkit.generation.weights import logprob_diff
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.tiny import build_tiny
 from alignkit.train import ppo
@@ -170,15 +172,22 @@ def test_grpo_with_the_vllm_engine_learns_and_stays_in_sync(engine, tiny_model_d
 
 
 class StaleEngine:
-    """The engine under test with its weight sync skipped: it keeps sampling from step 0's policy."""
+    """The engine under test with its weight sync skipped: it keeps sampling from step 0's policy.
+    Its own sync check is the engine's, with a tolerance of 0.01."""
 
     def __init__(self, engine: VLLMEngine):
         self.engine = engine
 
-    def generate(self, query_ids, query_mask, sampling):
-        return self.engine.generate(query_ids, query_mask, sampling)
+    def generate(self, query_ids, query_mask, sampling, pixels=None):
+        return self.engine.generate(query_ids, query_mask, sampling, pixels)
 
     def sync_weights(self, policy):
+        return None
+
+    def check_sync(self, rollouts, trainer_logprobs, sampling):
+        return engine_sync_check(0.01, rollouts, trainer_logprobs, sampling)
+
+    def close(self):
         return None
 
 
@@ -186,8 +195,7 @@ class StaleEngine:
 @pytest.mark.slow
 def test_ppo_with_a_skipped_sync_is_stopped_by_the_sync_check(engine, tiny_model_dir, sft_adapter, tmp_path):
     # Synced runs stay near 1e-6; one update without a sync measured ~0.07.
-    cfg = ppo_config(tiny_model_dir, sft_adapter, tmp_path / "ppo", "max_steps=3", "seed=0", "max_new_tokens=16",
-                     "vllm_sync_tolerance=0.01")
+    cfg = ppo_config(tiny_model_dir, sft_adapter, tmp_path / "ppo", "max_steps=3", "seed=0", "max_new_tokens=16")
     engine.sync_weights(ppo.build_models(cfg))
     with pytest.raises(RuntimeError, match="log-probs differ from the trainer's.*weight sync"):
         ppo.run(cfg, engine=StaleEngine(engine))
