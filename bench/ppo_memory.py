@@ -16,10 +16,12 @@ Each stage runs in its own process (peak RSS is per process), 2 steps, same batc
 figures are medians over --repeats processes.
 
 ``--model smollm2`` (scripts/setup.sh --real) runs the GRPO step of issue 23 (4 prompts x 4, 32 new
-tokens, LoRA r16 on q,k,v,o) twice: ``grpo`` with alignkit's log-probs (chunked, nothing of size
-(B, T, V) but the logits and their gradient) and ``grpo_rowwise`` with the previous version (one
-float32 log_softmax row at a time, every row kept by autograd), and prints both against a floor:
-the load-only process + the LoRA state (weights, grads, 2 Adam moments) + one chunk.
+tokens, LoRA r16 on q,k,v,o) three times: ``grpo_rowwise`` with the previous log-probs (one float32
+log_softmax row at a time, every row kept by autograd), ``grpo`` with alignkit's (chunked: nothing
+of size (B, T, V) but the logits and their gradient) and ``grpo_checkpointed`` with
+``gradient_checkpointing: true`` as well (the layers' activations, not the vocabulary, are then what
+is left), and prints each against a floor: the load-only process (every weight touched) + the
+LoRA state (weights, grads, 2 Adam moments) + one chunk.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("load", "sft", "ppo")
-REAL_STAGES = ("load", "grpo_rowwise", "grpo")
+REAL_STAGES = ("load", "grpo_rowwise", "grpo", "grpo_checkpointed")
+LOGIT_STAGES = ("torch_only", "logprobs_rowwise", "logprobs")  # the update's log-prob math alone
 
 
 def rowwise_logprobs(logits, tokens, temperature: float = 1.0):
@@ -59,6 +62,25 @@ def rowwise_entropy(logits, temperature: float = 1.0):
     return torch.stack(out)
 
 
+def logprob_math(stage: str, vocab: int) -> None:
+    """One update micro-batch's log-prob math on its own: (16, 33, V) logits -> log-probs, entropy
+    (no grad, as logged) and the backward pass to the logits; ``torch_only`` allocates nothing."""
+    import torch
+
+    from alignkit.algos import entropy_from_logits, logprobs_from_logits
+
+    if stage == "torch_only":
+        return
+    lp, ent = (rowwise_logprobs, rowwise_entropy) if stage == "logprobs_rowwise" else (logprobs_from_logits,
+                                                                                      entropy_from_logits)
+    torch.manual_seed(0)
+    logits = torch.randn(16, 33, vocab, requires_grad=True)
+    tokens = torch.randint(0, vocab, (16, 33))
+    logp = lp(logits, tokens, 0.8)
+    ent(logits.detach(), 0.8)
+    logp.sum().backward()
+
+
 def grpo_overrides(lora_target: str) -> list[str]:
     """Issue 23's GRPO step on SmolLM2: 4 prompts x 4 responses, 32 new tokens, LoRA r16."""
     return ["stage=ppo", "dataset=prompts_demo", "reward_model=count_good", "advantage_estimator=grpo",
@@ -78,8 +100,11 @@ def child(stage: str, model: str, out: str, lora_target: str) -> None:
               f"lora_target={lora_target}", f"output_dir={out}", "overwrite_output_dir=true", "max_steps=2",
               "report_to=none", "per_device_train_batch_size=4", "gradient_accumulation_steps=1",
               f"dataset_dir={ROOT / 'examples' / 'data'}", "save_steps=1000"]
-    if stage == "load":
-        load_causal_lm(model, torch.float32, False)
+    if stage in LOGIT_STAGES:
+        logprob_math(stage, json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+    elif stage == "load":
+        lm = load_causal_lm(model, torch.float32, False)
+        sum(float(p.sum()) for p in lm.parameters())  # every weight resident, as after a forward pass
     elif stage.startswith("grpo"):
         if stage == "grpo_rowwise":  # the loop's own names, as it imported them
             import alignkit.train.ppo.experience as experience
@@ -87,7 +112,8 @@ def child(stage: str, model: str, out: str, lora_target: str) -> None:
 
             experience.logprobs_from_logits = update.logprobs_from_logits = rowwise_logprobs
             update.entropy_from_logits = rowwise_entropy
-        ppo.run(load_config(None, [*common, *grpo_overrides(lora_target)]))
+        checkpointed = [f"gradient_checkpointing={stage == 'grpo_checkpointed'}"]
+        ppo.run(load_config(None, [*common, *grpo_overrides(lora_target), *checkpointed]))
     elif stage == "sft":
         sft.run(load_config(None, ["stage=sft", "dataset=sft_demo", "cutoff_len=64", *common]))
     else:
@@ -111,7 +137,7 @@ def main() -> None:
     ap.add_argument("--lora-target", default="q_proj,v_proj")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", dest="real", help="smollm2 (or a model directory): the real-vocabulary GRPO comparison")
-    ap.add_argument("--child", choices=STAGES + REAL_STAGES)
+    ap.add_argument("--child", choices=STAGES + REAL_STAGES + LOGIT_STAGES)
     ap.add_argument("--child-model", dest="model")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -159,13 +185,20 @@ def real_model(args: argparse.Namespace) -> None:
           f"32 new tokens, LoRA r16 on {target} ({lora / 1e6:.2f} M parameters)")
     with tempfile.TemporaryDirectory() as tmp:
         rss = {}
+        for stage in LOGIT_STAGES:
+            rss[stage] = median(peak_rss(stage, model, Path(tmp), target) for _ in range(args.repeats))
+        logits_mb = 16 * 33 * config["vocab_size"] * 4 / 2**20
+        print(f"log-prob math of one update micro-batch alone ((16, 33, {config['vocab_size']}) float32 logits = "
+              f"{logits_mb:.0f} MiB), peak RSS above a bare torch process: row-wise "
+              f"{rss['logprobs_rowwise'] - rss['torch_only']:.0f} MiB, chunked {rss['logprobs'] - rss['torch_only']:.0f} "
+              f"MiB (floor: logits + their gradient + one chunk = {2 * logits_mb + chunk_mb:.0f} MiB)")
         for stage in REAL_STAGES:
             runs = [peak_rss(stage, model, Path(tmp) / f"{stage}{i}", target) for i in range(args.repeats)]
             rss[stage] = median(runs)
             print(f"{stage}: peak RSS {rss[stage]:.0f} MiB (median of {len(runs)}: {', '.join(f'{r:.0f}' for r in runs)})")
     floor = rss["load"] + lora_state_mb + chunk_mb
     print(f"floor (load-only {rss['load']:.0f} + LoRA state {lora_state_mb:.0f} + one chunk {chunk_mb:.0f}): {floor:.0f} MiB")
-    for stage in ("grpo_rowwise", "grpo"):
+    for stage in REAL_STAGES[1:]:
         print(f"{stage}: {rss[stage] / floor:.2f}x the floor, {rss[stage] / weights_mb:.2f}x the weights, "
               f"{rss[stage] - rss['load']:.0f} MiB above the load-only process")
 
