@@ -216,3 +216,24 @@ def test_a_ppo_step_prints_no_kv_cache_deprecation(tiny_model_dir, tmp_path):
         warnings.simplefilter("always")
         ppo.run(one_step_config(tiny_model_dir, tmp_path / "quiet"))
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_checkpoints_layers_in_the_update(tiny_model_dir, tmp_path, checkpointing):
+    # The models stay in eval mode (no dropout), where transformers would skip checkpointing: with
+    # gradient_checkpointing each decoder layer's forward must go through the checkpoint function.
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    cfg = one_step_config(tiny_model_dir, tmp_path / "gc", f"gradient_checkpointing={str(checkpointing).lower()}")
+    ac = ppo.build_models(cfg)
+    layers = [m for m in ac.modules() if isinstance(m, GradientCheckpointingLayer)]
+    calls = []
+    for layer in layers:
+        if checkpointing:
+            real = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, real=real, **k: calls.append(1) or real(*a, **k)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    logits, _ = ac(ids, torch.ones_like(ids), 2)
+    logits.float().logsumexp(-1).sum().backward()
+    assert len(calls) == (len(layers) if checkpointing else 0)
+    assert not any(m.training for m in ac.modules() if isinstance(m, torch.nn.Dropout))

@@ -18,6 +18,7 @@ from transformers import get_scheduler
 from alignkit.config import StageConfig, save_config
 from alignkit.config_checks import output_dir_problem
 from alignkit.data.loader import Example, Kind, load_examples
+from alignkit.models.gguf import resolve_model_path
 from alignkit.models.loading import check_model_dir
 from alignkit.train.checkpoint import output_dir_error, resolve_resume
 from alignkit.train.sharding import FSDP_ENV
@@ -33,6 +34,9 @@ def preflight(cfg: StageConfig, kind: Kind) -> list[Example]:
     naming the key, not minutes later (and without leaving a config file behind that makes the
     rerun refuse a "non-empty" output_dir).
     """
+    # A .gguf model is converted once (cached) and its directory used from here on (the Python API
+    # path; the CLI converts before calling the stage).
+    cfg.model_name_or_path = resolve_model_path(cfg.model_name_or_path)
     _check_model_files(cfg.model_name_or_path, "model_name_or_path", "config.json",
                        "a Hugging Face model directory (an adapter goes in adapter_name_or_path)")
     for path in cfg.adapter_name_or_path or []:

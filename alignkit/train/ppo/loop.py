@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from alignkit.algos import AdaptiveKLController, FixedKLController, RunningMoments
 from alignkit.algos.advantages import AdvantageParams
@@ -279,6 +280,12 @@ def build_models(cfg: PPOConfig) -> ActorCritic:
     # Dropout off during rollout *and* update: with dropout, the log-probs of the update would
     # not be those of the policy that sampled (Huang et al. 2023).
     ac.eval()
+    if cfg.gradient_checkpointing:  # transformers checkpoints a layer only in training mode: set
+        # that flag on the checkpointed layers alone (dropout modules stay in eval). Measured on
+        # SmolLM2 GRPO: peak RSS 1954 MiB instead of 3105.
+        for m in ac.modules():
+            if isinstance(m, GradientCheckpointingLayer):
+                m.training = True
     return ac
 
 
