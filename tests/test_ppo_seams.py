@@ -237,3 +237,14 @@ def test_gradient_checkpointing_checkpoints_layers_in_the_update(tiny_model_dir,
     logits.float().logsumexp(-1).sum().backward()
     assert len(calls) == (len(layers) if checkpointing else 0)
     assert not any(m.training for m in ac.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_sampling_builds_no_autograd_graph(tiny_model_dir):
+    # The KV-cache loop runs under inference mode: a graph per decode step would cost time and memory.
+    from alignkit.generation import sample
+    from alignkit.models.loading import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir), torch.float32, False)
+    q = torch.tensor([[5, 6, 7]])
+    out = sample(model, 0, q, torch.ones_like(q), 4, 1.0, 0, 1.0, [1])
+    assert out.input_ids.is_inference() and not out.input_ids.requires_grad

@@ -81,7 +81,6 @@ def all_finished(finished: torch.Tensor) -> bool:
     return bool(done)
 
 
-@torch.inference_mode()
 @functools.cache
 def _forward_takes_cache(cls: type) -> bool:
     return "cache" in inspect.signature(cls.forward).parameters
@@ -94,6 +93,7 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if _forward_takes_cache(type(inner)) else "past_key_values"
 
 
+@torch.inference_mode()
 def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
            temperature: float, top_k: int, top_p: float, eos_ids: list[int], pixels: dict | None = None,
            suppress_ids: tuple[int, ...] = (), with_logprobs: bool = False) -> Rollout:
