@@ -50,6 +50,8 @@ class EngineContext:
     dtype: str  # "bfloat16" | "float16" | "float32": the trainer's precision
     max_model_len: int  # cutoff_len: the longest prompt + response
     seed: int
+    adapters: tuple[str, ...] = ()  # adapter_name_or_path: merged into the in-memory base (not the one on disk)
+    output_dir: str | None = None  # the run's directory (engines that write files for other processes)
 
 
 Builder = Callable[[Any, torch.nn.Module, EngineContext], RolloutEngine]
@@ -113,3 +115,9 @@ def _build_vllm(settings: VLLMSettings, policy: torch.nn.Module, ctx: EngineCont
 
 register_engine("hf", HFSettings, _build_hf, accepts_images=True)
 register_engine("vllm", VLLMSettings, _build_vllm, needs_whole_weights=True)
+
+# Last: server_engine imports this module's EngineSettings and EngineContext.
+from alignkit.generation.server_engine import ServerSettings, build_server_engine  # noqa: E402
+
+# needs_whole_weights: its sync saves the adapter with PEFT, unsharded (ZeRO-3/FSDP refused for now).
+register_engine("vllm_server", ServerSettings, build_server_engine, needs_whole_weights=True)
