@@ -39,7 +39,7 @@ from torch import nn
 from alignkit.generation.engine import SamplingParams, engine_sync_check
 from alignkit.generation.registry import EngineContext, EngineSettings
 from alignkit.generation.sampling import Rollout, prompt_token_lists, request_seeds, rollout_from_tokens
-from alignkit.generation.server_process import ServerProcess, lora_rank_slot, log_tail, vllm_python
+from alignkit.generation.server_process import ServerProcess, log_tail, lora_rank_slot, vllm_python
 from alignkit.generation.weights import POLICY_ADAPTER, SyncCheck, plain_model, policy_lm
 
 logger = logging.getLogger(__name__)
