@@ -183,7 +183,7 @@ class VLLMServerEngine:
         if pixels is not None:  # registered without accepts_images: the loop refuses image prompts first
             raise ValueError("the vllm_server rollout engine takes text prompts only; set rollout.engine: hf")
         if self.pending is not None:
-            self._push_adapter(self.pending)
+            self.push_adapter(self.pending)
         prompts = prompt_token_lists(query_ids, query_mask)
         bodies = [{
             "model": self.model_name, "prompt": ids, "max_tokens": sampling.max_new_tokens,
@@ -205,7 +205,9 @@ class VLLMServerEngine:
         """The next ``generate`` samples from ``policy``'s current adapter (pushed then, see the module doc)."""
         self.pending = policy
 
-    def _push_adapter(self, policy: nn.Module) -> None:
+    def push_adapter(self, policy: nn.Module) -> None:
+        """Save the policy adapter, load it on every server under a new version name, unload the
+        previous one (``generate`` calls it when a sync is pending)."""
         t0 = time.perf_counter()
         lm = policy_lm(policy)
         name = f"policy-v{self.version + 1}-{self.tag}"
