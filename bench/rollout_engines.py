@@ -69,14 +69,19 @@ def tokens_per_s(engine, ids, mask, sampling, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def fake_update(policy) -> None:
+    """Stand-in for an optimizer step: move the LoRA B matrices."""
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 1e-3)
+
+
 def sync_costs(engine: VLLMEngine, policy, repeats: int) -> dict[str, float]:
     """Median seconds and MB of a LoRA sync (changed fused layers only) and of a full sync."""
     partial, full = [], []
     for _ in range(repeats):
-        with torch.no_grad():
-            for name, p in policy.named_parameters():
-                if "lora_B" in name:
-                    p.add_(torch.randn_like(p) * 1e-3)
+        fake_update(policy)
         engine.sync_weights(policy)
         partial.append(dict(engine.last_sync))
         engine.synced_lm = None  # as for a policy the engine has not seen: every weight
@@ -92,9 +97,8 @@ def server_rates(model_dir: Path, policy, tok, ids, mask, sampling, max_len: int
     ctx = EngineContext(str(model_dir), tok.pad_token_id, args.dtype, max_len, 0)
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
-        proc = ServerProcess(vllm_python(None), model_dir,
-                             server_args(engine_settings({"engine": "vllm_server", "gpu_memory_utilization": 0.5}),
-                                                                 policy, ctx), Path(work) / "log")
+        settings = engine_settings({"engine": "vllm_server", "gpu_memory_utilization": 0.5})
+        proc = ServerProcess(vllm_python(None), model_dir, server_args(settings, policy, ctx), Path(work) / "log")
         try:
             proc.wait_healthy(900)
             startup = time.perf_counter() - t0
@@ -103,10 +107,7 @@ def server_rates(model_dir: Path, policy, tok, ids, mask, sampling, max_len: int
             rate = tokens_per_s(engine, ids, mask, sampling, args.repeats)
             swaps = []
             for _ in range(args.repeats):
-                with torch.no_grad():
-                    for name, p in policy.named_parameters():
-                        if "lora_B" in name:
-                            p.add_(torch.randn_like(p) * 1e-3)
+                fake_update(policy)
                 engine.push_adapter(policy)
                 swaps.append(dict(engine.last_sync))
             engine.close()

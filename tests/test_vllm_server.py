@@ -25,7 +25,9 @@ from alignkit.generation.server_engine import ServerDown, VLLMServerEngine, serv
 from alignkit.generation.server_process import ServerProcess
 from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
-from tests.conftest import ROOT, ppo_config
+from tests.conftest import EXAMPLES, ROOT, ppo_config
+from tests.launch import launch, requires_deepspeed
+from tests.test_distributed import ppo_overrides, prompts_dir  # noqa: F401 (a fixture)
 
 VLLM_PYTHON = os.environ.get("ALIGNKIT_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
 SYNC_TOLERANCE = 1e-3  # fp32 server and trainer; a stale adapter measured far above this
@@ -50,6 +52,7 @@ def server(tiny_model_dir, sft_adapter, tmp_path_factory):
     ctx = EngineContext(str(tiny_model_dir), 0, "float32", 512, 0, (str(sft_adapter),))
     proc = ServerProcess(VLLM_PYTHON, base, server_args(engine_settings({"engine": "vllm_server"}), ac, ctx),
                          work / "server.log")
+    proc.base = base  # a plain HF model directory: the base a run with no adapter to merge starts from
     try:
         proc.wait_healthy(600)
         yield proc
@@ -125,6 +128,22 @@ def test_a_skipped_sync_is_caught_by_the_sync_check(server, tiny_model_dir, sft_
     cfg = server_config(tiny_model_dir, sft_adapter, tmp_path / "run", "max_steps=3", f"rollout.urls=[{server.url}]")
     with pytest.raises(RuntimeError, match="log-probs differ from the trainer's.*weight sync"):
         ppo.run(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [pytest.param("deepspeed_zero3", marks=requires_deepspeed), "fsdp"])
+def test_two_sharded_ranks_sample_from_the_server_in_sync(config, server, tiny_model_dir, sft_adapter,
+                                                          prompts_dir, tmp_path):  # noqa: F811
+    """ZeRO-3 / FSDP: each rank pushes the adapter it saved inside the rollout's gather; a partition
+    or shard pushed instead would fail to load or show in the sync check at step 2. The run starts
+    from the server's merged base itself (ZeRO-3 cannot merge an SFT adapter into a partitioned base)."""
+    out = tmp_path / "run"
+    launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(
+        server.base, prompts_dir, out, "rollout.engine=vllm_server",
+        f"rollout.urls=[{server.url}]", f"rollout.sync_tolerance={SYNC_TOLERANCE}"), accelerate=config, timeout=600)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert max(r["rollout/engine_logprob_diff"] for r in rows) < SYNC_TOLERANCE, rows
 
 
 def port_open(port: int) -> bool:

@@ -119,5 +119,5 @@ register_engine("vllm", VLLMSettings, _build_vllm, needs_whole_weights=True)
 # Last: server_engine imports this module's EngineSettings and EngineContext.
 from alignkit.generation.server_engine import ServerSettings, build_server_engine  # noqa: E402
 
-# needs_whole_weights: its sync saves the adapter with PEFT, unsharded (ZeRO-3/FSDP refused for now).
-register_engine("vllm_server", ServerSettings, build_server_engine, needs_whole_weights=True)
+# Not needs_whole_weights: it sends only the LoRA adapter, saved inside the rollout's gather (ZeRO-3, FSDP).
+register_engine("vllm_server", ServerSettings, build_server_engine)

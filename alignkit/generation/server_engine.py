@@ -115,6 +115,29 @@ def write_base(lm: nn.Module, src: str | Path, out: Path, adapters: tuple[str, .
     return out
 
 
+def save_adapter(lm: nn.Module, path: Path) -> None:
+    """The policy adapter as a PEFT directory, from the parameters themselves rather than
+    ``state_dict`` (FSDP2's state-dict hooks would reshard mid-rollout). ``generate`` runs inside the
+    rollout's gather (``sharding.rollout_context``), so under ZeRO-3 each LoRA tensor is whole here;
+    an FSDP DTensor is gathered with ``full_tensor`` (every rank pushes at the same step)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    own = {}
+    for name, p in lm.named_parameters():
+        if ".lora_" not in name or f".{POLICY_ADAPTER}." not in name:
+            continue
+        t = p.full_tensor() if isinstance(p, DTensor) else p
+        if t.numel() == 0:  # a ZeRO-3 partition outside a gather
+            raise RuntimeError(f"the LoRA tensor {name} is a ZeRO-3 partition (not gathered) at the adapter push")
+        own[name] = t.detach().to("cpu").clone()
+    state = get_peft_model_state_dict(lm, state_dict=own, adapter_name=POLICY_ADAPTER)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    lm.peft_config[POLICY_ADAPTER].save_pretrained(str(path))
+
+
 class VLLMServerEngine:
     """Samples from vLLM OpenAI servers at ``urls``; ``processes``: the ones alignkit started (stopped
     by ``close``). ``work_dir`` holds the adapters it pushes (visible to every server)."""
@@ -212,7 +235,7 @@ class VLLMServerEngine:
         lm = policy_lm(policy)
         name = f"policy-v{self.version + 1}-{self.tag}"
         path = self.work_dir / "adapters" / name
-        lm.save_pretrained(path, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
+        save_adapter(lm, path)
         for url in self.urls:
             self._post(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path.absolute())})
         previous = self.model_name
