@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -32,6 +33,52 @@ from tests.test_distributed import ppo_overrides, prompts_dir  # noqa: F401 (a f
 VLLM_PYTHON = os.environ.get("ALIGNKIT_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
 SYNC_TOLERANCE = 1e-3  # fp32 server and trainer; a stale adapter measured far above this
 
+
+# -- without vLLM: settings, refusals and the errors of a server that is not there ------------------
+
+def test_settings_are_checked_with_the_key_named():
+    with pytest.raises(ValueError, match="rollout.devices lists 1 device sets for rollout.num_servers 2"):
+        engine_settings({"engine": "vllm_server", "num_servers": 2, "devices": ["0"]})
+    with pytest.raises(ValueError, match="unknown key rollout.gpu_util for engine vllm_server"):
+        engine_settings({"engine": "vllm_server", "gpu_util": 0.5})
+    with pytest.raises(ValueError, match="rollout.urls is empty"):
+        engine_settings({"engine": "vllm_server", "urls": []})
+
+
+def test_full_fine_tuning_and_started_servers_under_several_ranks_are_refused(tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
+    from alignkit.generation.server_engine import build_server_engine
+
+    ctx = EngineContext(str(tiny_model_dir), 0, "float32", 512, 0)
+    full = ppo.build_models(ppo_config(tiny_model_dir, None, tmp_path, "adapter_name_or_path=null",
+                                       "finetuning_type=full"))
+    with pytest.raises(ValueError, match="syncs LoRA adapters only"):
+        build_server_engine(engine_settings({"engine": "vllm_server"}), full, ctx)
+    lora = ppo.build_models(ppo_config(tiny_model_dir, None, tmp_path, "adapter_name_or_path=null"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="list them in rollout.urls"):
+        build_server_engine(engine_settings({"engine": "vllm_server"}), lora, ctx)
+
+
+def test_a_server_that_dies_at_start_is_one_error_naming_its_url_and_log(tiny_model_dir, tmp_path):
+    import sys
+
+    # This interpreter has no vllm: the server process exits at once, as a broken install would.
+    proc = ServerProcess(sys.executable, tiny_model_dir, [], tmp_path / "server.log")
+    log = re.escape(str(tmp_path / "server.log"))
+    with pytest.raises(RuntimeError, match=rf"(?s){proc.url} exited with code 1 .*{log}.*No module named 'vllm'"):
+        proc.wait_healthy(120)
+
+
+def test_an_unreachable_server_is_a_clear_stop(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: connection refused
+        with pytest.raises(ServerDown, match=f"{url} failed.*resume_from_checkpoint=true"):
+            VLLMServerEngine([url], 0, tmp_path)
+
+
+# -- against a real vLLM server ------------------------------------------------------------------
 
 def vllm_missing() -> str | None:
     if not Path(VLLM_PYTHON).exists():

@@ -115,9 +115,3 @@ def _build_vllm(settings: VLLMSettings, policy: torch.nn.Module, ctx: EngineCont
 
 register_engine("hf", HFSettings, _build_hf, accepts_images=True)
 register_engine("vllm", VLLMSettings, _build_vllm, needs_whole_weights=True)
-
-# Last: server_engine imports this module's EngineSettings and EngineContext.
-from alignkit.generation.server_engine import ServerSettings, build_server_engine  # noqa: E402
-
-# Not needs_whole_weights: it sends only the LoRA adapter, saved inside the rollout's gather (ZeRO-3, FSDP).
-register_engine("vllm_server", ServerSettings, build_server_engine)

@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from alignkit.generation.engine import SamplingParams, engine_sync_check
-from alignkit.generation.registry import EngineContext, EngineSettings
+from alignkit.generation.registry import EngineContext, EngineSettings, register_engine
 from alignkit.generation.sampling import Rollout, prompt_token_lists, request_seeds, rollout_from_tokens
 from alignkit.generation.server_process import ServerProcess, log_tail, lora_rank_slot, vllm_python
 from alignkit.generation.weights import POLICY_ADAPTER, SyncCheck, plain_model, policy_lm
@@ -325,3 +325,9 @@ def build_server_engine(settings: ServerSettings, policy: nn.Module, ctx: Engine
         raise
     engine.sync_weights(policy)
     return engine
+
+
+# Registered here (alignkit.generation imports this module): the registry cannot import its engines'
+# settings without an import cycle. Not needs_whole_weights: only the LoRA adapter is sent, saved
+# inside the rollout's gather (ZeRO-3, FSDP).
+register_engine("vllm_server", ServerSettings, build_server_engine)
