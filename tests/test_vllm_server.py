@@ -60,6 +60,26 @@ def test_full_fine_tuning_and_started_servers_under_several_ranks_are_refused(ti
         build_server_engine(engine_settings({"engine": "vllm_server"}), lora, ctx)
 
 
+def test_the_merged_base_is_written_once_and_again_when_its_adapter_changes(tiny_model_dir, sft_adapter, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    ac = ppo.build_models(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "unused"))
+    base = write_base(ac.lm, tiny_model_dir, tmp_path / "base", (str(sft_adapter),))
+    written = load_file(str(base / "model.safetensors"))
+    plain = ac.lm.get_base_model()
+    q = "model.layers.0.self_attn.q_proj"  # a LoRA target: its base weight, the SFT adapter merged in
+    assert torch.equal(written[f"{q}.weight"], plain.get_submodule(q).base_layer.weight)
+    assert not any("lora" in k for k in written) and (base / "tokenizer_config.json").exists()
+    stamp = (base / "model.safetensors").stat().st_mtime_ns
+    write_base(ac.lm, tiny_model_dir, tmp_path / "base", (str(sft_adapter),))
+    assert (base / "model.safetensors").stat().st_mtime_ns == stamp  # a resumed run reuses it
+    (adapter := tmp_path / "retrained").mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes((sft_adapter / "adapter_model.safetensors").read_bytes())
+    write_base(ac.lm, tiny_model_dir, tmp_path / "base", (str(adapter),))
+    assert (base / "model.safetensors").stat().st_mtime_ns != stamp
+
+
 def test_a_server_that_dies_at_start_is_one_error_naming_its_url_and_log(tiny_model_dir, tmp_path):
     import sys
 

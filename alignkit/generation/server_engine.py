@@ -95,8 +95,11 @@ def write_base(lm: nn.Module, src: str | Path, out: Path, adapters: tuple[str, .
     merged), with ``src``'s config and tokenizer files; reused when ``out`` holds the same merge."""
     from safetensors.torch import save_file
 
-    stamp = {"base": str(src), "merged_adapters": list(adapters)}
+    # Paths and file times: an adapter retrained into the same directory makes a new base.
+    stamp = {"base": str(src), "merged_adapters": [[a, sorted((f.name, f.stat().st_mtime_ns) for f in Path(a).glob(
+        "adapter_model.*"))] for a in adapters]}
     marker = out / "alignkit_base.json"
+    stamp = json.loads(json.dumps(stamp))  # as read back (tuples become lists)
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return out
     out.mkdir(parents=True, exist_ok=True)
