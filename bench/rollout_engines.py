@@ -1,5 +1,7 @@
-"""Rollout tokens/s of the ``hf`` engine vs ``vllm`` on the same model, prompts, lengths and
-sampling settings, and what a weight sync costs (prints figures; not a test). Needs vLLM:
+"""Rollout tokens/s of the ``hf`` engine vs ``vllm`` (colocated) vs ``vllm_server`` (a vLLM OpenAI
+server in its own process) on the same model, prompts, lengths and sampling settings, and what a
+weight sync costs: colocated LoRA-layers and full syncs, and the server's LoRA hot-swap (adapter
+saved, loaded under a new name, previous one unloaded). Prints figures; not a test. Needs vLLM:
 
     ./scripts/setup_vllm.sh && .venv-vllm/bin/python bench/rollout_engines.py [--repeats 3] [--setups tiny,50m]
 
@@ -35,7 +37,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from alignkit.data.collators import pad_left
-from alignkit.generation import HFEngine, SamplingParams
+from alignkit.generation import EngineContext, HFEngine, SamplingParams, engine_settings
+from alignkit.generation.server_engine import VLLMServerEngine, server_args
+from alignkit.generation.server_process import ServerProcess, vllm_python
 from alignkit.generation.vllm_engine import VLLMEngine
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.tiny import build_tiny, corpus_lines
@@ -65,14 +69,19 @@ def tokens_per_s(engine, ids, mask, sampling, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def fake_update(policy) -> None:
+    """Stand-in for an optimizer step: move the LoRA B matrices."""
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 1e-3)
+
+
 def sync_costs(engine: VLLMEngine, policy, repeats: int) -> dict[str, float]:
     """Median seconds and MB of a LoRA sync (changed fused layers only) and of a full sync."""
     partial, full = [], []
     for _ in range(repeats):
-        with torch.no_grad():
-            for name, p in policy.named_parameters():
-                if "lora_B" in name:
-                    p.add_(torch.randn_like(p) * 1e-3)
+        fake_update(policy)
         engine.sync_weights(policy)
         partial.append(dict(engine.last_sync))
         engine.synced_lm = None  # as for a policy the engine has not seen: every weight
@@ -83,12 +92,38 @@ def sync_costs(engine: VLLMEngine, policy, repeats: int) -> dict[str, float]:
             "full_s": med(full, "seconds"), "full_mb": med(full, "bytes") / 1e6}
 
 
+def server_rates(model_dir: Path, policy, tok, ids, mask, sampling, max_len: int, args) -> dict[str, float]:
+    """tokens/s of one alignkit-launched server (same interpreter), startup and LoRA hot-swap cost."""
+    ctx = EngineContext(str(model_dir), tok.pad_token_id, args.dtype, max_len, 0)
+    with tempfile.TemporaryDirectory() as work:
+        t0 = time.perf_counter()
+        settings = engine_settings({"engine": "vllm_server", "gpu_memory_utilization": 0.5})
+        proc = ServerProcess(vllm_python(None), model_dir, server_args(settings, policy, ctx), Path(work) / "log")
+        try:
+            proc.wait_healthy(900)
+            startup = time.perf_counter() - t0
+            engine = VLLMServerEngine([proc.url], tok.pad_token_id, Path(work), processes=[proc])
+            engine.sync_weights(policy)
+            rate = tokens_per_s(engine, ids, mask, sampling, args.repeats)
+            swaps = []
+            for _ in range(args.repeats):
+                fake_update(policy)
+                engine.push_adapter(policy)
+                swaps.append(dict(engine.last_sync))
+            engine.close()
+        finally:
+            proc.stop()
+    return {"rate": rate, "startup": startup, "swap_s": statistics.median(r["seconds"] for r in swaps),
+            "swap_mb": statistics.median(r["bytes"] for r in swaps) / 1e6}
+
+
 def run_setup(name: str, model_dir: Path, n_prompts: int, new_tokens: int, args) -> None:
     tok = load_tokenizer(str(model_dir))
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
     n_params = sum(p.numel() for p in base.parameters())
     policy = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    ids, mask = chat_prompts(tok, n_prompts)
+    ids, mask = (t.to(device) for t in chat_prompts(tok, n_prompts))
     sampling = SamplingParams(new_tokens, (), temperature=1.0)  # no stop tokens: every row samples new_tokens
     print(f"\n[{name}] {n_params / 1e6:.1f} M parameters, {n_prompts} prompts (longest {ids.shape[1]} tokens) "
           f"x {new_tokens} new tokens, {args.dtype}, median of {args.repeats}")
@@ -107,10 +142,14 @@ def run_setup(name: str, model_dir: Path, n_prompts: int, new_tokens: int, args)
         sync = sync_costs(engine, policy, args.repeats)
     finally:
         engine.close()
+    server = server_rates(model_dir, policy, tok, ids, mask, sampling, ids.shape[1] + new_tokens + 8, args)
+    rates["vllm_server"] = server["rate"]
     for k, v in rates.items():
         print(f"  {k:<16} {v:9.1f} tokens/s   x{v / rates['hf (1 thread)']:.2f} vs hf (1 thread)")
     print(f"  vllm startup {startup:.1f} s; sync after a LoRA update {sync['lora_s'] * 1e3:.0f} ms "
           f"({sync['lora_mb']:.1f} MB), full sync {sync['full_s'] * 1e3:.0f} ms ({sync['full_mb']:.1f} MB)")
+    print(f"  vllm_server startup {server['startup']:.1f} s; LoRA hot-swap (save, load as a new name, unload the "
+          f"old) {server['swap_s'] * 1e3:.0f} ms ({server['swap_mb']:.2f} MB adapter)")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from alignkit.generation.sampling import (
     sample,
     stop_token_ids,
 )
+from alignkit.generation.server_engine import ServerSettings, VLLMServerEngine  # registers vllm_server
 from alignkit.generation.weights import SyncCheck
 
 __all__ = [
@@ -28,7 +29,9 @@ __all__ = [
     "Rollout",
     "RolloutEngine",
     "SamplingParams",
+    "ServerSettings",
     "SyncCheck",
+    "VLLMServerEngine",
     "build_engine",
     "decode_responses",
     "engine_settings",

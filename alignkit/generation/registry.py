@@ -50,6 +50,8 @@ class EngineContext:
     dtype: str  # "bfloat16" | "float16" | "float32": the trainer's precision
     max_model_len: int  # cutoff_len: the longest prompt + response
     seed: int
+    adapters: tuple[str, ...] = ()  # adapter_name_or_path: merged into the in-memory base (not the one on disk)
+    output_dir: str | None = None  # the run's directory (engines that write files for other processes)
 
 
 Builder = Callable[[Any, torch.nn.Module, EngineContext], RolloutEngine]

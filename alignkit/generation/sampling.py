@@ -45,6 +45,41 @@ def first_eos_mask(response: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Te
     return (before == 0).long(), ~has_eos
 
 
+def prompt_token_lists(query_ids: torch.Tensor, query_mask: torch.Tensor) -> list[list[int]]:
+    """(B, Q) left-padded prompts -> each row's prompt tokens, padding dropped (an engine's requests)."""
+    return [row[m.bool()].tolist() for row, m in zip(query_ids.cpu(), query_mask.cpu(), strict=True)]
+
+
+def request_seeds(n: int) -> list[int]:
+    """Per-request seeds drawn from torch's RNG: a seeded (or resumed) run samples the same tokens
+    however an engine batches or spreads the requests."""
+    return torch.randint(0, 2**31 - 1, (n,)).tolist()
+
+
+def rollout_from_tokens(query_ids: torch.Tensor, query_mask: torch.Tensor, tokens: list[list[int]],
+                        logprobs: list[list[float]], eos_ids: list[int], pad_token_id: int) -> Rollout:
+    """An engine's sampled tokens and their log-probs (one list per row) -> a ``Rollout`` with
+    ``sample``'s conventions: response right-padded to the longest, tokens after the first EOS
+    replaced by pad, mask up to and including the first EOS, log-probs zero off the mask."""
+    B, R = len(tokens), max(len(t) for t in tokens)
+    response = torch.full((B, R), pad_token_id, dtype=torch.long)  # (B, R)
+    lps = torch.zeros(B, R)  # (B, R)
+    for i, (toks, lp) in enumerate(zip(tokens, logprobs, strict=True)):
+        response[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        lps[i, : len(lp)] = torch.tensor(lp, dtype=torch.float)
+    response_mask, no_eos = first_eos_mask(response, eos_ids)
+    response = torch.where(response_mask.bool(), response, torch.full_like(response, pad_token_id))
+    device = query_ids.device
+    return Rollout(
+        input_ids=torch.cat([query_ids, response.to(device)], 1),
+        attention_mask=torch.cat([query_mask, response_mask.to(device, query_mask.dtype)], 1),
+        response_mask=response_mask.to(device),
+        no_eos=no_eos.to(device),
+        query_len=query_ids.shape[1],
+        logprobs=(lps * response_mask).to(device),
+    )
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then nucleus filtering of (B, V) logits; removed entries become -inf."""
     if 0 < top_k < logits.shape[-1]:

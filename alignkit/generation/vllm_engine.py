@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from alignkit.generation.engine import SamplingParams, engine_sync_check
-from alignkit.generation.sampling import Rollout, first_eos_mask
+from alignkit.generation.sampling import Rollout, prompt_token_lists, request_seeds, rollout_from_tokens
 from alignkit.generation.weights import (
     SyncCheck,
     merged_weights,
@@ -144,38 +144,20 @@ class VLLMEngine:
             logger.warning("vLLM samples from the weights it loaded from disk: sync_weights(policy) was never called")
             self.warned = True
         self._wake()
-        B = query_ids.shape[0]
-        prompts = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(query_ids.cpu(), query_mask.cpu(), strict=True)]
-        # Per-request seeds drawn from torch's RNG: a seeded (or resumed) run samples the same
-        # tokens, however vLLM batches the requests.
-        seeds = torch.randint(0, 2**31 - 1, (B,)).tolist()
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_token_lists(query_ids, query_mask)]
         params = [self._vllm.SamplingParams(
             max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
             top_k=sampling.top_k if sampling.top_k > 0 else -1, top_p=sampling.top_p,
             # Exactly these stop tokens (the template's end-of-turn included), as the hf engine.
             stop_token_ids=list(sampling.eos_ids), ignore_eos=True,
-            logprobs=0, detokenize=False, seed=seed) for seed in seeds]
+            logprobs=0, detokenize=False, seed=seed) for seed in request_seeds(len(prompts))]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self._sleep()
         samples = [o.outputs[0] for o in outputs]
-        R = max(len(s.token_ids) for s in samples)
-        response = torch.full((B, R), self.pad_token_id, dtype=torch.long)  # (B, R)
-        logprobs = torch.zeros(B, R)  # (B, R)
-        for i, s in enumerate(samples):
-            n = len(s.token_ids)
-            response[i, :n] = torch.tensor(s.token_ids)
-            logprobs[i, :n] = torch.tensor([lp[t].logprob for t, lp in zip(s.token_ids, s.logprobs, strict=True)])
-        response_mask, no_eos = first_eos_mask(response, list(sampling.eos_ids))
-        response = torch.where(response_mask.bool(), response, torch.full_like(response, self.pad_token_id))
-        device = query_ids.device
-        return Rollout(
-            input_ids=torch.cat([query_ids, response.to(device)], 1),
-            attention_mask=torch.cat([query_mask, response_mask.to(device, query_mask.dtype)], 1),
-            response_mask=response_mask.to(device),
-            no_eos=no_eos.to(device),
-            query_len=query_ids.shape[1],
-            logprobs=(logprobs * response_mask).to(device),
-        )
+        return rollout_from_tokens(
+            query_ids, query_mask, [list(s.token_ids) for s in samples],
+            [[lp[t].logprob for t, lp in zip(s.token_ids, s.logprobs, strict=True)] for s in samples],
+            list(sampling.eos_ids), self.pad_token_id)
 
     def sync_weights(self, policy: nn.Module) -> None:
         """Push ``policy``'s current weights (an ``ActorCritic`` or a causal LM) into vLLM."""

