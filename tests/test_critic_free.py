@@ -115,7 +115,8 @@ def test_grpo_against_a_faulty_judge_learns_and_keeps_failures_out_of_baselines(
     with start_judge_server(rule="count_good", fault_rate=0.2, fault_kinds=("500",), seed=0) as judge:
         out = ppo.run(grpo_config(tiny_model_dir, sft_adapter, tmp_path / "judge", "count_good", "reward_model_type=api",
                                   f"reward_model={judge.url_for('alignkit')}", "reward_api.max_retries=0",
-                                  "max_failure_rate=1.0", "max_steps=30", "seed=0"))
+                                  "max_failure_rate=1.0", "max_steps=30", "seed=0",
+                                  "judge_canaries=false"))  # server faults are compared with step failures
         faults = sum(judge.stats.snapshot()["faults"].values())
     rows = read_metrics(out)
     first = sum(r["env/reward_mean"] for r in rows[:5]) / 5

@@ -172,7 +172,8 @@ def test_grpo_ddp_async_level_one_splits_prompts_and_stays_within_its_staleness(
 def test_ppo_ddp_api_reward_scores_each_sample_once(tiny_model_dir, prompts_dir, tmp_path):
     with start_judge_server(rule="count_good") as judge:
         api = ["reward_model_type=api", "reward_model=null", "reward_api.preset=alignkit",
-               f"reward_api.url={judge.url_for('alignkit')}", "reward_api.max_retries=0"]
+               f"reward_api.url={judge.url_for('alignkit')}", "reward_api.max_retries=0",
+               "judge_canaries=false"]  # exact request counts below
         launch(EXAMPLES / "ppo_tiny.yaml", ppo_overrides(tiny_model_dir, prompts_dir, tmp_path / "ppo", *api),
                accelerate="ddp")
         stats = judge.stats.snapshot(pairs=True)

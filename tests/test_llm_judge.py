@@ -130,7 +130,8 @@ def test_grpo_scored_by_a_real_llm_judge_counts_failures_and_logs_latency(judge,
                  f"num_generations={GROUP}", f"per_device_train_batch_size={PROMPTS_PER_STEP}", "ppo_buffer_size=1",
                  "ppo_epochs=1", "max_new_tokens=12", "learning_rate=1e-4", "beta=0", f"max_steps={STEPS}",
                  "save_steps=1000", "reward_model_type=api", "max_failure_rate=1.0", "seed=0",
-                 "reward_api.health_check=false"]  # its probe item is not a question this judge scores
+                 "reward_api.health_check=false",  # its probe item is not a question this judge scores
+                 "judge_canaries=false"]  # the replies below are the steps' own, in order
     run = ppo.run(load_config(config, overrides))
 
     metrics = [m for m in read_metrics(run) if "env/reward_mean" in m]

@@ -359,6 +359,47 @@ def check_reward_probe(m: Metrics, settings: dict[str, float]) -> Check | None:
     return Check(name, OK, f"{nums}: the judge is stable and the policy does not outscore the references")
 
 
+def check_judge_canaries(m: Metrics, settings: dict[str, float]) -> Check | None:
+    """Degenerate answers (``canary/<name>``, alignkit/rewards/canaries.py) must score below the median
+    real response of the same step; one that does not is a master key the policy can learn."""
+    name = "judge_canaries"
+    if "canary/real_median" not in m:
+        return None  # canaries off (judge_canaries: false, or not an api judge)
+    real = dict(zip(m["canary/real_median"].steps, m["canary/real_median"].values, strict=True))
+    keys = sorted(k for k in m if k.startswith("canary/") and k not in ("canary/real_median", "canary/failures"))
+    hits, highest = [], None  # (margin, canary, score, median, step)
+    for key in keys:
+        for step, value in zip(m[key].steps, m[key].values, strict=True):
+            med = real.get(step, math.nan)
+            if not (math.isfinite(value) and math.isfinite(med)):
+                continue
+            row = (value - med, key.removeprefix("canary/"), value, med, step)
+            highest = max(highest or row, row)
+            if value >= med:
+                hits.append(row)
+    if highest is None:
+        return Check(name, WARN, "no canary got a score (every canary call failed, or no real response was "
+                                 "valid): the judge's blind spots are unknown; see canaries.jsonl and reward failures")
+    if hits:
+        _, canary, value, med, step = max(hits)
+        others = sorted({h[1] for h in hits} - {canary})
+        return Check(name, FAIL, f"canary {canary!r} (reply {_canary_reply(canary)}) scored {value:.3g} at step {step}, "
+                                 f"at or above the median real response ({med:.3g})"
+                                 + (f"; also {', '.join(others)}" if others else "")
+                                 + ": the judge rewards a degenerate answer the policy can learn; fix the rubric "
+                                 "(ask for a score of 0 for empty or off-topic answers), use score_format: json, "
+                                 "or a stronger judge (canaries.jsonl has every canary score)")
+    _, canary, value, med, step = highest
+    return Check(name, OK, f"{len(keys)} canaries scored below the median real response at every probe "
+                           f"(closest: {canary!r} {value:.3g} vs {med:.3g} at step {step})")
+
+
+def _canary_reply(name: str) -> str:
+    from alignkit.rewards.canaries import describe  # the report does not import the trainer; rewards is light
+
+    return describe(name)
+
+
 def check_reward_failures(m: Metrics, settings: dict[str, float]) -> Check:
     name = "reward_failures"
     rate = _vals(m, "reward/failure_rate")
@@ -463,7 +504,7 @@ STAGE_CHECKS: dict[str, list[Callable[[Metrics, dict[str, float]], Check | None]
     "ppo": [check_kl_band, check_clipfrac, check_reward_trend, check_entropy, check_value_loss,
             check_response_length, check_no_eos, check_think_truncated, check_reward_failures, check_group_signal,
             check_score_length, check_repetition, check_diversity, check_reward_probe, check_is_weights,
-            check_non_finite],
+            check_judge_canaries, check_non_finite],
     "sft": [check_loss_trend, check_non_finite],
     "rm": [check_loss_trend, check_rm_accuracy, check_non_finite],
     "dpo": [check_loss_trend, check_pref_margins, check_chosen_logps, check_non_finite],

@@ -95,6 +95,12 @@ class RewardService:
         """Start scoring one chunk now, on the background loop."""
         return self._scorer.submit(prompts, responses, meta)
 
+    def score_side(self, prompts: list[str], responses: list[str], meta: ScoreMeta) -> list[Score]:
+        """Score outside the step (canaries): waits for the scores. Its failures are the caller's to
+        count (not ``reward/failures``, which is the step's), while its requests and tokens stay in the
+        source's counters, so the next ``collect`` reports them with the step that follows."""
+        return self._scorer.run(self._source.inner.score(prompts, responses, meta))
+
     def collect(self, futures: list[concurrent.futures.Future[list[Score]]]) -> ScoredBatch:
         """Wait for the chunks, concatenate them in order and apply the failure policy.
 

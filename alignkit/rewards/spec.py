@@ -84,6 +84,20 @@ class RewardSpec(BaseModel):
     reward_cache: str | None = Field(
         None, description="SQLite file keeping successful scores across steps and runs; null: no cache."
     )
+    judge_canaries: bool | dict[str, str] | None = Field(
+        None, description="Score degenerate answers (':', '', 'Thought process:', the prompt echoed ...) on the "
+        "reward_probe_every schedule as canary/<name>; a {name: text} mapping adds your own. Unset: on for api judges "
+        "(not the llamafactory and openrlhf shapes, which read templated text)."
+    )
+
+    def canaries(self) -> dict[str, str] | None:
+        """The user's extra canaries when canaries are on (``{}``: the built-ins only), else ``None``."""
+        on = self.judge_canaries
+        if on is None:  # on for API judges, but not for full-text ones: they read templated text, canaries are plain
+            on = self.reward_model_type == "api" and self.reward_api is not None and not self.reward_api_full_text()
+        if on is False:
+            return None
+        return dict(on) if isinstance(on, dict) else {}
 
     @model_validator(mode="before")
     @classmethod
@@ -141,6 +155,9 @@ class RewardSpec(BaseModel):
         if self.reward_model_type == "api" and self.reward_api is not None:
             check_env(self.reward_api.headers)  # a missing ${VAR}: fail now, not after models load
         return self
+
+    def reward_api_full_text(self) -> bool:
+        return self.reward_api is None or self.reward_api.preset in ("llamafactory", "openrlhf")
 
     def api_settings(self) -> ApiSettings:
         """The judge's settings, with the URL taken from ``reward_model`` when ``reward_api.url`` is unset.

@@ -144,7 +144,8 @@ def train(r: PPORun) -> None:
             r.moments.load_state_dict(state["moments"])
     tracker = MetricLogger(r.out, cfg.report_to, enabled=acc.is_main_process, resume_step=start,
                            total_steps=r.num_steps)
-    samples = SampleLogger.for_run(cfg, r.out, r.prompts.texts, r.service, r.num_steps, acc.is_main_process, start)
+    samples = SampleLogger.for_run(cfg, r.out, r.prompts.texts, r.service, r.num_steps, acc.is_main_process, start,
+                                   labels=r.prompts.labels)
     window = MetricWindow()  # the steps since the last logged row: counters summed, gauges averaged
     bar = tqdm(total=r.num_steps, initial=start, desc="ppo", disable=not acc.is_main_process, dynamic_ncols=True)
     for step in range(start, r.num_steps):

@@ -49,7 +49,8 @@ def step_metrics(exp: Experience, shaped: Shaped, advantages: torch.Tensor, retu
 # failed judge call on an unlogged step still shows (logging_steps > 1). Everything else is a
 # gauge, averaged over those steps.
 COUNTERS = frozenset({"reward/failures", "reward/requests", "reward/retries", "reward/cache_hits",
-                      "rollout/samples", "rollout/sampling_rounds", "probe/failures"})
+                      "rollout/samples", "rollout/sampling_rounds", "probe/failures",
+                      "canary/failures", "judge/prompt_tokens", "judge/completion_tokens", "judge/cost_usd"})
 
 
 MAXIMA = frozenset({"async/staleness_max"})  # the worst step of the window

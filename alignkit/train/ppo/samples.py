@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from alignkit.rewards.base import ScoreMeta
+from alignkit.rewards.canaries import Canaries
 from alignkit.rewards.service import RewardService
 from alignkit.train.ppo.credit import Shaped
 from alignkit.train.ppo.experience import Experience
@@ -100,15 +101,19 @@ class SampleLogger:
     last_step: int
     probe: RewardProbe | None = None
     enabled: bool = True
+    canaries: Canaries | None = None  # judge canaries, on the reward_probe_every schedule
+    labels: list[str | None] | None = None  # dataset row -> its label (the half-label canary)
 
     @classmethod
     def for_run(cls, cfg, out: Path, prompts: list[str], service: RewardService, last_step: int,
-                enabled: bool, resume_step: int = 0) -> SampleLogger:
+                enabled: bool, resume_step: int = 0, labels: list[str | None] | None = None) -> SampleLogger:
         """The logger ``cfg`` (a PPOConfig) asks for; a resumed run drops samples after its checkpoint."""
         if enabled:
             truncate_jsonl(out / SAMPLES_FILE, resume_step)
         probe = RewardProbe(cfg.reward_probe, service, cfg.reward_probe_every) if cfg.reward_probe and enabled else None
-        return cls(out, prompts, cfg.log_samples, cfg.log_samples_every, last_step, probe, enabled)
+        extra = cfg.canaries()
+        canaries = Canaries(service, cfg.reward_probe_every, extra, out) if extra is not None and enabled else None
+        return cls(out, prompts, cfg.log_samples, cfg.log_samples_every, last_step, probe, enabled, canaries, labels)
 
     def __call__(self, step: int, exp: Experience, shaped: Shaped, tracker: MetricLogger) -> dict[str, float]:
         """Log this step's samples when due; returns the probe's metrics (empty when not due)."""
@@ -119,4 +124,10 @@ class SampleLogger:
             with (self.out / SAMPLES_FILE).open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             tracker.log_text(step, "samples", markdown_table(rows))
-        return self.probe(step) if self.probe is not None else {}
+        out = self.probe(step) if self.probe is not None else {}
+        if self.canaries is not None:
+            rows = exp.group_ids.tolist()
+            real = exp.scores[exp.valid.bool()].tolist()
+            labels = [self.labels[i] if self.labels else None for i in rows]
+            out |= self.canaries(step, [self.prompts[i] for i in rows], labels, real)
+        return out
