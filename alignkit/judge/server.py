@@ -94,6 +94,7 @@ class JudgeStats:
     in_flight: int = 0  # requests being handled now
     max_in_flight: int = 0
     images: Counter[str] = field(default_factory=Counter)  # image references received, as sent (data: URLs hashed)
+    usage: Counter[str] = field(default_factory=Counter)  # prompt/completion tokens of the usable replies sent
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, path: str, prompts: list[str], responses: list[str]) -> int:
@@ -121,6 +122,7 @@ class JudgeStats:
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
                 "images": dict(self.images),
+                "usage": {k: self.usage[k] for k in ("prompt_tokens", "completion_tokens")},
             }
             if pairs:
                 out["pairs"] = [{"prompt": p, "response": r, "count": c} for (p, r), c in self.pairs.items()]
@@ -133,6 +135,7 @@ class JudgeStats:
             self.faults.clear()
             self.by_path.clear()
             self.images.clear()
+            self.usage.clear()
 
 
 def _image_ref(ref: str) -> str:
@@ -294,6 +297,9 @@ class _Judge:
         except Exception as e:  # the scorer is user code; report, do not crash the server
             return Response(f"scorer raised {type(e).__name__}: {e}", status_code=500)
         body = _spoil_body(fault, shape(_spoil_scores(fault, values)), self.settings)
+        if isinstance(body, dict) and isinstance(body.get("usage"), dict) and fault != "oversize":
+            with self.stats.lock:  # what a client that read the reply was billed
+                self.stats.usage.update({k: body["usage"][k] for k in ("prompt_tokens", "completion_tokens")})
         return Response(json.dumps(body).encode(), media_type="application/json")
 
 
@@ -386,16 +392,7 @@ def _add_evaluation_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) -> N
         prompt, response, label = m.groups() if m else ("", content, "")
 
         def shape(values: list[Any]) -> dict[str, Any]:
-            text = f"The response was checked. Score: {values[0]}" if len(values) == 1 else "I cannot decide."
-            return {
-                "id": f"chatcmpl-{judge.stats.requests}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": req.model,
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                ],
-            }
+            return chat_reply(req, content, values, judge.stats.requests)
 
         return await judge(PATHS["openai_judge"], [prompt], [response], [label or None], shape)
 
@@ -420,6 +417,41 @@ def _add_evaluation_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) -> N
             [x.reference for x in inputs],
             shape,
         )
+
+
+def chat_reply(req: ChatRequest, prompt_text: str, values: list[Any], n_request: int) -> dict[str, Any]:
+    """An OpenAI chat completion holding the rule's score: as text, as ``{"score": N}`` when the request
+    asked for a JSON ``response_format``, with ``top_logprobs`` around the score when it asked for logprobs
+    (60% on the rounded score, 20% on each neighbour), ``n`` identical choices, and a ``usage`` that
+    counts whitespace-separated words as tokens (what ``/stats`` sums)."""
+    extra = req.model_extra or {}
+    wants_json = isinstance(extra.get("response_format"), dict) and extra["response_format"].get("type") in (
+        "json_schema", "json_object")
+    if len(values) != 1:
+        text = "I cannot decide."
+    elif wants_json:
+        text = json.dumps({"score": values[0]})
+    else:
+        text = f"The response was checked. Score: {values[0]}"
+    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    if extra.get("logprobs") and len(values) == 1 and isinstance(values[0], float) and math.isfinite(values[0]):
+        choice["logprobs"] = {"content": _score_logprobs(values[0])}
+    n = extra.get("n") if isinstance(extra.get("n"), int) and extra.get("n", 1) > 0 else 1
+    completion = len(text.split()) * n
+    return {
+        "id": f"chatcmpl-{n_request}", "object": "chat.completion", "created": int(time.time()), "model": req.model,
+        "choices": [choice | {"index": i} for i in range(n)],
+        "usage": {"prompt_tokens": len(prompt_text.split()), "completion_tokens": completion,
+                  "total_tokens": len(prompt_text.split()) + completion},
+    }
+
+
+def _score_logprobs(value: float) -> list[dict[str, Any]]:
+    """Log-probs of a reply whose one token is the score: most mass on it, some on each neighbour."""
+    best = int(round(value))
+    top = [{"token": str(best), "logprob": math.log(0.6)}] + [
+        {"token": str(v), "logprob": math.log(0.2)} for v in (best - 1, best + 1)]
+    return [{"token": str(best), "logprob": math.log(0.6), "top_logprobs": top}]
 
 
 def _add_stats_routes(app: FastAPI, stats: JudgeStats, scoring: list[Any]) -> None:

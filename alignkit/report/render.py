@@ -285,6 +285,20 @@ def timings(run: Run) -> list[tuple[str, str]]:
     batch = rollout_batch_size(run.settings) if run.stage == "ppo" else None
     if batch:
         rows.append(("rollout batch (prompts per step per rank)", str(batch)))
+    return rows + judge_cost(run)
+
+
+def judge_cost(run: Run) -> list[tuple[str, str]]:
+    """The judge's tokens and cost over the run: per-step counts (judge/*, from the replies' usage)
+    summed over the logged rows, which already sum the steps between them."""
+    total = {k: sum(run.metrics[k].finite()) for k in ("judge/prompt_tokens", "judge/completion_tokens",
+                                                       "judge/cost_usd") if k in run.metrics}
+    rows = []
+    if "judge/prompt_tokens" in total:
+        rows.append(("judge tokens, whole run (prompt / completion)",
+                     f"{total['judge/prompt_tokens']:,.0f} / {total.get('judge/completion_tokens', 0):,.0f}"))
+    if "judge/cost_usd" in total:
+        rows.append(("judge cost, whole run (price_per_million)", f"${total['judge/cost_usd']:,.4f}"))
     return rows
 
 

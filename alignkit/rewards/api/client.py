@@ -24,6 +24,7 @@ import aiohttp
 
 from alignkit.rewards.api.config import ApiSettings
 from alignkit.rewards.api.headers import redact_headers, resolve_headers, scrub
+from alignkit.rewards.api.limits import TokenBudget, estimate_tokens
 from alignkit.rewards.api.presets import UNSUCCESSFUL, Item, ReplyError, make_preset, shape_settings
 from alignkit.rewards.api.transport import Reply, RequestFailure, open_session, post, retry_after_seconds
 from alignkit.rewards.base import RewardError, Score, ScoreMeta, images_for, labels_for
@@ -32,6 +33,8 @@ from alignkit.rewards.cache import identity_of
 logger = logging.getLogger(__name__)
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+TOKENS = ("judge/prompt_tokens", "judge/completion_tokens")  # from each reply's OpenAI-style usage
+_SUMMED_LOGS = {"judge/unparsed"}  # a preset's judge/* logs: these are counts, the rest gauges
 PROBE_PROMPT, PROBE_ANSWER = "What is 2 + 2?", "4"  # the start-up probe's sample (and its label)
 
 
@@ -74,6 +77,8 @@ class ApiReward:
         self._counts: Counter[str] = Counter()
         self._latencies: list[float] = []
         self._extra: defaultdict[str, list[float]] = defaultdict(list)
+        self._budget = TokenBudget(cfg.max_tokens_per_minute) if cfg.max_tokens_per_minute else None
+        self._saw_usage = False  # token metrics are logged once a reply has carried usage
 
     # -- RewardSource --------------------------------------------------------------------
 
@@ -113,12 +118,25 @@ class ApiReward:
             latencies, self._latencies = self._latencies, []
             extra, self._extra = self._extra, defaultdict(list)
         out = {f"reward/{k}": float(counts[k]) for k in ("requests", "retries")}
+        out |= self._judge_metrics(counts)
         if latencies:
             latencies.sort()
             out["reward/latency_p50"] = _percentile(latencies, 0.50)
             out["reward/latency_p95"] = _percentile(latencies, 0.95)
         for name, values in extra.items():
-            out[f"reward/extra/{name}"] = sum(values) / len(values)
+            out[name if name.startswith("judge/") else f"reward/extra/{name}"] = sum(values) / len(values)
+        return out
+
+    def _judge_metrics(self, counts: Counter[str]) -> dict[str, float]:
+        """Tokens from the replies' ``usage`` and their cost (``price_per_million``), unusable judge samples."""
+        out = {k: float(counts[k]) for k in _SUMMED_LOGS if k in counts}
+        if not self._saw_usage:
+            return out
+        out |= {k: float(counts[k]) for k in TOKENS}
+        price = self.cfg.price_per_million
+        if price is not None:
+            p_in, p_out = (price, price) if isinstance(price, (int, float)) else price
+            out["judge/cost_usd"] = (counts[TOKENS[0]] * p_in + counts[TOKENS[1]] * p_out) / 1e6
         return out
 
     async def health_check(self, meta: ScoreMeta | None = None) -> Score:
@@ -129,7 +147,11 @@ class ApiReward:
         body = json.dumps(self.preset.build([(prompts[0], responses[0], PROBE_ANSWER, ())])).encode()
         sent = f"POST {self.url}\n  headers: {redact_headers(self.cfg.headers)}\n  body: {_clip(body.decode(), 800)}"
         outcome, reply, latency = await self._send(body, 1, probe=True)
+        with self._lock:  # the probe's tokens were paid for: they stay, counted in step 1
+            tokens = {k: self._counts[k] for k in TOKENS}
         self.metrics()  # drop the probe's requests, latency and extra_logs
+        with self._lock:
+            self._counts.update(tokens)
         got = "(no reply)" if reply is None else (
             f"HTTP {reply.status}\n  body: {_clip(reply.content.decode(errors='replace'), 800)}")
         if isinstance(outcome, RequestFailure):
@@ -166,10 +188,11 @@ class ApiReward:
                 await asyncio.sleep(self._retry_delay(attempt, failure.retry_after))
             async with state.slots:
                 await self._wait_rate_slot()
+                entry = await self._budget.acquire(estimate_tokens(body)) if self._budget else None
                 self._count("requests")
                 try:
                     reply = await post(state.session, self.url, body, self.cfg.max_body_bytes)
-                    outcome = self._interpret(reply, n)
+                    outcome = self._interpret(reply, n, entry)
                 except RequestFailure as f:
                     reply, outcome = None, f
             if not isinstance(outcome, RequestFailure):
@@ -182,7 +205,7 @@ class ApiReward:
             logger.debug("reward_api retry %d after %s", attempt + 1, self._redact(failure.reason))
         return failure, reply, time.perf_counter() - start
 
-    def _interpret(self, reply: Reply, n: int) -> list[Score] | RequestFailure:
+    def _interpret(self, reply: Reply, n: int, entry: list[float] | None = None) -> list[Score] | RequestFailure:
         """Turn a reply into ``n`` scores (each validated), or a failure of the whole request."""
         if reply.status >= 300:
             text = _clip(reply.content.decode(errors="replace"), 200)
@@ -198,6 +221,7 @@ class ApiReward:
                 f"{e}; body starts {_clip(reply.content.decode(errors='replace'), 120)!r}",
                 True,
             )
+        self._record_usage(data, entry)
         try:
             values, logs = self.preset.parse(data, n)
         except ReplyError as e:
@@ -205,8 +229,25 @@ class ApiReward:
         if logs:
             with self._lock:
                 for name, vals in logs.items():
-                    self._extra[name].extend(float(v) for v in vals if _is_number(v))
+                    if name in _SUMMED_LOGS:
+                        self._counts[name] += int(sum(v for v in vals if _is_number(v)))
+                    else:
+                        self._extra[name].extend(float(v) for v in vals if _is_number(v))
         return [self._validate(v) for v in values]
+
+    def _record_usage(self, data: Any, entry: list[float] | None) -> None:
+        """Count an OpenAI-style ``usage`` (a reply that fails to parse was still paid for)."""
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if not isinstance(usage, dict):
+            return
+        pt, ct = (usage.get(k) for k in ("prompt_tokens", "completion_tokens"))
+        pt, ct = (int(x) if _is_number(x) else 0 for x in (pt, ct))
+        with self._lock:
+            self._saw_usage = True
+            self._counts[TOKENS[0]] += pt
+            self._counts[TOKENS[1]] += ct
+        if entry is not None:
+            TokenBudget.settle(entry, pt + ct)
 
     def _validate(self, v: Any) -> Score:
         if not _is_number(v):

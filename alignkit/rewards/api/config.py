@@ -63,6 +63,13 @@ class ApiSettings(BaseModel):
     )
     normalize: bool = Field(False, description="Map score_range linearly onto [0, 1].")
     max_body_bytes: int = Field(1_048_576, ge=1, description="Largest reply body accepted, bytes.")
+    max_tokens_per_minute: int | None = Field(
+        None, gt=0, description="Most judge tokens (prompt + completion, from each reply's usage) per rolling minute; "
+        "requests wait for room. null: no limit."
+    )
+    price_per_million: float | tuple[float, float] | None = Field(
+        None, description="USD per million judge tokens: one price, or [prompt, completion]; logs judge/cost_usd."
+    )
 
     @field_validator("url")
     @classmethod
@@ -129,12 +136,30 @@ class OpenAIJudgeApi(ApiSettings):
         "a match written as a fraction (3/10) scores its numerator."
     )
 
+    score_format: Literal["text", "json"] = Field(
+        "text", description="text: the score is read from the reply with score_regex; json: ask for {\"score\": N} "
+        "through response_format (a JSON schema; OpenAI, vLLM and SGLang constrain the reply to it)."
+    )
+    score_from: Literal["text", "logprobs"] = Field(
+        "text", description="logprobs: the expected score over score_range from the score token's top_logprobs "
+        "(G-Eval); needs a server that returns logprobs."
+    )
+    judge_samples: int = Field(1, ge=1, le=64, description="Judgements per sample (the request's n); needs temperature > 0.")
+    judge_aggregate: Literal["mean", "median"] = Field("mean", description="How judge_samples scores become one.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature of the judge.")
+
     @model_validator(mode="after")
     def _check_judge(self) -> OpenAIJudgeApi:
         try:
             re.compile(self.score_regex)
         except re.error as e:
             raise ValueError(f"reward_api.score_regex is not a valid regex: {e}") from None
+        if self.score_from == "logprobs" and self.score_range is None:
+            raise ValueError("reward_api.score_from: logprobs needs reward_api.score_range (e.g. [0, 10]): the "
+                             "expected score is taken over the score tokens on that scale")
+        if self.judge_samples > 1 and self.temperature == 0:
+            raise ValueError(f"reward_api.judge_samples={self.judge_samples} with temperature 0 asks for the same "
+                             "judgement several times; set reward_api.temperature (e.g. 0.7) or judge_samples: 1")
         self._one_per_request("")
         return self
 

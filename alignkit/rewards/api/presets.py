@@ -240,45 +240,6 @@ class OpenRLHFPreset(Preset):
         return values, logs
 
 
-class OpenAIJudgePreset(Preset):
-    """An OpenAI-compatible chat completion; the score is read from the reply text."""
-
-    def __init__(self, model: str, rubric: str, score_regex: str) -> None:
-        super().__init__("openai_judge", max_batch=1)
-        self.model = model
-        self.rubric = rubric
-        self.pattern = re.compile(score_regex)
-
-    def build(self, items: list[Item]) -> dict[str, Any]:
-        (item,) = items
-        text = fill(self.rubric, item)
-        images = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in images_of(item)]
-        return {
-            "model": self.model,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": text}, *images] if images else text}],
-            "temperature": 0,
-        }
-
-    def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
-        try:
-            text = data["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise ReplyError(
-                "wrong shape", f"expected choices[0].message.content, got {_kind(data)}"
-            ) from None
-        if not isinstance(text, str):
-            raise ReplyError("wrong shape", f"choices[0].message.content is {_kind(text)}")
-        matches = list(self.pattern.finditer(text))
-        if not matches:
-            raise ReplyError("no score", f"no match for {self.pattern.pattern!r} in reply {text[-200:]!r}")
-        last = matches[-1]
-        number = (last.group(1) if last.re.groups else last.group(0)).split("/", 1)[0].strip()
-        try:
-            return [float(number)], {}
-        except ValueError:
-            raise ReplyError("non-numeric score", f"matched {number!r} in reply {text[-200:]!r}") from None
-
-
 class CustomPreset(Preset):
     """A JSON template with placeholders; one sample per request, or a batch list at ``batch_field``."""
 
@@ -342,7 +303,7 @@ def make_preset(cfg: Any) -> Preset:
     if cfg.preset == "openrlhf":
         return OpenRLHFPreset()
     if cfg.preset == "openai_judge":
-        return OpenAIJudgePreset(cfg.model or "", cfg.rubric, cfg.score_regex)
+        return OpenAIJudgePreset.from_config(cfg)
     if cfg.preset == "custom":
         return CustomPreset(cfg.payload or {}, cfg.batch_field, cfg.response_path, cfg.success_condition)
     raise ValueError(f"unknown reward_api.preset {cfg.preset!r}")
@@ -351,7 +312,12 @@ def make_preset(cfg: Any) -> Preset:
 def shape_settings(cfg: Any) -> dict[str, Any]:
     """The preset keys that change what a score means (part of the cache key)."""
     if cfg.preset == "openai_judge":
-        return {"rubric": cfg.rubric, "score_regex": cfg.score_regex}
+        # Calibration keys count only when set (so caches written before they existed stay valid).
+        calibration = {k: getattr(cfg, k) for k, default in CALIBRATION_DEFAULTS.items() if getattr(cfg, k) != default}
+        return {"rubric": cfg.rubric, "score_regex": cfg.score_regex} | calibration
     if cfg.preset == "custom":
         return {k: getattr(cfg, k) for k in ("payload", "batch_field", "response_path", "success_condition")}
     return {}
+
+
+from alignkit.rewards.api.openai_judge import CALIBRATION_DEFAULTS, OpenAIJudgePreset  # noqa: E402 - uses the above

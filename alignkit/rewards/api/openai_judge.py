@@ -1,0 +1,162 @@
+"""The ``openai_judge`` preset: an LLM judge behind an OpenAI-compatible chat completions endpoint.
+
+A judge's free-text score is noisy and often missing. Three calibrations, each one request key:
+
+- ``score_format: json`` asks for ``{"score": N}`` through structured output (``response_format``
+  with a JSON schema: OpenAI, vLLM and SGLang constrain decoding to it), so even a weak judge's
+  reply holds a number.
+- ``score_from: logprobs`` reads the score token's ``top_logprobs`` and takes the expected score
+  over the scale, as G-Eval does (Liu et al., 2023, arXiv 2303.16634, section 2.3): a finer signal
+  than the one sampled digit, and one that ties break on.
+- ``judge_samples: n`` asks for n choices (``n``; at ``temperature`` > 0) and aggregates their
+  scores (mean or median); their spread is logged as ``judge/score_std``.
+
+A choice without a score is a failure: with one sample the item fails (``no score``); with several,
+the item is scored from the rest and the unusable choices are counted (``judge/unparsed``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from statistics import fmean, median, pstdev
+from typing import Any
+
+from alignkit.rewards.api.presets import Item, Preset, ReplyError, _kind, data_url, fill, images_of
+
+CALIBRATION_DEFAULTS: dict[str, Any] = {"score_format": "text", "score_from": "text", "judge_samples": 1,
+                                        "judge_aggregate": "mean", "temperature": 0.0}
+TOP_LOGPROBS = 20  # the most OpenAI returns; enough to cover a 0-10 scale
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def score_schema(score_range: tuple[float, float] | None) -> dict[str, Any]:
+    """``response_format`` asking for ``{"score": N}``; an integer scale becomes an enum, so a
+    constrained decoder can only write a valid score."""
+    score: dict[str, Any] = {"type": "number"}
+    if score_range is not None and all(float(x).is_integer() for x in score_range) and score_range[1] - score_range[0] <= 100:
+        score = {"type": "integer", "enum": list(range(int(score_range[0]), int(score_range[1]) + 1))}
+    schema = {"type": "object", "properties": {"score": score}, "required": ["score"], "additionalProperties": False}
+    return {"type": "json_schema", "json_schema": {"name": "judge_score", "strict": True, "schema": schema}}
+
+
+class OpenAIJudgePreset(Preset):
+    """One chat completion per sample; the score from its text, its JSON, or its log-probabilities."""
+
+    def __init__(self, model: str, rubric: str, score_regex: str, score_format: str = "text",
+                 score_from: str = "text", judge_samples: int = 1, judge_aggregate: str = "mean",
+                 temperature: float = 0.0, score_range: tuple[float, float] | None = None) -> None:
+        super().__init__("openai_judge", max_batch=1)
+        self.model, self.rubric, self.pattern = model, rubric, re.compile(score_regex)
+        self.score_format, self.score_from = score_format, score_from
+        self.samples, self.aggregate, self.temperature = judge_samples, judge_aggregate, temperature
+        self.score_range = score_range
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> OpenAIJudgePreset:
+        return cls(cfg.model or "", cfg.rubric, cfg.score_regex, cfg.score_format, cfg.score_from, cfg.judge_samples,
+                   cfg.judge_aggregate, cfg.temperature, cfg.score_range)
+
+    def build(self, items: list[Item]) -> dict[str, Any]:
+        (item,) = items
+        text = fill(self.rubric, item)
+        images = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in images_of(item)]
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": text}, *images] if images else text}],
+            "temperature": self.temperature or 0,
+        }
+        if self.score_format == "json":
+            body["response_format"] = score_schema(self.score_range)
+        if self.score_from == "logprobs":
+            body |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
+        if self.samples > 1:
+            body["n"] = self.samples
+        return body
+
+    def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or not choices:
+            raise ReplyError("wrong shape", f"expected choices[0].message.content, got {_kind(data)}")
+        if self.samples == 1:
+            return [self._choice_score(choices[0])], {}
+        values, problems = [], []
+        for choice in choices:
+            try:
+                v = self._choice_score(choice)
+            except ReplyError as e:
+                problems.append(e)
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                values.append(float(v))
+            else:
+                problems.append(ReplyError("non-numeric score", repr(v)[:80]))
+        if not values:
+            first = problems[0]
+            raise ReplyError(first.kind, f"none of {len(choices)} judge samples had a score; first: {first.detail}")
+        value = fmean(values) if self.aggregate == "mean" else median(values)
+        return [value], {"judge/score_std": [pstdev(values)], "judge/unparsed": [len(problems)]}
+
+    def _choice_score(self, choice: Any) -> Any:
+        try:
+            text = choice["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise ReplyError("wrong shape", f"expected choices[i].message.content, got {_kind(choice)}") from None
+        if not isinstance(text, str):
+            raise ReplyError("wrong shape", f"choices[i].message.content is {_kind(text)}")
+        if self.score_from == "logprobs":
+            return self._expected_score(choice, text)
+        if self.score_format == "json":
+            return _json_score(text)
+        return self._regex_score(text)
+
+    def _regex_score(self, text: str) -> float:
+        matches = list(self.pattern.finditer(text))
+        if not matches:
+            raise ReplyError("no score", f"no match for {self.pattern.pattern!r} in reply {text[-200:]!r}")
+        last = matches[-1]
+        number = (last.group(1) if last.re.groups else last.group(0)).split("/", 1)[0].strip()
+        try:
+            return float(number)
+        except ValueError:
+            raise ReplyError("non-numeric score", f"matched {number!r} in reply {text[-200:]!r}") from None
+
+    def _expected_score(self, choice: dict[str, Any], text: str) -> float:
+        """G-Eval: sum of p(s) * s over the score values among the top log-probs of the first token
+        that is a score, renormalised over those values."""
+        content = (choice.get("logprobs") or {}).get("content")
+        if not isinstance(content, list):
+            raise ReplyError("wrong shape", "score_from: logprobs but the reply has no choices[i].logprobs.content "
+                                            "(does the server support logprobs?)")
+        for entry in content:
+            if self._scale_value(entry.get("token", "")) is None:
+                continue
+            weights: dict[float, float] = {}
+            for alt in entry.get("top_logprobs") or [entry]:
+                v = self._scale_value(alt.get("token", ""))
+                if v is not None and isinstance(alt.get("logprob"), (int, float)):
+                    weights[v] = weights.get(v, 0.0) + math.exp(alt["logprob"])
+            total = sum(weights.values())
+            if total > 0:
+                return sum(v * p for v, p in weights.items()) / total
+        raise ReplyError("no score", f"no score token among the reply's log-probs; reply {text[-200:]!r}")
+
+    def _scale_value(self, token: str) -> float | None:
+        """The score a token stands for (``" 7"`` -> 7.0), or None when it is not one on the scale."""
+        t = token.strip()
+        if not _NUMBER.fullmatch(t):
+            return None
+        v = float(t)
+        lo, hi = self.score_range or (-math.inf, math.inf)
+        return v if lo <= v <= hi else None
+
+
+def _json_score(text: str) -> Any:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ReplyError("no score", f"score_format: json but the reply is not JSON: {text[-200:]!r}") from None
+    if not isinstance(obj, dict) or "score" not in obj:
+        raise ReplyError("no score", f"score_format: json but the reply has no 'score': {text[-200:]!r}")
+    return obj["score"]
