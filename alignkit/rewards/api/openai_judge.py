@@ -28,6 +28,7 @@ from alignkit.rewards.api.presets import Item, Preset, ReplyError, _kind, data_u
 CALIBRATION_DEFAULTS: dict[str, Any] = {"score_format": "text", "score_from": "text", "judge_samples": 1,
                                         "judge_aggregate": "mean", "temperature": 0.0}
 TOP_LOGPROBS = 20  # the most OpenAI returns; enough to cover a 0-10 scale
+MIN_SCORE_MASS = 0.05  # below this, a reply without a score token has no score distribution to speak of
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -123,24 +124,32 @@ class OpenAIJudgePreset(Preset):
             raise ReplyError("non-numeric score", f"matched {number!r} in reply {text[-200:]!r}") from None
 
     def _expected_score(self, choice: dict[str, Any], text: str) -> float:
-        """G-Eval: sum of p(s) * s over the score values among the top log-probs of the first token
-        that is a score, renormalised over those values."""
+        """G-Eval: sum of p(s) * s over the score values among the top log-probs at the score's position,
+        renormalised over those values. That position is the first token that is a score; in a reply
+        with none (a weak judge that started to chat), the first token, where the rubric asked for the
+        score, if the scale's tokens hold at least ``MIN_SCORE_MASS`` of its probability there."""
         content = (choice.get("logprobs") or {}).get("content")
-        if not isinstance(content, list):
+        if not isinstance(content, list) or not content:
             raise ReplyError("wrong shape", "score_from: logprobs but the reply has no choices[i].logprobs.content "
                                             "(does the server support logprobs?)")
         for entry in content:
-            if self._scale_value(entry.get("token", "")) is None:
-                continue
-            weights: dict[float, float] = {}
-            for alt in entry.get("top_logprobs") or [entry]:
-                v = self._scale_value(alt.get("token", ""))
-                if v is not None and isinstance(alt.get("logprob"), (int, float)):
-                    weights[v] = weights.get(v, 0.0) + math.exp(alt["logprob"])
-            total = sum(weights.values())
-            if total > 0:
-                return sum(v * p for v, p in weights.items()) / total
-        raise ReplyError("no score", f"no score token among the reply's log-probs; reply {text[-200:]!r}")
+            if self._scale_value(entry.get("token", "")) is not None and (weights := self._weights(entry)):
+                return sum(v * p for v, p in weights.items()) / sum(weights.values())
+        weights = self._weights(content[0])
+        mass = sum(weights.values())
+        if mass >= MIN_SCORE_MASS:
+            return sum(v * p for v, p in weights.items()) / mass
+        raise ReplyError("no score", f"no score token in the reply and {mass:.0%} of the first token's probability "
+                                     f"on the scale; reply {text[-200:]!r}")
+
+    def _weights(self, entry: dict[str, Any]) -> dict[float, float]:
+        """Probability of each scale value among one position's top log-probs."""
+        weights: dict[float, float] = {}
+        for alt in entry.get("top_logprobs") or [entry]:
+            v = self._scale_value(alt.get("token", ""))
+            if v is not None and isinstance(alt.get("logprob"), (int, float)):
+                weights[v] = weights.get(v, 0.0) + math.exp(alt["logprob"])
+        return weights
 
     def _scale_value(self, token: str) -> float | None:
         """The score a token stands for (``" 7"`` -> 7.0), or None when it is not one on the scale."""
