@@ -59,6 +59,12 @@ _RUBRIC_SECTIONS = re.compile(
     r"\[Prompt\]\n(.*?)\n\n\[Response\]\n(.*?)\n\n\[Reference answer\]\n(.*?)\n\nGive ", re.DOTALL
 )
 
+# ... and the listwise rubric (judge_mode: listwise) lists a group's responses as [R1], [R2], ...
+_LISTWISE_SECTIONS = re.compile(
+    r"\[Prompt\]\n(.*?)\n\n\[Reference answer\]\n(.*?)\n\n\[Responses\]\n(.*?)\n\nReply with a JSON", re.DOTALL
+)
+_LISTED = re.compile(r"\[R\d+\]\n(.*?)(?=\n\n\[R\d+\]\n|\Z)", re.DOTALL)
+
 Shape = Callable[[list[Any]], Any]  # scores -> the JSON body of one request shape
 
 
@@ -388,13 +394,19 @@ def _add_evaluation_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) -> N
     async def chat_completions(req: ChatRequest) -> Response:
         content = req.messages[-1].text() if req.messages else ""
         judge.stats.record_images([u for m in req.messages for u in m.image_urls()])
-        m = _RUBRIC_SECTIONS.search(content)
-        prompt, response, label = m.groups() if m else ("", content, "")
+        if lw := _LISTWISE_SECTIONS.search(content):  # a group in one request: one score per [Rn]
+            prompt, label, listed = lw.groups()
+            responses = _LISTED.findall(listed)
+        else:
+            m = _RUBRIC_SECTIONS.search(content)
+            prompt, response, label = m.groups() if m else ("", content, "")
+            responses = [response]
 
         def shape(values: list[Any]) -> dict[str, Any]:
-            return chat_reply(req, content, values, judge.stats.requests)
+            return chat_reply(req, content, values, judge.stats.requests, listwise=lw is not None)
 
-        return await judge(PATHS["openai_judge"], [prompt], [response], [label or None], shape)
+        n = len(responses)
+        return await judge(PATHS["openai_judge"], [prompt] * n, responses, [label or None] * n, shape)
 
     @app.post(PATHS["custom"], dependencies=scoring, summary="Internal evaluation-platform shape")
     async def evaluate(req: CustomRequest) -> Response:
@@ -419,15 +431,19 @@ def _add_evaluation_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) -> N
         )
 
 
-def chat_reply(req: ChatRequest, prompt_text: str, values: list[Any], n_request: int) -> dict[str, Any]:
+def chat_reply(req: ChatRequest, prompt_text: str, values: list[Any], n_request: int,
+               listwise: bool = False) -> dict[str, Any]:
     """An OpenAI chat completion holding the rule's score: as text, as ``{"score": N}`` when the request
     asked for a JSON ``response_format``, with ``top_logprobs`` around the score when it asked for logprobs
     (60% on the rounded score, 20% on each neighbour), ``n`` identical choices, and a ``usage`` that
-    counts whitespace-separated words as tokens (what ``/stats`` sums)."""
+    counts whitespace-separated words as tokens (what ``/stats`` sums). A ``listwise`` request gets
+    ``{"R1": N, ...}``, one score per listed response."""
     extra = req.model_extra or {}
     wants_json = isinstance(extra.get("response_format"), dict) and extra["response_format"].get("type") in (
         "json_schema", "json_object")
-    if len(values) != 1:
+    if listwise:
+        text = json.dumps({f"R{i}": v for i, v in enumerate(values, 1)})
+    elif len(values) != 1:
         text = "I cannot decide."
     elif wants_json:
         text = json.dumps({"score": values[0]})

@@ -387,8 +387,8 @@ def check_judge_canaries(m: Metrics, settings: dict[str, float]) -> Check | None
                                  f"at or above the median real response ({med:.3g})"
                                  + (f"; also {', '.join(others)}" if others else "")
                                  + ": the judge rewards a degenerate answer the policy can learn; fix the rubric "
-                                 "(ask for a score of 0 for empty or off-topic answers), use score_format: json, "
-                                 "or a stronger judge (canaries.jsonl has every canary score)")
+                                 "(ask for a score of 0 for empty or off-topic answers) or use a stronger judge "
+                                 "(canaries.jsonl has every canary score)")
     _, canary, value, med, step = highest
     return Check(name, OK, f"{len(keys)} canaries scored below the median real response at every probe "
                            f"(closest: {canary!r} {value:.3g} vs {med:.3g} at step {step})")

@@ -9,6 +9,7 @@ the score cache and failure counts are wrappers every source gets (``rewards/wra
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -79,6 +80,7 @@ class ApiReward:
         self._extra: defaultdict[str, list[float]] = defaultdict(list)
         self._budget = TokenBudget(cfg.max_tokens_per_minute) if cfg.max_tokens_per_minute else None
         self._saw_usage = False  # token metrics are logged once a reply has carried usage
+        self.listwise = getattr(cfg, "judge_mode", "pointwise") == "listwise"
 
     # -- RewardSource --------------------------------------------------------------------
 
@@ -90,7 +92,13 @@ class ApiReward:
                            strict=True))
         # Identical samples within the call are sent once.
         items, bs = list(dict.fromkeys(samples)), self.cfg.batch_size
-        batches = [items[j : j + bs] for j in range(0, len(items), bs)]
+        if self.listwise:  # one request per group: the responses to one (prompt, label, images)
+            groups: dict[tuple, list[Item]] = {}
+            for item in items:
+                groups.setdefault((item[0], item[2], item[3]), []).append(item)
+            batches = list(groups.values())
+        else:
+            batches = [items[j : j + bs] for j in range(0, len(items), bs)]
         outcomes = await asyncio.gather(*(self._score_batch(b) for b in batches))
         scored: dict[Item, Score] = {}
         for batch, scores in zip(batches, outcomes, strict=True):
@@ -165,6 +173,19 @@ class ApiReward:
     # -- one request ---------------------------------------------------------------------
 
     async def _score_batch(self, items: list[Item]) -> list[Score]:
+        if not self.listwise:
+            return await self._score_request(items)
+        # Shown in an order of their own, so a judge's position bias does not follow the sampler's
+        # order; seeded by the group, so the same group is shown the same way (retries, replays).
+        order = list(range(len(items)))
+        random.Random(hashlib.sha256(repr(items).encode()).digest()).shuffle(order)
+        shown = await self._score_request([items[i] for i in order])
+        scores: list[Score] = [shown[0]] * len(items)
+        for j, i in enumerate(order):
+            scores[i] = shown[j]
+        return scores
+
+    async def _score_request(self, items: list[Item]) -> list[Score]:
         body = json.dumps(self.preset.build(items), ensure_ascii=False).encode()
         outcome, _, latency = await self._send(body, len(items))
         if isinstance(outcome, RequestFailure):

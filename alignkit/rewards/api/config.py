@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from alignkit.rewards.api.headers import redact_headers
-from alignkit.rewards.api.presets import DEFAULT_RUBRIC, DEFAULT_SCORE_REGEX, make_preset
+from alignkit.rewards.api.presets import DEFAULT_RUBRIC, DEFAULT_SCORE_REGEX, LISTWISE_RUBRIC, make_preset
 from alignkit.rewards.api.transport import check_url
 
 PRESETS = ("alignkit", "llamafactory", "openrlhf", "openai_judge", "custom")
@@ -147,6 +147,13 @@ class OpenAIJudgeApi(ApiSettings):
     judge_samples: int = Field(1, ge=1, le=64, description="Judgements per sample (the request's n); needs temperature > 0.")
     judge_aggregate: Literal["mean", "median"] = Field("mean", description="How judge_samples scores become one.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature of the judge.")
+    judge_mode: Literal["pointwise", "listwise"] = Field(
+        "pointwise", description="listwise: one request per group (same prompt), responses shuffled under anonymous "
+        "ids, JSON scores per id; an unusable reply fails the group's items."
+    )
+    listwise_rubric: str = Field(
+        LISTWISE_RUBRIC, description="judge_mode: listwise prompt; {prompt}, {label} and {responses} are filled in."
+    )
 
     @model_validator(mode="after")
     def _check_judge(self) -> OpenAIJudgeApi:
@@ -157,6 +164,11 @@ class OpenAIJudgeApi(ApiSettings):
         if self.score_from == "logprobs" and self.score_range is None:
             raise ValueError("reward_api.score_from: logprobs needs reward_api.score_range (e.g. [0, 10]): the "
                              "expected score is taken over the score tokens on that scale")
+        if self.judge_mode == "listwise" and (self.judge_samples > 1 or self.score_from != "text"):
+            raise ValueError("reward_api.judge_mode: listwise reads one JSON object of scores per group; it does not "
+                             "combine with judge_samples > 1 or score_from: logprobs")
+        if self.judge_mode == "listwise" and "{responses}" not in self.listwise_rubric:
+            raise ValueError("reward_api.listwise_rubric must contain {responses} (where the numbered responses go)")
         if self.judge_samples > 1 and self.temperature == 0:
             raise ValueError(f"reward_api.judge_samples={self.judge_samples} with temperature 0 asks for the same "
                              "judgement several times; set reward_api.temperature (e.g. 0.7) or judge_samples: 1")

@@ -23,10 +23,19 @@ import re
 from statistics import fmean, median, pstdev
 from typing import Any
 
-from alignkit.rewards.api.presets import Item, Preset, ReplyError, _kind, data_url, fill, images_of
+from alignkit.rewards.api.presets import (
+    LISTWISE_RUBRIC,
+    Item,
+    Preset,
+    ReplyError,
+    _kind,
+    data_url,
+    fill,
+    images_of,
+)
 
 CALIBRATION_DEFAULTS: dict[str, Any] = {"score_format": "text", "score_from": "text", "judge_samples": 1,
-                                        "judge_aggregate": "mean", "temperature": 0.0}
+                                        "judge_aggregate": "mean", "temperature": 0.0, "judge_mode": "pointwise"}
 TOP_LOGPROBS = 20  # the most OpenAI returns; enough to cover a 0-10 scale
 MIN_SCORE_MASS = 0.05  # below this, a reply without a score token has no score distribution to speak of
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -47,8 +56,10 @@ class OpenAIJudgePreset(Preset):
 
     def __init__(self, model: str, rubric: str, score_regex: str, score_format: str = "text",
                  score_from: str = "text", judge_samples: int = 1, judge_aggregate: str = "mean",
-                 temperature: float = 0.0, score_range: tuple[float, float] | None = None) -> None:
-        super().__init__("openai_judge", max_batch=1)
+                 temperature: float = 0.0, score_range: tuple[float, float] | None = None,
+                 judge_mode: str = "pointwise", listwise_rubric: str = LISTWISE_RUBRIC) -> None:
+        super().__init__("openai_judge", max_batch=None if judge_mode == "listwise" else 1)
+        self.listwise, self.listwise_rubric = judge_mode == "listwise", listwise_rubric
         self.model, self.rubric, self.pattern = model, rubric, re.compile(score_regex)
         self.score_format, self.score_from = score_format, score_from
         self.samples, self.aggregate, self.temperature = judge_samples, judge_aggregate, temperature
@@ -57,9 +68,11 @@ class OpenAIJudgePreset(Preset):
     @classmethod
     def from_config(cls, cfg: Any) -> OpenAIJudgePreset:
         return cls(cfg.model or "", cfg.rubric, cfg.score_regex, cfg.score_format, cfg.score_from, cfg.judge_samples,
-                   cfg.judge_aggregate, cfg.temperature, cfg.score_range)
+                   cfg.judge_aggregate, cfg.temperature, cfg.score_range, cfg.judge_mode, cfg.listwise_rubric)
 
     def build(self, items: list[Item]) -> dict[str, Any]:
+        if self.listwise:
+            return self._build_group(items)
         (item,) = items
         text = fill(self.rubric, item)
         images = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in images_of(item)]
@@ -76,7 +89,39 @@ class OpenAIJudgePreset(Preset):
             body["n"] = self.samples
         return body
 
+    def _build_group(self, items: list[Item]) -> dict[str, Any]:
+        """One request for responses to one prompt (the client groups and shuffles them); scores
+        come back as ``{"R1": N, ...}`` under a JSON schema that requires every id."""
+        prompt, _, label = items[0][:3]
+        listed = "\n\n".join(f"[R{i}]\n{it[1]}" for i, it in enumerate(items, 1))
+        text = fill(self.listwise_rubric.replace("{responses}", "\0RESPONSES\0"), (prompt, "", label))
+        text = text.replace("\0RESPONSES\0", listed)
+        images = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in images_of(items[0])]
+        score = score_schema(self.score_range)["json_schema"]["schema"]["properties"]["score"]
+        ids = [f"R{i}" for i in range(1, len(items) + 1)]
+        schema = {"type": "object", "properties": dict.fromkeys(ids, score), "required": ids,
+                  "additionalProperties": False}
+        return {"model": self.model, "temperature": self.temperature or 0,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": text}, *images] if images else text}],
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "judge_scores", "strict": True, "schema": schema}}}
+
+    def _parse_group(self, data: Any, n: int) -> list[Any]:
+        try:
+            text = data["choices"][0]["message"]["content"]
+            obj = json.loads(text)
+        except (KeyError, IndexError, TypeError):
+            raise ReplyError("wrong shape", f"expected choices[0].message.content, got {_kind(data)}") from None
+        except ValueError:
+            raise ReplyError("no score", f"listwise reply is not JSON: {str(text)[-200:]!r}") from None
+        ids = [f"R{i}" for i in range(1, n + 1)]
+        if not isinstance(obj, dict) or not set(ids) <= set(obj):
+            raise ReplyError("wrong count", f"listwise reply should score {', '.join(ids)}; got {str(text)[-200:]!r}")
+        return [obj[i] for i in ids]
+
     def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
+        if self.listwise:
+            return self._parse_group(data, n), {}
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices:
             raise ReplyError("wrong shape", f"expected choices[0].message.content, got {_kind(data)}")

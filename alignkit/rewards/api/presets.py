@@ -38,6 +38,22 @@ DEFAULT_RUBRIC = """You are a strict judge. Rate how well the response answers t
 
 Give a one-sentence justification, then the score as the last number of your reply."""
 
+# judge_mode: listwise: one request per group. The responses are shuffled by the client and shown
+# under anonymous ids (R1, R2, ...) so neither order nor identity can bias the judge (RULER, OpenPipe ART).
+LISTWISE_RUBRIC = """You are a strict judge. Several responses answer the same prompt. Rate each from 0 to 10,
+comparing them with each other.
+
+[Prompt]
+{prompt}
+
+[Reference answer]
+{label}
+
+[Responses]
+{responses}
+
+Reply with a JSON object giving each response id its score, e.g. {"R1": 7, "R2": 3}."""
+
 # A number, optionally written as a fraction of the scale ("3/10"): the score is the numerator.
 DEFAULT_SCORE_REGEX = r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
 
@@ -314,6 +330,8 @@ def shape_settings(cfg: Any) -> dict[str, Any]:
     if cfg.preset == "openai_judge":
         # Calibration keys count only when set (so caches written before they existed stay valid).
         calibration = {k: getattr(cfg, k) for k, default in CALIBRATION_DEFAULTS.items() if getattr(cfg, k) != default}
+        if cfg.judge_mode == "listwise":
+            calibration["listwise_rubric"] = cfg.listwise_rubric
         return {"rubric": cfg.rubric, "score_regex": cfg.score_regex} | calibration
     if cfg.preset == "custom":
         return {k: getattr(cfg, k) for k in ("payload", "batch_field", "response_path", "success_condition")}
