@@ -1,4 +1,5 @@
-"""judge_mode: listwise — a group's responses judged in one request, against the judge server on 127.0.0.1."""
+"""Group judging against the judge server on 127.0.0.1: judge_mode listwise (a group's responses in one
+request) and pairwise (every pair of a group, both orders)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES
 
 
-def listwise(url: str, **keys):
+def listwise(url: str, mode: str = "listwise", **keys):
     return build_api_reward(parse_reward_api({"preset": "openai_judge", "url": url, "model": "judge", "max_retries": 0,
-                                              "judge_mode": "listwise", "score_range": [0, 10], **keys}))
+                                              "judge_mode": mode, "score_range": [0, 10], **keys}))
 
 
 def score(reward, prompts, responses):
@@ -57,6 +58,23 @@ def test_an_unusable_listwise_reply_fails_its_group_only():
     # Groups go out concurrently, so either may be the first request: one whole group failed, the other scored.
     assert len(failed) in (2, 3) and all(s.reason.startswith("wrong count") for s in failed)
     assert sorted(s.value for s in got if s.ok) == [1.0] * (5 - len(failed))
+
+
+def test_pairwise_scores_are_win_rates_over_both_orders():
+    with start_judge_server(rule="count_good") as judge:
+        got = score(listwise(judge.url_for("openai_judge"), "pairwise", normalize=True), ["P"] * 3 + ["Q"],
+                    ["good", "good good", "x", "good good good"])
+        stats = judge.stats.snapshot()
+    # "good good" beats both others in either order; "good" beats "x" only; "Q" has no pair: scored alone (0-10, normalised).
+    assert [s.value for s in got] == [0.5, 1.0, 0.0, 0.3]
+    assert stats["requests"] == 3 * 2 + 1
+
+
+def test_pairwise_in_both_orders_cancels_position_bias():
+    # A judge that always picks the first response shown: every response wins half its comparisons.
+    with start_judge_server(rule="count_good", prefer_first=True) as judge:
+        got = score(listwise(judge.url_for("openai_judge"), "pairwise"), ["P"] * 3, ["good", "good good", "x"])
+    assert [s.value for s in got] == [0.5, 0.5, 0.5]
 
 
 def test_listwise_config_errors():

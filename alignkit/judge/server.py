@@ -63,6 +63,11 @@ _RUBRIC_SECTIONS = re.compile(
 _LISTWISE_SECTIONS = re.compile(
     r"\[Prompt\]\n(.*?)\n\n\[Reference answer\]\n(.*?)\n\n\[Responses\]\n(.*?)\n\nReply with a JSON", re.DOTALL
 )
+# ... and the pairwise rubric (judge_mode: pairwise) shows two responses, A then B.
+_PAIRWISE_SECTIONS = re.compile(
+    r"\[Prompt\]\n(.*?)\n\n\[Reference answer\]\n(.*?)\n\n\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)"
+    r"\n\nReply with a JSON", re.DOTALL
+)
 _LISTED = re.compile(r"\[R\d+\]\n(.*?)(?=\n\n\[R\d+\]\n|\Z)", re.DOTALL)
 
 Shape = Callable[[list[Any]], Any]  # scores -> the JSON body of one request shape
@@ -81,6 +86,7 @@ class JudgeSettings:
     retry_after_s: float = 1.0  # Retry-After sent with an injected 429
     hang_s: float = 30.0  # how long an injected "timeout" holds the reply
     oversize_bytes: int = 2_000_000  # padding added by an injected "oversize"
+    prefer_first: bool = False  # pairwise requests: always pick response A (a judge with pure position bias)
 
     def __post_init__(self) -> None:
         unknown = set(self.fault_kinds) - set(FAULT_KINDS)
@@ -394,16 +400,23 @@ def _add_evaluation_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) -> N
     async def chat_completions(req: ChatRequest) -> Response:
         content = req.messages[-1].text() if req.messages else ""
         judge.stats.record_images([u for m in req.messages for u in m.image_urls()])
+        kind = "point"
         if lw := _LISTWISE_SECTIONS.search(content):  # a group in one request: one score per [Rn]
             prompt, label, listed = lw.groups()
-            responses = _LISTED.findall(listed)
+            responses, kind = _LISTED.findall(listed), "list"
+        elif pw := _PAIRWISE_SECTIONS.search(content):  # two responses: the reply names the better one
+            prompt, label, a, b = pw.groups()
+            responses, kind = [a, b], "pair"
         else:
             m = _RUBRIC_SECTIONS.search(content)
             prompt, response, label = m.groups() if m else ("", content, "")
             responses = [response]
 
         def shape(values: list[Any]) -> dict[str, Any]:
-            return chat_reply(req, content, values, judge.stats.requests, listwise=lw is not None)
+            if kind == "pair" and len(values) == 2:
+                values = ["A" if judge.settings.prefer_first or values[0] > values[1]
+                          else "B" if values[1] > values[0] else "tie"]
+            return chat_reply(req, content, values, judge.stats.requests, kind)
 
         n = len(responses)
         return await judge(PATHS["openai_judge"], [prompt] * n, responses, [label or None] * n, shape)
@@ -432,17 +445,20 @@ def _add_evaluation_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) -> N
 
 
 def chat_reply(req: ChatRequest, prompt_text: str, values: list[Any], n_request: int,
-               listwise: bool = False) -> dict[str, Any]:
+               kind: str = "point") -> dict[str, Any]:
     """An OpenAI chat completion holding the rule's score: as text, as ``{"score": N}`` when the request
     asked for a JSON ``response_format``, with ``top_logprobs`` around the score when it asked for logprobs
     (60% on the rounded score, 20% on each neighbour), ``n`` identical choices, and a ``usage`` that
-    counts whitespace-separated words as tokens (what ``/stats`` sums). A ``listwise`` request gets
-    ``{"R1": N, ...}``, one score per listed response."""
+    counts whitespace-separated words as tokens (what ``/stats`` sums). A listwise request (``kind``
+    ``list``) gets ``{"R1": N, ...}``, one score per listed response; a pairwise one (``pair``)
+    ``{"winner": "A" | "B" | "tie"}``."""
     extra = req.model_extra or {}
     wants_json = isinstance(extra.get("response_format"), dict) and extra["response_format"].get("type") in (
         "json_schema", "json_object")
-    if listwise:
+    if kind == "list":
         text = json.dumps({f"R{i}": v for i, v in enumerate(values, 1)})
+    elif kind == "pair":
+        text = json.dumps({"winner": values[0]})
     elif len(values) != 1:
         text = "I cannot decide."
     elif wants_json:

@@ -26,6 +26,7 @@ import aiohttp
 from alignkit.rewards.api.config import ApiSettings
 from alignkit.rewards.api.headers import redact_headers, resolve_headers, scrub
 from alignkit.rewards.api.limits import TokenBudget, estimate_tokens
+from alignkit.rewards.api.pairwise import ordered_pairs, pair_body, parse_pair, win_rates
 from alignkit.rewards.api.presets import UNSUCCESSFUL, Item, ReplyError, make_preset, shape_settings
 from alignkit.rewards.api.transport import Reply, RequestFailure, open_session, post, retry_after_seconds
 from alignkit.rewards.base import RewardError, Score, ScoreMeta, images_for, labels_for
@@ -80,7 +81,8 @@ class ApiReward:
         self._extra: defaultdict[str, list[float]] = defaultdict(list)
         self._budget = TokenBudget(cfg.max_tokens_per_minute) if cfg.max_tokens_per_minute else None
         self._saw_usage = False  # token metrics are logged once a reply has carried usage
-        self.listwise = getattr(cfg, "judge_mode", "pointwise") == "listwise"
+        self.mode = getattr(cfg, "judge_mode", "pointwise")
+        self.listwise = self.mode == "listwise"
 
     # -- RewardSource --------------------------------------------------------------------
 
@@ -92,7 +94,7 @@ class ApiReward:
                            strict=True))
         # Identical samples within the call are sent once.
         items, bs = list(dict.fromkeys(samples)), self.cfg.batch_size
-        if self.listwise:  # one request per group: the responses to one (prompt, label, images)
+        if self.mode != "pointwise":  # a group: the responses to one (prompt, label, images)
             groups: dict[tuple, list[Item]] = {}
             for item in items:
                 groups.setdefault((item[0], item[2], item[3]), []).append(item)
@@ -173,6 +175,8 @@ class ApiReward:
     # -- one request ---------------------------------------------------------------------
 
     async def _score_batch(self, items: list[Item]) -> list[Score]:
+        if self.mode == "pairwise" and len(items) > 1:
+            return await self._score_pairs(items)
         if not self.listwise:
             return await self._score_request(items)
         # Shown in an order of their own, so a judge's position bias does not follow the sampler's
@@ -185,6 +189,27 @@ class ApiReward:
             scores[i] = shown[j]
         return scores
 
+    async def _score_pairs(self, items: list[Item]) -> list[Score]:
+        """``judge_mode: pairwise`` (api/pairwise.py): every ordered pair, a win rate per response."""
+        pairs = ordered_pairs(len(items))
+        outcomes = await asyncio.gather(*(self._compare(items[i], items[j]) for i, j in pairs))
+        rates = win_rates(len(items), [(i, j, o.value) for (i, j), o in zip(pairs, outcomes, strict=True)])
+        failed = next((o.reason for o in outcomes if not o.ok), None)
+        latency = max(o.latency_s or 0.0 for o in outcomes)
+        return [Score(r, latency_s=latency) if r is not None
+                else Score.failure(f"{failed} (every comparison of this response failed)", latency_s=latency)
+                for r in rates]
+
+    async def _compare(self, a: Item, b: Item) -> Score:
+        cfg = self.cfg
+        body = json.dumps(pair_body(cfg.model, cfg.pairwise_rubric, a, b, cfg.temperature), ensure_ascii=False)
+        outcome, _, latency = await self._send(body.encode(), 1, pair=True)
+        if isinstance(outcome, RequestFailure):
+            return Score.failure(self._redact(outcome.reason), latency_s=latency)
+        with self._lock:
+            self._latencies.append(latency)
+        return Score(outcome[0].value, latency_s=latency)
+
     async def _score_request(self, items: list[Item]) -> list[Score]:
         body = json.dumps(self.preset.build(items), ensure_ascii=False).encode()
         outcome, _, latency = await self._send(body, len(items))
@@ -195,7 +220,7 @@ class ApiReward:
         return [Score(s.value, s.reason and self._redact(s.reason), latency_s=latency) for s in outcome]
 
     async def _send(
-        self, body: bytes, n: int, probe: bool = False
+        self, body: bytes, n: int, probe: bool = False, pair: bool = False
     ) -> tuple[list[Score] | RequestFailure, Reply | None, float]:
         """POST ``body`` (``n`` items) with the retry policy: the last attempt's outcome, its reply
         (``None`` when none came) and the time taken over all attempts, seconds. The start-up
@@ -213,7 +238,7 @@ class ApiReward:
                 self._count("requests")
                 try:
                     reply = await post(state.session, self.url, body, self.cfg.max_body_bytes)
-                    outcome = self._interpret(reply, n, entry)
+                    outcome = self._interpret(reply, n, entry, pair)
                 except RequestFailure as f:
                     reply, outcome = None, f
             if not isinstance(outcome, RequestFailure):
@@ -226,7 +251,8 @@ class ApiReward:
             logger.debug("reward_api retry %d after %s", attempt + 1, self._redact(failure.reason))
         return failure, reply, time.perf_counter() - start
 
-    def _interpret(self, reply: Reply, n: int, entry: list[float] | None = None) -> list[Score] | RequestFailure:
+    def _interpret(self, reply: Reply, n: int, entry: list[float] | None = None,
+                   pair: bool = False) -> list[Score] | RequestFailure:
         """Turn a reply into ``n`` scores (each validated), or a failure of the whole request."""
         if reply.status >= 300:
             text = _clip(reply.content.decode(errors="replace"), 200)
@@ -244,6 +270,8 @@ class ApiReward:
             )
         self._record_usage(data, entry)
         try:
+            if pair:  # a comparison: what it gave the first response, 0..1, not a score on score_range
+                return [Score(parse_pair(data))]
             values, logs = self.preset.parse(data, n)
         except ReplyError as e:
             return RequestFailure(e.kind, e.detail)

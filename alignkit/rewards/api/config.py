@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from alignkit.rewards.api.headers import redact_headers
+from alignkit.rewards.api.pairwise import PAIRWISE_RUBRIC
 from alignkit.rewards.api.presets import DEFAULT_RUBRIC, DEFAULT_SCORE_REGEX, LISTWISE_RUBRIC, make_preset
 from alignkit.rewards.api.transport import check_url
 
@@ -147,9 +148,13 @@ class OpenAIJudgeApi(ApiSettings):
     judge_samples: int = Field(1, ge=1, le=64, description="Judgements per sample (the request's n); needs temperature > 0.")
     judge_aggregate: Literal["mean", "median"] = Field("mean", description="How judge_samples scores become one.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature of the judge.")
-    judge_mode: Literal["pointwise", "listwise"] = Field(
+    judge_mode: Literal["pointwise", "listwise", "pairwise"] = Field(
         "pointwise", description="listwise: one request per group (same prompt), responses shuffled under anonymous "
-        "ids, JSON scores per id; an unusable reply fails the group's items."
+        "ids, JSON scores per id; an unusable reply fails the group's items. pairwise: every pair of a group "
+        "compared in both orders; the score is the win rate in [0, 1]."
+    )
+    pairwise_rubric: str = Field(
+        PAIRWISE_RUBRIC, description="judge_mode: pairwise prompt; {prompt}, {label}, {response_a}, {response_b}."
     )
     listwise_rubric: str = Field(
         LISTWISE_RUBRIC, description="judge_mode: listwise prompt; {prompt}, {label} and {responses} are filled in."
@@ -164,9 +169,9 @@ class OpenAIJudgeApi(ApiSettings):
         if self.score_from == "logprobs" and self.score_range is None:
             raise ValueError("reward_api.score_from: logprobs needs reward_api.score_range (e.g. [0, 10]): the "
                              "expected score is taken over the score tokens on that scale")
-        if self.judge_mode == "listwise" and (self.judge_samples > 1 or self.score_from != "text"):
-            raise ValueError("reward_api.judge_mode: listwise reads one JSON object of scores per group; it does not "
-                             "combine with judge_samples > 1 or score_from: logprobs")
+        if self.judge_mode != "pointwise" and (self.judge_samples > 1 or self.score_from != "text"):
+            raise ValueError(f"reward_api.judge_mode: {self.judge_mode} reads one JSON verdict per request; it does "
+                             "not combine with judge_samples > 1 or score_from: logprobs")
         if self.judge_mode == "listwise" and "{responses}" not in self.listwise_rubric:
             raise ValueError("reward_api.listwise_rubric must contain {responses} (where the numbered responses go)")
         if self.judge_samples > 1 and self.temperature == 0:
