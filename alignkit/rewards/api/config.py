@@ -24,8 +24,9 @@ from pydantic import (
 )
 
 from alignkit.rewards.api.headers import redact_headers
+from alignkit.rewards.api.openai_judge import LISTWISE_RUBRIC
 from alignkit.rewards.api.pairwise import PAIRWISE_RUBRIC
-from alignkit.rewards.api.presets import DEFAULT_RUBRIC, DEFAULT_SCORE_REGEX, LISTWISE_RUBRIC, make_preset
+from alignkit.rewards.api.presets import DEFAULT_RUBRIC, DEFAULT_SCORE_REGEX, make_preset
 from alignkit.rewards.api.transport import check_url
 
 PRESETS = ("alignkit", "llamafactory", "openrlhf", "openai_judge", "custom")

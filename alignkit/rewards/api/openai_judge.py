@@ -23,16 +23,23 @@ import re
 from statistics import fmean, median, pstdev
 from typing import Any
 
-from alignkit.rewards.api.presets import (
-    LISTWISE_RUBRIC,
-    Item,
-    Preset,
-    ReplyError,
-    _kind,
-    data_url,
-    fill,
-    images_of,
-)
+from alignkit.rewards.api.shape import Item, Preset, ReplyError, data_url, fill, images_of, kind_of
+
+# judge_mode: listwise: one request per group. The responses are shuffled by the client and shown
+# under anonymous ids (R1, R2, ...) so neither order nor identity can bias the judge (RULER, OpenPipe ART).
+LISTWISE_RUBRIC = """You are a strict judge. Several responses answer the same prompt. Rate each from 0 to 10,
+comparing them with each other.
+
+[Prompt]
+{prompt}
+
+[Reference answer]
+{label}
+
+[Responses]
+{responses}
+
+Reply with a JSON object giving each response id its score, e.g. {"R1": 7, "R2": 3}."""
 
 CALIBRATION_DEFAULTS: dict[str, Any] = {"score_format": "text", "score_from": "text", "judge_samples": 1,
                                         "judge_aggregate": "mean", "temperature": 0.0, "judge_mode": "pointwise"}
@@ -111,7 +118,7 @@ class OpenAIJudgePreset(Preset):
             text = data["choices"][0]["message"]["content"]
             obj = json.loads(text)
         except (KeyError, IndexError, TypeError):
-            raise ReplyError("wrong shape", f"expected choices[0].message.content, got {_kind(data)}") from None
+            raise ReplyError("wrong shape", f"expected choices[0].message.content, got {kind_of(data)}") from None
         except ValueError:
             raise ReplyError("no score", f"listwise reply is not JSON: {str(text)[-200:]!r}") from None
         ids = [f"R{i}" for i in range(1, n + 1)]
@@ -124,7 +131,7 @@ class OpenAIJudgePreset(Preset):
             return self._parse_group(data, n), {}
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices:
-            raise ReplyError("wrong shape", f"expected choices[0].message.content, got {_kind(data)}")
+            raise ReplyError("wrong shape", f"expected choices[0].message.content, got {kind_of(data)}")
         if self.samples == 1:
             return [self._choice_score(choices[0])], {}
         values, problems = [], []
@@ -148,9 +155,9 @@ class OpenAIJudgePreset(Preset):
         try:
             text = choice["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise ReplyError("wrong shape", f"expected choices[i].message.content, got {_kind(choice)}") from None
+            raise ReplyError("wrong shape", f"expected choices[i].message.content, got {kind_of(choice)}") from None
         if not isinstance(text, str):
-            raise ReplyError("wrong shape", f"choices[i].message.content is {_kind(text)}")
+            raise ReplyError("wrong shape", f"choices[i].message.content is {kind_of(text)}")
         if self.score_from == "logprobs":
             return self._expected_score(choice, text)
         if self.score_format == "json":

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from alignkit.rewards.api.presets import Item, ReplyError, _kind
+from alignkit.rewards.api.shape import Item, ReplyError, kind_of
 
 PAIRWISE_RUBRIC = """You are a strict judge. Two responses answer the same prompt. Which one is better?
 
@@ -52,7 +52,7 @@ def parse_pair(data: Any) -> float:
     try:
         text = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
-        raise ReplyError("wrong shape", f"expected choices[0].message.content, got {_kind(data)}") from None
+        raise ReplyError("wrong shape", f"expected choices[0].message.content, got {kind_of(data)}") from None
     try:
         winner = json.loads(text)["winner"]
     except (ValueError, TypeError, KeyError):

@@ -10,18 +10,15 @@ way for every preset) and raises ``ReplyError`` when the reply as a whole is unu
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
-import mimetypes
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-Item = tuple  # (prompt, response, label) or (prompt, response, label, images: tuple of paths)
+from alignkit.rewards.api.openai_judge import CALIBRATION_DEFAULTS, OpenAIJudgePreset
+from alignkit.rewards.api.shape import Item, Preset, ReplyError, fill, images_of, kind_of
 
-_PLACEHOLDER = re.compile(r"\{(prompt|response|label)\}")
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\*|\d+)\]")
 _CONDITION = re.compile(r"^\s*([\w.\[\]*-]+)\s*(==|!=)\s*(.+?)\s*$")
 
@@ -38,54 +35,11 @@ DEFAULT_RUBRIC = """You are a strict judge. Rate how well the response answers t
 
 Give a one-sentence justification, then the score as the last number of your reply."""
 
-# judge_mode: listwise: one request per group. The responses are shuffled by the client and shown
-# under anonymous ids (R1, R2, ...) so neither order nor identity can bias the judge (RULER, OpenPipe ART).
-LISTWISE_RUBRIC = """You are a strict judge. Several responses answer the same prompt. Rate each from 0 to 10,
-comparing them with each other.
-
-[Prompt]
-{prompt}
-
-[Reference answer]
-{label}
-
-[Responses]
-{responses}
-
-Reply with a JSON object giving each response id its score, e.g. {"R1": 7, "R2": 3}."""
-
 # A number, optionally written as a fraction of the scale ("3/10"): the score is the numerator.
 DEFAULT_SCORE_REGEX = r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
 
 
 UNSUCCESSFUL = "unsuccessful reply"  # the kind of a reply whose success condition is not met
-
-
-class ReplyError(Exception):
-    """The reply as a whole is unusable; every item of the request fails with this reason."""
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-        self.detail = detail
-
-
-def fill(template: str, item: Item) -> str:
-    """Replace ``{prompt}``, ``{response}``, ``{label}`` in one pass (user text is never re-scanned)."""
-    prompt, response, label = item[:3]
-    values = {"prompt": prompt, "response": response, "label": "" if label is None else label}
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-def images_of(item: Item) -> list[str]:
-    """The item's image paths (none for a text prompt)."""
-    return list(item[3]) if len(item) > 3 else []
-
-
-def data_url(path: str) -> str:
-    """An image file as a ``data:`` URL (``image_url`` content parts of the OpenAI chat API)."""
-    mime = mimetypes.guess_type(path)[0] or "image/png"
-    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
 def render(template: Any, item: Item) -> Any:
@@ -126,21 +80,15 @@ def resolve(data: Any, tokens: list[str | int], path: str) -> Any:
     for i, token in enumerate(tokens):
         if token == "*":
             if not isinstance(data, list):
-                raise ReplyError("wrong shape", f"{path}: expected a list before [*], got {_kind(data)}")
+                raise ReplyError("wrong shape", f"{path}: expected a list before [*], got {kind_of(data)}")
             return [resolve(x, tokens[i + 1 :], path) for x in data]
         if isinstance(token, int):
             if not isinstance(data, list) or token >= len(data):
-                raise ReplyError("wrong shape", f"{path}: no element [{token}] in {_kind(data)}")
+                raise ReplyError("wrong shape", f"{path}: no element [{token}] in {kind_of(data)}")
         elif not isinstance(data, dict) or token not in data:
-            raise ReplyError("wrong shape", f"reply has no {path!r} (no key {token!r} in {_kind(data)})")
+            raise ReplyError("wrong shape", f"reply has no {path!r} (no key {token!r} in {kind_of(data)})")
         data = data[token]
     return data
-
-
-def _kind(x: Any) -> str:
-    if isinstance(x, dict):
-        return "an object with keys " + ", ".join(map(repr, list(x)[:8]))
-    return f"a {type(x).__name__}"
 
 
 @dataclass(frozen=True)
@@ -173,32 +121,12 @@ class Condition:
             raise ReplyError(UNSUCCESSFUL, f"success condition {self.text!r} not met (got {got!r})")
 
 
-class Preset:
-    """Build a body for a batch and read the raw values (and OpenRLHF ``extra_logs``) back.
-
-    A ``full_text`` preset is given, where the trainer has them, the templated prompt (chat
-    markers, system prompt) and the response with its special tokens, as the tool it imitates
-    sends them; elsewhere (``alignkit score``, compare) the plain prompt and response."""
-
-    full_text = False
-
-    def __init__(self, name: str, max_batch: int | None = None):
-        self.name = name
-        self.max_batch = max_batch  # items per request the shape allows (None: any)
-
-    def build(self, items: list[Item]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
-        raise NotImplementedError
-
-
 def _list_field(data: Any, key: str, n: int) -> list[Any]:
     if not isinstance(data, dict) or key not in data:
-        raise ReplyError("wrong shape", f"expected an object with {key!r}, got {_kind(data)}")
+        raise ReplyError("wrong shape", f"expected an object with {key!r}, got {kind_of(data)}")
     values = data[key]
     if not isinstance(values, list):
-        raise ReplyError("wrong shape", f"{key!r} should be a list, got {_kind(values)}")
+        raise ReplyError("wrong shape", f"{key!r} should be a list, got {kind_of(values)}")
     if len(values) != n:
         raise ReplyError("wrong count", f"sent {n} items, {key!r} has {len(values)} values")
     return values
@@ -302,7 +230,7 @@ class CustomPreset(Preset):
                 )
             return [values], {}
         if not isinstance(values, list):
-            raise ReplyError("wrong shape", f"{self.response_path!r} should be a list, got {_kind(values)}")
+            raise ReplyError("wrong shape", f"{self.response_path!r} should be a list, got {kind_of(values)}")
         if len(values) != n:
             raise ReplyError(
                 "wrong count", f"sent {n} items, {self.response_path!r} has {len(values)} values"
@@ -337,5 +265,3 @@ def shape_settings(cfg: Any) -> dict[str, Any]:
         return {k: getattr(cfg, k) for k in ("payload", "batch_field", "response_path", "success_condition")}
     return {}
 
-
-from alignkit.rewards.api.openai_judge import CALIBRATION_DEFAULTS, OpenAIJudgePreset  # noqa: E402 - uses the above
