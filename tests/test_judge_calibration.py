@@ -153,3 +153,35 @@ def test_ppo_metrics_tokens_and_cost_equal_the_servers_usage(tiny_model_dir, tmp
     html = write_report(out).read_text()
     assert f"{prompt:,.0f} / {completion:,.0f}" in html and "judge cost, whole run" in html
     assert json.loads((out / "report" / "health.json").read_text())["verdict"] in ("ok", "warn", "fail")
+
+
+CRITERIA = [{"name": "accuracy", "weight": 3, "description": "The answer is correct."},
+            {"name": "brevity", "weight": 1, "description": "The answer is short."}]
+
+
+def test_a_rubric_of_weighted_criteria_is_scored_in_one_call(judge):
+    r = reward(judge, criteria=CRITERIA)
+    body = r.preset.build([("Q?", "A.", None)])
+    assert "- accuracy (weight 3): The answer is correct." in body["messages"][0]["content"]
+    assert body["response_format"]["json_schema"]["schema"]["required"] == ["accuracy", "brevity"]
+    # The server gives every listed criterion the rule's score: the weighted mean is that score.
+    assert [s.value for s in score(r)] == [1.0, 2.0, 0.0, 10.0]
+    assert judge.stats.snapshot()["requests"] == 4
+    m = r.metrics()
+    assert m["judge/criterion/accuracy"] == m["judge/criterion/brevity"] == pytest.approx(13 / 4)
+    # Different scores per criterion: the weighted mean; a missing or off-scale criterion fails the sample.
+    preset = r.preset
+    reply = lambda text: {"choices": [{"message": {"content": text}}]}  # noqa: E731
+    values, logs = preset.parse(reply('{"accuracy": 8, "brevity": 4}'), 1)
+    assert values == [7.0] and logs == {"judge/criterion/accuracy": [8.0], "judge/criterion/brevity": [4.0]}
+    for bad, kind in (('{"accuracy": 8}', "no score"), ('{"accuracy": 8, "brevity": 12}', "out of range")):
+        with pytest.raises(ReplyError) as e:
+            preset.parse(reply(bad), 1)
+        assert e.value.kind == kind
+
+
+def test_criteria_config_errors(judge):
+    with pytest.raises(ValidationError, match="unique"):
+        reward(judge, criteria=CRITERIA + CRITERIA[:1])
+    with pytest.raises(ValidationError, match="criteria"):
+        reward(judge, criteria=CRITERIA, rubric="Rate {response}.")

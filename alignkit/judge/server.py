@@ -30,6 +30,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
 from alignkit.judge.llm import add_llm_args, serve_llm
+from alignkit.rewards.api.criteria import listed_criteria
 from alignkit.rewards.rules import Scorer, load_rule, rule_scorer
 
 FAULT_KINDS = (
@@ -67,6 +68,11 @@ _LISTWISE_SECTIONS = re.compile(
 _PAIRWISE_SECTIONS = re.compile(
     r"\[Prompt\]\n(.*?)\n\n\[Reference answer\]\n(.*?)\n\n\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)"
     r"\n\nReply with a JSON", re.DOTALL
+)
+# ... and the criteria rubric (reward_api.criteria) lists the criteria to score.
+_CRITERIA_SECTIONS = re.compile(
+    r"\[Prompt\]\n(.*?)\n\n\[Response\]\n(.*?)\n\n\[Reference answer\]\n(.*?)\n\n\[Criteria\]\n(.*?)\n\nReply with",
+    re.DOTALL,
 )
 _LISTED = re.compile(r"\[R\d+\]\n(.*?)(?=\n\n\[R\d+\]\n|\Z)", re.DOTALL)
 
@@ -404,6 +410,9 @@ def _add_evaluation_routes(app: FastAPI, judge: _Judge, scoring: list[Any]) -> N
         if lw := _LISTWISE_SECTIONS.search(content):  # a group in one request: one score per [Rn]
             prompt, label, listed = lw.groups()
             responses, kind = _LISTED.findall(listed), "list"
+        elif cr := _CRITERIA_SECTIONS.search(content):  # every criterion gets the rule's score
+            prompt, response, label, listed = cr.groups()
+            responses, kind = [response], "criteria:" + ",".join(listed_criteria(listed))
         elif pw := _PAIRWISE_SECTIONS.search(content):  # two responses: the reply names the better one
             prompt, label, a, b = pw.groups()
             responses, kind = [a, b], "pair"
@@ -459,6 +468,8 @@ def chat_reply(req: ChatRequest, prompt_text: str, values: list[Any], n_request:
         text = json.dumps({f"R{i}": v for i, v in enumerate(values, 1)})
     elif kind == "pair":
         text = json.dumps({"winner": values[0]})
+    elif kind.startswith("criteria:") and len(values) == 1:
+        text = json.dumps(dict.fromkeys(kind.removeprefix("criteria:").split(","), values[0]))
     elif len(values) != 1:
         text = "I cannot decide."
     elif wants_json:

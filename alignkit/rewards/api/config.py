@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from alignkit.rewards.api.criteria import CRITERIA_RUBRIC, Criterion
 from alignkit.rewards.api.headers import redact_headers
 from alignkit.rewards.api.openai_judge import LISTWISE_RUBRIC
 from alignkit.rewards.api.pairwise import PAIRWISE_RUBRIC
@@ -154,6 +155,10 @@ class OpenAIJudgeApi(ApiSettings):
         "ids, JSON scores per id; an unusable reply fails the group's items. pairwise: every pair of a group "
         "compared in both orders; the score is the win rate in [0, 1]."
     )
+    criteria: list[Criterion] | None = Field(
+        None, description="A rubric of weighted criteria [{name, weight, description}] scored in one call as JSON; "
+        "the score is their weighted mean; rubric then defaults to one with a {criteria} list."
+    )
     pairwise_rubric: str = Field(
         PAIRWISE_RUBRIC, description="judge_mode: pairwise prompt; {prompt}, {label}, {response_a}, {response_b}."
     )
@@ -175,11 +180,27 @@ class OpenAIJudgeApi(ApiSettings):
                              "not combine with judge_samples > 1 or score_from: logprobs")
         if self.judge_mode == "listwise" and "{responses}" not in self.listwise_rubric:
             raise ValueError("reward_api.listwise_rubric must contain {responses} (where the numbered responses go)")
+        if self.criteria:
+            self._check_criteria()
         if self.judge_samples > 1 and self.temperature == 0:
             raise ValueError(f"reward_api.judge_samples={self.judge_samples} with temperature 0 asks for the same "
                              "judgement several times; set reward_api.temperature (e.g. 0.7) or judge_samples: 1")
         self._one_per_request("")
         return self
+
+
+    def _check_criteria(self) -> None:
+        names = [c.name for c in self.criteria or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward_api.criteria: names must be unique, got {names}")
+        if self.judge_mode != "pointwise" or self.judge_samples > 1 or self.score_from != "text":
+            raise ValueError("reward_api.criteria are scored in one JSON reply per sample; they do not combine with "
+                             "judge_mode listwise/pairwise, judge_samples > 1 or score_from: logprobs")
+        if "rubric" not in self.model_fields_set:
+            self.rubric = CRITERIA_RUBRIC
+        elif "{criteria}" not in self.rubric:
+            raise ValueError("reward_api.rubric must contain {criteria} (where the criteria are listed) when "
+                             "reward_api.criteria is set")
 
 
 class CustomApi(ApiSettings):

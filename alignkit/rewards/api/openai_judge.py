@@ -23,6 +23,7 @@ import re
 from statistics import fmean, median, pstdev
 from typing import Any
 
+from alignkit.rewards.api.criteria import Criterion, criteria_prompt, criteria_schema, weighted_score
 from alignkit.rewards.api.shape import Item, Preset, ReplyError, data_url, fill, images_of, kind_of
 
 # judge_mode: listwise: one request per group. The responses are shuffled by the client and shown
@@ -64,9 +65,11 @@ class OpenAIJudgePreset(Preset):
     def __init__(self, model: str, rubric: str, score_regex: str, score_format: str = "text",
                  score_from: str = "text", judge_samples: int = 1, judge_aggregate: str = "mean",
                  temperature: float = 0.0, score_range: tuple[float, float] | None = None,
-                 judge_mode: str = "pointwise", listwise_rubric: str = LISTWISE_RUBRIC) -> None:
+                 judge_mode: str = "pointwise", listwise_rubric: str = LISTWISE_RUBRIC,
+                 criteria: list[Criterion] | None = None) -> None:
         super().__init__("openai_judge", max_batch=None if judge_mode == "listwise" else 1)
         self.listwise, self.listwise_rubric = judge_mode == "listwise", listwise_rubric
+        self.criteria = criteria or []
         self.model, self.rubric, self.pattern = model, rubric, re.compile(score_regex)
         self.score_format, self.score_from = score_format, score_from
         self.samples, self.aggregate, self.temperature = judge_samples, judge_aggregate, temperature
@@ -75,7 +78,8 @@ class OpenAIJudgePreset(Preset):
     @classmethod
     def from_config(cls, cfg: Any) -> OpenAIJudgePreset:
         return cls(cfg.model or "", cfg.rubric, cfg.score_regex, cfg.score_format, cfg.score_from, cfg.judge_samples,
-                   cfg.judge_aggregate, cfg.temperature, cfg.score_range, cfg.judge_mode, cfg.listwise_rubric)
+                   cfg.judge_aggregate, cfg.temperature, cfg.score_range, cfg.judge_mode, cfg.listwise_rubric,
+                   cfg.criteria)
 
     def build(self, items: list[Item]) -> dict[str, Any]:
         if self.listwise:
@@ -88,7 +92,12 @@ class OpenAIJudgePreset(Preset):
             "messages": [{"role": "user", "content": [{"type": "text", "text": text}, *images] if images else text}],
             "temperature": self.temperature or 0,
         }
-        if self.score_format == "json":
+        if self.criteria:  # the rubric's criteria replace the single score
+            text = criteria_prompt(self.criteria, item, self.rubric)
+            body["messages"][0]["content"] = [{"type": "text", "text": text}, *images] if images else text
+            score = score_schema(self.score_range)["json_schema"]["schema"]["properties"]["score"]
+            body["response_format"] = criteria_schema(self.criteria, score)
+        elif self.score_format == "json":
             body["response_format"] = score_schema(self.score_range)
         if self.score_from == "logprobs":
             body |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
@@ -129,6 +138,13 @@ class OpenAIJudgePreset(Preset):
     def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
         if self.listwise:
             return self._parse_group(data, n), {}
+        if self.criteria:
+            try:
+                text = data["choices"][0]["message"]["content"]
+            except (KeyError, IndexError, TypeError):
+                raise ReplyError("wrong shape", f"expected choices[0].message.content, got {kind_of(data)}") from None
+            value, per = weighted_score(self.criteria, str(text), self.score_range)
+            return [value], {f"judge/criterion/{k}": [v] for k, v in per.items()}
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices:
             raise ReplyError("wrong shape", f"expected choices[0].message.content, got {kind_of(data)}")

@@ -258,6 +258,8 @@ def shape_settings(cfg: Any) -> dict[str, Any]:
     if cfg.preset == "openai_judge":
         # Calibration keys count only when set (so caches written before they existed stay valid).
         calibration = {k: getattr(cfg, k) for k, default in CALIBRATION_DEFAULTS.items() if getattr(cfg, k) != default}
+        if cfg.criteria:
+            calibration["criteria"] = [c.model_dump() for c in cfg.criteria]
         if cfg.judge_mode != "pointwise":
             calibration[f"{cfg.judge_mode}_rubric"] = getattr(cfg, f"{cfg.judge_mode}_rubric")
         return {"rubric": cfg.rubric, "score_regex": cfg.score_regex} | calibration
