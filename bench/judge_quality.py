@@ -27,6 +27,7 @@ from pathlib import Path
 from alignkit.judge.llm import LLM_RUBRIC, LLM_SCORE_REGEX, LLMJudgeProcess
 from alignkit.rewards.api.client import build_api_reward
 from alignkit.rewards.api.config import parse_reward_api
+from alignkit.rewards.drift import spearman
 
 # (question, [(answer, quality)]): quality 3 best .. 0 worst.
 ITEMS = [
@@ -51,32 +52,6 @@ MODES = {
 def items() -> tuple[list[str], list[str], list[int]]:
     rows = [(q, a, QUALITY[i]) for q, answers in ITEMS for i, a in enumerate(answers)]
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
-
-
-def ranks(values: list[float]) -> list[float]:
-    """1-based ranks, tied values sharing their average rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in order[i : j + 1]:
-            out[k] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Pearson correlation of the ranks (NaN when either side is constant or fewer than 3 points)."""
-    if len(x) < 3:
-        return float("nan")
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return cov / (vx * vy) ** 0.5 if vx and vy else float("nan")
 
 
 async def score_mode(url: str, model: str, keys: dict) -> dict:

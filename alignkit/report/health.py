@@ -359,6 +359,30 @@ def check_reward_probe(m: Metrics, settings: dict[str, float]) -> Check | None:
     return Check(name, OK, f"{nums}: the judge is stable and the policy does not outscore the references")
 
 
+PROBE_RANK_WARN, PROBE_RANK_FAIL = 0.9, 0.7  # Spearman of the probe's scores with its first probe
+
+
+def check_probe_rank_agreement(m: Metrics, settings: dict[str, float]) -> Check | None:
+    """The reward probe's answers must keep their order (``probe/spearman_vs_first``): a judge that
+    reshuffles fixed answers has changed, even when their mean has not."""
+    name = "probe_rank_agreement"
+    if "probe/spearman_vs_first" not in m:
+        return None
+    rho = [v for v in m["probe/spearman_vs_first"].values if math.isfinite(v)]
+    if not rho:
+        return Check(name, NA, "fewer than 3 probe answers scored twice, or all scored alike: no rank to compare")
+    low = min(rho)
+    step = m["probe/spearman_vs_first"].steps[m["probe/spearman_vs_first"].values.index(low)]
+    nums = f"Spearman vs the first probe: lowest {low:.2f} (step {step}), last {rho[-1]:.2f}, over {len(rho)} probes"
+    if low < PROBE_RANK_FAIL:
+        return Check(name, FAIL, f"{nums}: the judge orders the same answers differently now; pin its model and "
+                                 "rubric, then restart the run")
+    if low < PROBE_RANK_WARN:
+        return Check(name, WARN, f"{nums}: the judge's order of the fixed answers moved; check its version and "
+                                 "temperature")
+    return Check(name, OK, f"{nums}: the judge keeps its order")
+
+
 def check_judge_canaries(m: Metrics, settings: dict[str, float]) -> Check | None:
     """Degenerate answers (``canary/<name>``, alignkit/rewards/canaries.py) must score below the median
     real response of the same step; one that does not is a master key the policy can learn."""
@@ -504,7 +528,7 @@ STAGE_CHECKS: dict[str, list[Callable[[Metrics, dict[str, float]], Check | None]
     "ppo": [check_kl_band, check_clipfrac, check_reward_trend, check_entropy, check_value_loss,
             check_response_length, check_no_eos, check_think_truncated, check_reward_failures, check_group_signal,
             check_score_length, check_repetition, check_diversity, check_reward_probe, check_is_weights,
-            check_judge_canaries, check_non_finite],
+            check_judge_canaries, check_probe_rank_agreement, check_non_finite],
     "sft": [check_loss_trend, check_non_finite],
     "rm": [check_loss_trend, check_rm_accuracy, check_non_finite],
     "dpo": [check_loss_trend, check_pref_margins, check_chosen_logps, check_non_finite],

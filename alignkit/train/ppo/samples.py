@@ -19,6 +19,7 @@ import torch
 
 from alignkit.rewards.base import ScoreMeta
 from alignkit.rewards.canaries import Canaries
+from alignkit.rewards.drift import RankDrift
 from alignkit.rewards.service import RewardService
 from alignkit.train.ppo.credit import Shaped
 from alignkit.train.ppo.experience import Experience
@@ -78,6 +79,7 @@ class RewardProbe:
             raise ValueError(f"reward_probe {path}: every line needs a JSON object with 'prompt' and 'response' "
                              f"(and optionally 'label'); {'the file is empty' if not rows else f'lines {bad[:5]}'}")
         self.rows, self.service, self.every = rows, service, every
+        self.drift = RankDrift()  # rank agreement with the first probe (alignkit/rewards/drift.py)
 
     def __call__(self, step: int) -> dict[str, float]:
         if step != 1 and step % self.every:
@@ -87,7 +89,9 @@ class RewardProbe:
         scored = self.service.collect([future])
         values = [v for v, ok in zip(scored.values, scored.valid, strict=True) if ok]
         return {"probe/score_mean": sum(values) / len(values) if values else float("nan"),
-                "probe/failures": float(scored.n_failed)}
+                "probe/failures": float(scored.n_failed),
+                "probe/spearman_vs_first": self.drift([v if ok else None for v, ok in zip(scored.values, scored.valid,
+                                                                                          strict=True)])}
 
 
 @dataclass
