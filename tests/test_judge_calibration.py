@@ -136,17 +136,19 @@ def test_token_budget_waits_for_the_minute_to_roll():
 
 @pytest.mark.slow
 def test_ppo_metrics_tokens_and_cost_equal_the_servers_usage(tiny_model_dir, tmp_path, judge):
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps({"prompt": f"Q{i}", "response": "good " * i}) + "\n" for i in range(3)))
     cfg = load_config(EXAMPLES / "ppo_tiny.yaml", [
         f"model_name_or_path={tiny_model_dir}", "adapter_name_or_path=null", f"output_dir={tmp_path / 'run'}",
         f"dataset_dir={EXAMPLES / 'data'}", "report_to=none", "plot_loss=false", "seed=0",
         "per_device_train_batch_size=2", "ppo_buffer_size=2", "ppo_epochs=1", "max_new_tokens=8", "max_steps=3",
         "reward_model_type=api", f"reward_model={judge.url_for('openai_judge')}", "max_failure_rate=1.0",
-        "reward_probe_every=2"],  # canaries at steps 1 and 2: their tokens are logged with the step after
+        "reward_probe_every=2", f"reward_probe={probe}"],  # probe and canaries at steps 1 and 2: logged the step after
         reward_api={"preset": "openai_judge", "model": "judge", "score_range": [0, 10], "normalize": True,
                     "price_per_million": 0.5, "max_tokens_per_minute": 1_000_000, "max_retries": 0})
     out = ppo.run(cfg)
     rows, usage = read_metrics(out), judge.stats.snapshot()["usage"]
-    assert any("canary/colon" in r for r in rows)
+    assert any("canary/colon" in r for r in rows) and any("probe/score_mean" in r for r in rows)
     prompt, completion = (sum(r[f"judge/{k}"] for r in rows) for k in ("prompt_tokens", "completion_tokens"))
     assert (prompt, completion) == (usage["prompt_tokens"], usage["completion_tokens"])  # the start-up probe too
     assert sum(r["judge/cost_usd"] for r in rows) == pytest.approx((prompt + completion) * 0.5 / 1e6)

@@ -84,14 +84,14 @@ class RewardProbe:
     def __call__(self, step: int) -> dict[str, float]:
         if step != 1 and step % self.every:
             return {}
-        future = self.service.submit([r["prompt"] for r in self.rows], [r["response"] for r in self.rows],
-                                     ScoreMeta(labels=[r.get("label") for r in self.rows]))
-        scored = self.service.collect([future])
-        values = [v for v, ok in zip(scored.values, scored.valid, strict=True) if ok]
+        # A side call: its requests and judge tokens stay in the source's counters for the next step's
+        # metrics (collect() here would drop them), its failures are probe/failures.
+        scores = self.service.score_side([r["prompt"] for r in self.rows], [r["response"] for r in self.rows],
+                                         ScoreMeta(labels=[r.get("label") for r in self.rows]))
+        values = [s.value for s in scores if s.ok]
         return {"probe/score_mean": sum(values) / len(values) if values else float("nan"),
-                "probe/failures": float(scored.n_failed),
-                "probe/spearman_vs_first": self.drift([v if ok else None for v, ok in zip(scored.values, scored.valid,
-                                                                                          strict=True)])}
+                "probe/failures": float(sum(not s.ok for s in scores)),
+                "probe/spearman_vs_first": self.drift([s.value for s in scores])}
 
 
 @dataclass
