@@ -42,6 +42,13 @@ class ChatFormat:
         """The format a config or run spec names (its ``template``, ``default_system``, ``enable_thinking``)."""
         return cls.named(tokenizer, keys.template, keys.default_system, keys.enable_thinking, vision)
 
+    @classmethod
+    def for_model(cls, cfg: Any, tokenizer: Any) -> ChatFormat:
+        """A stage's format: ``of(cfg)`` with the model's image processor (None for a text-only model),
+        capped by the config's ``image_max_pixels`` / ``image_min_pixels``."""
+        vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels, cfg.image_min_pixels)
+        return cls.of(cfg, tokenizer, vision)
+
     def system(self, example: Example) -> str | None:
         """Row's system > ``default_system`` > (``None``) the template's built-in default."""
         return example.system if example.system else self.default_system

@@ -20,12 +20,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from alignkit.judge.process import free_port
+from alignkit.judge.process import free_port, stop_process, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
@@ -90,28 +87,13 @@ class LLMJudgeProcess:
         out = open(self.log, "w") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GB)}
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the vLLM judge server exited with code {self.proc.returncode} before it "
-                                   f"answered{f' (log: {self.log})' if self.log else ''}: {' '.join(self.cmd)}")
-            try:
-                if httpx.get(self.base + "/v1/models", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise RuntimeError(f"the vLLM judge server did not answer on {self.base} within {timeout_s:.0f} s")
+        log = f" (log: {self.log})" if self.log else ""
+        wait_for_http(self.proc, self.base + "/v1/models", timeout_s, 1.0,
+                      f"the vLLM judge server{log}: {' '.join(self.cmd)}")
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, 30)
 
     def __enter__(self) -> LLMJudgeProcess:
         return self.start()

@@ -39,26 +39,11 @@ class JudgeProcess:
         out = open(self.log, "w") if self.log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"judge server exited with code {self.proc.returncode}: {' '.join(self.cmd)}")
-            try:
-                if httpx.get(self.url + "/openapi.json", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"judge server did not answer on {self.url} within {timeout_s} s")
+        wait_for_http(self.proc, self.url + "/openapi.json", timeout_s, 0.1, f"judge server ({' '.join(self.cmd)})")
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, 10)
 
     def stats(self) -> dict:
         return httpx.get(self.url + "/stats", timeout=5.0).json()
@@ -68,3 +53,31 @@ class JudgeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stop_process(proc: subprocess.Popen | None, grace_s: float) -> None:
+    """SIGTERM ``proc`` if it still runs, SIGKILL it after ``grace_s`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def wait_for_http(proc: subprocess.Popen, url: str, timeout_s: float, poll_s: float, what: str) -> None:
+    """Poll ``url`` until it answers 200. A child that exits first, or no answer within ``timeout_s``
+    (the child is then stopped), is one RuntimeError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before it answered")
+        try:
+            if httpx.get(url, timeout=max(1.0, poll_s)).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    stop_process(proc, 10)
+    raise RuntimeError(f"{what} did not answer on {url} within {timeout_s:.0f} s")

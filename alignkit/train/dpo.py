@@ -290,9 +290,7 @@ def run_preference(cfg: PreferenceConfig, recipe: Recipe) -> Path:
     # held-out examples are split off before a pair becomes two KTO rows.
     policy, frozen = build_models(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
-                                  cfg.image_min_pixels)  # None: a text-only model
-    fmt = ChatFormat.of(cfg, tokenizer, vision)
+    fmt = ChatFormat.for_model(cfg, tokenizer)  # its vision processor is None on a text-only model
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
     train = recipe.tokenize(cfg, fmt, train_ex)
     val = recipe.tokenize(cfg, fmt, val_ex) if val_ex else []

@@ -18,7 +18,6 @@ from alignkit.data.chat_format import ChatFormat
 from alignkit.data.collators import PairCollator
 from alignkit.data.encode import encode_pair
 from alignkit.data.loader import split_train_val
-from alignkit.data.vision import VisionProcessor
 from alignkit.models.loading import build_policy_model, load_tokenizer, split_adapters
 from alignkit.models.reward_model import RewardModel, pairwise_loss, restore_reward_model, save_reward_model
 from alignkit.train.common import preflight, setup_run
@@ -108,9 +107,7 @@ def run(cfg: RMConfig) -> Path:
     # 2. Reward model (LM + score head) and tokenized pairs.
     rm = RewardModel.from_causal_lm(build_policy_model(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
-                                  cfg.image_min_pixels)  # None: a text-only model
-    fmt = ChatFormat.of(cfg, tokenizer, vision)
+    fmt = ChatFormat.for_model(cfg, tokenizer)  # its vision processor is None on a text-only model
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
     train, val = tokenize(cfg, fmt, train_ex), tokenize(cfg, fmt, val_ex) if val_ex else []
     collate = PairCollator(tokenizer.pad_token_id, fmt.vision)

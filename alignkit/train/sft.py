@@ -18,7 +18,6 @@ from alignkit.data.collators import SFTCollator
 from alignkit.data.encode import IGNORE_INDEX as IGNORE
 from alignkit.data.encode import encode_supervised_examples
 from alignkit.data.loader import split_train_val
-from alignkit.data.vision import VisionProcessor
 from alignkit.models.architectures import forward_with_aux
 from alignkit.models.io import restore_model, save_model
 from alignkit.models.loading import build_policy_model, load_tokenizer
@@ -89,9 +88,7 @@ def run(cfg: SFTConfig) -> Path:
 
     # 2. Model and tokenized data.
     model, tokenizer = build_policy_model(cfg), load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
-                                  cfg.image_min_pixels)  # None: a text-only model
-    fmt = ChatFormat.of(cfg, tokenizer, vision)
+    fmt = ChatFormat.for_model(cfg, tokenizer)  # its vision processor is None on a text-only model
     train_ex, val_ex = split_train_val(examples, cfg.val_size, cfg.seed)
     train, val = tokenize(cfg, fmt, train_ex), tokenize(cfg, fmt, val_ex) if val_ex else []
     collate = SFTCollator(tokenizer.pad_token_id, fmt.vision)

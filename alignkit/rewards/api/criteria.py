@@ -17,18 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from alignkit.rewards.api.shape import Item, ReplyError, fill, kind_of
+from alignkit.rewards.api.shape import JUDGE_INPUTS, Item, ReplyError, fill, kind_of
 
 CRITERIA_RUBRIC = """You are a strict judge. Rate the response on each criterion below, from 0 to 10.
 
-[Prompt]
-{prompt}
-
-[Response]
-{response}
-
-[Reference answer]
-{label}
+""" + JUDGE_INPUTS + """
 
 [Criteria]
 {criteria}

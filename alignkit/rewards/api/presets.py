@@ -17,21 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignkit.rewards.api.openai_judge import CALIBRATION_DEFAULTS, OpenAIJudgePreset
-from alignkit.rewards.api.shape import Item, Preset, ReplyError, fill, images_of, kind_of
+from alignkit.rewards.api.shape import JUDGE_INPUTS, Item, Preset, ReplyError, fill, images_of, kind_of
 
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\*|\d+)\]")
 _CONDITION = re.compile(r"^\s*([\w.\[\]*-]+)\s*(==|!=)\s*(.+?)\s*$")
 
 DEFAULT_RUBRIC = """You are a strict judge. Rate how well the response answers the prompt, from 0 to 10.
 
-[Prompt]
-{prompt}
-
-[Response]
-{response}
-
-[Reference answer]
-{label}
+""" + JUDGE_INPUTS + """
 
 Give a one-sentence justification, then the score as the last number of your reply."""
 

@@ -14,6 +14,17 @@ Item = tuple  # (prompt, response, label) or (prompt, response, label, images: t
 _PLACEHOLDER = re.compile(r"\{(prompt|response|label)\}")
 
 
+# What every rubric shows the judge: the prompt, the response and the reference answer (``fill``'s fields).
+JUDGE_INPUTS = """[Prompt]
+{prompt}
+
+[Response]
+{response}
+
+[Reference answer]
+{label}"""
+
+
 class ReplyError(Exception):
     """The reply as a whole is unusable; every item of the request fails with this reason."""
 

@@ -27,7 +27,6 @@ from alignkit.data.chat_format import ChatFormat
 from alignkit.data.encode import encode_prompt
 from alignkit.data.loader import Example
 from alignkit.data.templates import get_template
-from alignkit.data.vision import VisionProcessor
 from alignkit.generation import (
     ENGINES,
     EngineContext,
@@ -254,9 +253,7 @@ def save(r: PPORun, done: int) -> None:
 def load_prompts(cfg: PPOConfig, tokenizer, examples: list[Example]) -> PromptSet:
     """Template-encoded prompts (room left for max_new_tokens), the prompt text the reward sees and,
     on a VL model, each prompt's images."""
-    vision = VisionProcessor.load(cfg.model_name_or_path, tokenizer, cfg.image_max_pixels,
-                                  cfg.image_min_pixels)  # None: a text-only model
-    fmt = ChatFormat.of(cfg, tokenizer, vision)
+    fmt = ChatFormat.for_model(cfg, tokenizer)  # its vision processor is None on a text-only model
     prompt_len = max(8, cfg.cutoff_len - cfg.max_new_tokens)
     queries = [encode_prompt(fmt, ex, prompt_len) for ex in examples]
     return PromptSet(
@@ -265,7 +262,7 @@ def load_prompts(cfg: PPOConfig, tokenizer, examples: list[Example]) -> PromptSe
         labels=[ex.label for ex in examples],
         templated=RewardService.full_texts(tokenizer, queries),
         images=[ex.images for ex in examples] if any(ex.images for ex in examples) else None,
-        vision=vision,
+        vision=fmt.vision,
     )
 
 
