@@ -8,8 +8,9 @@ no cache (every step pays its judge calls).
 
     .venv/bin/python bench/async_rl.py [--latencies 0,1,3] [--levels 0,1,2] [--steps 8] [--warmup 3]
 
-For each latency it prints each level's median s/step over ``--steps`` steps after ``--warmup``
-(the first k steps of async_level k also start the batches ahead), its ratio to sync's, and the
+For each latency it prints each level's s/step over ``--steps`` steps after ``--warmup`` (the
+mean: a pipeline's steps alternate between waiting for the judge and finding scores ready, so its
+cost is wall time over steps; the median step is printed beside it), its ratio to sync's, and the
 pipelined bound: with k + 1 batches in flight a step costs about sync's step / (k + 1), but never
 less than the compute of one step (sync's rollout + update, no judge wait), so
 ``bound = max(compute, sync / (k + 1))``.
@@ -42,7 +43,11 @@ def run_level(model: Path, url: str, level: int, steps: int, warmup: int, concur
         rows = read_metrics(ppo.run(cfg))[warmup:]
     keys = ("time/step", "time/rollout", "time/update", "time/score_wait", "async/learner_wait_s",
             "env/reward_mean", "is/ratio_mean")
-    return {k: statistics.median(r[k] for r in rows) for k in keys if all(k in r for r in rows)}
+    out = {k: statistics.median(r[k] for r in rows) for k in keys if all(k in r for r in rows)}
+    # A pipeline's steps alternate (one waits for the judge, the next finds its scores ready), so its
+    # cost is the mean step (the run's wall time over its steps), not the median.
+    out["time/step_mean"] = statistics.fmean(r["time/step"] for r in rows)
+    return out
 
 
 def main() -> None:
@@ -64,15 +69,18 @@ def main() -> None:
                 url = judge.url_for("alignkit")
                 sync = run_level(model, url, 0, args.steps, args.warmup, args.concurrency)
                 compute = sync["time/rollout"] + sync["time/update"]
-                print(f"judge +{latency:g} s: sync {sync['time/step']:.3f} s/step (rollout {sync['time/rollout']:.3f}, "
+                base = sync["time/step_mean"]
+                print(f"judge +{latency:g} s: sync {base:.3f} s/step (median {sync['time/step']:.3f}; rollout "
+                      f"{sync['time/rollout']:.3f}, "
                       f"score wait {sync['time/score_wait']:.3f}, update {sync['time/update']:.3f}; compute "
                       f"{compute:.3f})")
                 for k in levels[1:]:
                     m = run_level(model, url, k, args.steps, args.warmup, args.concurrency)
-                    bound = max(compute, sync["time/step"] / (k + 1))
-                    print(f"  async_level {k}: {m['time/step']:.3f} s/step = {m['time/step'] / sync['time/step']:.2f}x "
-                          f"sync | pipelined bound {bound:.3f} s ({bound / sync['time/step']:.2f}x), "
-                          f"{m['time/step'] / bound:.2f}x the bound | learner wait "
+                    step = m["time/step_mean"]
+                    bound = max(compute, base / (k + 1))
+                    print(f"  async_level {k}: {step:.3f} s/step = {step / base:.2f}x sync (median step "
+                          f"{m['time/step']:.3f}) | pipelined bound {bound:.3f} s ({bound / base:.2f}x), "
+                          f"{step / bound:.2f}x the bound | learner wait "
                           f"{m.get('async/learner_wait_s', float('nan')):.3f} s | IS ratio mean "
                           f"{m.get('is/ratio_mean', float('nan')):.4f}")
 
