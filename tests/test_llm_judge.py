@@ -10,7 +10,6 @@ of scoring it), which is exactly the failure mode this exercises. The server tak
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -26,19 +25,14 @@ import pytest
 import yaml
 
 from alignkit.config import load_config
-from alignkit.judge.llm import LLM_SCORE_REGEX, vllm_python
+from alignkit.judge.llm import LLM_SCORE_REGEX
 from alignkit.judge.process import free_port
-from alignkit.models.gguf import convert_gguf, smollm2_gguf
+from alignkit.models.gguf import convert_gguf
 from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
+from tests.real_judge import smollm2_judge
 
-try:
-    GGUF = smollm2_gguf()
-    MISSING = None if GGUF.is_file() else f"{GGUF} is missing: run scripts/setup.sh --real"
-except ModuleNotFoundError as e:
-    MISSING = str(e)
-if MISSING is None and vllm_python() == sys.executable and importlib.util.find_spec("vllm") is None:
-    MISSING = "no Python with vLLM (.venv-vllm): run scripts/setup_vllm.sh"
+GGUF, MISSING = smollm2_judge()
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 

@@ -10,27 +10,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from alignkit.config import load_config
-from alignkit.judge.llm import LLM_RUBRIC, LLM_SCORE_REGEX, LLMJudgeProcess, vllm_python
-from alignkit.models.gguf import convert_gguf, smollm2_gguf
+from alignkit.judge.llm import LLM_RUBRIC, LLM_SCORE_REGEX, LLMJudgeProcess
+from alignkit.models.gguf import convert_gguf
 from alignkit.report import write_report
 from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES
+from tests.real_judge import smollm2_judge
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    GGUF = smollm2_gguf()
-    MISSING = None if GGUF.is_file() else f"{GGUF} is missing: run scripts/setup.sh --real"
-except ModuleNotFoundError as e:
-    MISSING = str(e)
-if MISSING is None and vllm_python() == sys.executable and importlib.util.find_spec("vllm") is None:
-    MISSING = "no Python with vLLM (.venv-vllm): run scripts/setup_vllm.sh"
+GGUF, MISSING = smollm2_judge()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 
 

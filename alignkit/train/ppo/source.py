@@ -85,7 +85,7 @@ class PipelinedSource(ExperienceSource):
         return exp
 
 
-def informative_groups(exp: Experience) -> list[list[int]]:
+def informative_groups(exp: Experience) -> tuple[list[list[int]], list[list[int]]]:
     """The rows of each group, in order, split into (informative, not): a group is informative
     when at least two of its scores are valid and they are not all equal (any group baseline then
     gives some sample a non-zero advantage)."""
@@ -96,7 +96,7 @@ def informative_groups(exp: Experience) -> list[list[int]]:
     for rows in groups.values():
         scores = exp.scores[rows][exp.valid[rows].bool()]
         (good if len(scores) >= 2 and float(scores.max() - scores.min()) > 1e-6 else flat).append(rows)
-    return [good, flat]
+    return good, flat
 
 
 @dataclass
