@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from alignkit.generation.sampling import Rollout, sample
+from alignkit.generation.sampling import OnFinished, Rollout, sample
 from alignkit.generation.weights import SyncCheck, check_sync
 from alignkit.models.architectures import placeholder_token_ids
 
@@ -33,12 +33,17 @@ class SamplingParams:
 @runtime_checkable
 class RolloutEngine(Protocol):
     """``generate`` samples one response per row; ``sync_weights`` follows a policy update;
-    ``check_sync`` says whether the engine still samples from the policy's weights."""
+    ``check_sync`` says whether the engine still samples from the policy's weights.
+
+    An engine whose class sets ``reports_finished = True`` also takes ``on_finished`` in
+    ``generate`` and calls it for each row as soon as that row's response is finished (so its
+    scoring starts early); the loop passes it to no other engine."""
 
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams,
                  pixels: dict[str, torch.Tensor] | None = None) -> Rollout:
         """(B, Q) left-padded prompt ids and mask -> a ``Rollout`` of B sequences. ``pixels``: the
-        rows' image inputs (a VL model); an engine registered without ``accepts_images`` never gets them."""
+        rows' image inputs (a VL model); an engine registered without ``accepts_images`` never gets them.
+        ``on_finished`` (engines with ``reports_finished``): see ``sampling.OnFinished``."""
         ...
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
@@ -72,6 +77,8 @@ class HFEngine:
     and the training forward agree; off by default, since a bf16 cache drifts.
     """
 
+    reports_finished = True
+
     def __init__(self, model: torch.nn.Module, pad_token_id: int, with_logprobs: bool = False,
                  sync_tolerance: float = 0.05):
         self.model = model
@@ -83,10 +90,10 @@ class HFEngine:
         self.suppress_ids = placeholder_token_ids(model)
 
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams,
-                 pixels: dict[str, torch.Tensor] | None = None) -> Rollout:
+                 pixels: dict[str, torch.Tensor] | None = None, on_finished: OnFinished | None = None) -> Rollout:
         return sample(self.model, self.pad_token_id, query_ids, query_mask, sampling.max_new_tokens,
                       sampling.temperature, sampling.top_k, sampling.top_p, list(sampling.eos_ids), pixels,
-                      self.suppress_ids, self.with_logprobs)
+                      self.suppress_ids, self.with_logprobs, on_finished)
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         return None

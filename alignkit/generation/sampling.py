@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -15,6 +15,11 @@ from alignkit.models.architectures import image_forward_kwargs, rope_positions
 
 # Whether ``sample`` stops only when every rank's rows are finished (see ``synchronised_stop``).
 _SYNC_STOP: ContextVar[bool] = ContextVar("alignkit_sync_stop", default=False)
+
+# Called by an engine as soon as a row's response is finished (its stop token sampled): (row of the
+# chunk, its response ids through that stop token). Rows that run to max_new_tokens are not
+# reported; the caller takes them from the returned Rollout.
+OnFinished = Callable[[int, list[int]], None]
 
 
 @dataclass
@@ -131,7 +136,8 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 @torch.inference_mode()
 def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
            temperature: float, top_k: int, top_p: float, eos_ids: list[int], pixels: dict | None = None,
-           suppress_ids: tuple[int, ...] = (), with_logprobs: bool = False) -> Rollout:
+           suppress_ids: tuple[int, ...] = (), with_logprobs: bool = False,
+           on_finished: OnFinished | None = None) -> Rollout:
     """Batched sampling with a KV cache over a left-padded chunk of queries.
 
     A plain loop over the model's forward instead of ``generate``: on small models the
@@ -143,6 +149,8 @@ def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.
     ``suppress_ids`` are never sampled (a VL model's image placeholders: a sampled one would be
     taken for an image slot by every later forward). ``with_logprobs`` records each sampled
     token's log-prob under the distribution it was drawn from (for the sync check).
+    ``on_finished`` hears of each row as it samples its stop token, so its scoring can start while
+    the other rows decode; it draws no random numbers, so the samples are the same with or without.
     """
     from transformers import DynamicCache
 
@@ -167,7 +175,12 @@ def sample(model, pad_token_id: int, query_ids: torch.Tensor, query_mask: torch.
         if with_logprobs:
             logps.append(logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
         tokens.append(token)
-        finished |= torch.isin(token, eos)
+        newly = torch.isin(token, eos) & ~finished
+        finished |= newly
+        if on_finished is not None and newly.any():
+            rows = newly.nonzero().squeeze(-1).tolist()
+            for row, ids in zip(rows, torch.stack(tokens, 1)[rows].tolist(), strict=True):
+                on_finished(row, ids)
         if len(tokens) == max_new_tokens or all_finished(finished):
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)

@@ -38,7 +38,13 @@ from torch import nn
 
 from alignkit.generation.engine import SamplingParams, engine_sync_check
 from alignkit.generation.registry import EngineContext, EngineSettings, register_engine
-from alignkit.generation.sampling import Rollout, prompt_token_lists, request_seeds, rollout_from_tokens
+from alignkit.generation.sampling import (
+    OnFinished,
+    Rollout,
+    prompt_token_lists,
+    request_seeds,
+    rollout_from_tokens,
+)
 from alignkit.generation.server_process import ServerProcess, log_tail, lora_rank_slot, vllm_python
 from alignkit.generation.weights import POLICY_ADAPTER, SyncCheck, plain_model, policy_lm
 
@@ -145,6 +151,8 @@ class VLLMServerEngine:
     """Samples from vLLM OpenAI servers at ``urls``; ``processes``: the ones alignkit started (stopped
     by ``close``). ``work_dir`` holds the adapters it pushes (visible to every server)."""
 
+    reports_finished = True  # generate(on_finished=...): each response as its request returns
+
     def __init__(self, urls: list[str], pad_token_id: int, work_dir: Path, *, sync_tolerance: float = 0.05,
                  processes: list[ServerProcess] | None = None, request_timeout_s: float = 600.0):
         self.urls = [u.rstrip("/") for u in urls]
@@ -196,16 +204,25 @@ class VLLMServerEngine:
         choice = r.json()["choices"][0]
         return choice["token_ids"], choice["logprobs"]["token_logprobs"]
 
-    async def _complete_all(self, bodies: list[dict], servers: list[str]) -> list[tuple[list[int], list[float]]]:
+    async def _complete_all(self, bodies: list[dict], servers: list[str], on_finished: OnFinished | None = None
+                            ) -> list[tuple[list[int], list[float]]]:
         limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+
+        async def one(client: httpx.AsyncClient, row: int) -> tuple[list[int], list[float]]:
+            tokens, logprobs = await self._complete(client, servers[row], bodies[row])
+            stop = next((i for i, t in enumerate(tokens) if t in bodies[row]["stop_token_ids"]), None)
+            if on_finished is not None and stop is not None:  # scored now, while other requests run
+                on_finished(row, tokens[: stop + 1])
+            return tokens, logprobs
+
         async with httpx.AsyncClient(timeout=self.timeout, limits=limits) as client:
-            return await asyncio.gather(*(self._complete(client, u, b) for u, b in zip(servers, bodies, strict=True)))
+            return await asyncio.gather(*(one(client, row) for row in range(len(bodies))))
 
     # -- RolloutEngine ----------------------------------------------------------------------------
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams,
-                 pixels: dict[str, torch.Tensor] | None = None) -> Rollout:
+                 pixels: dict[str, torch.Tensor] | None = None, on_finished: OnFinished | None = None) -> Rollout:
         """(B, Q) left-padded prompts -> a ``Rollout`` (``sample``'s conventions) with the servers'
-        log-probs of the sampled tokens."""
+        log-probs of the sampled tokens; ``on_finished`` hears of each response as its request returns."""
         if pixels is not None:  # registered without accepts_images: the loop refuses image prompts first
             raise ValueError("the vllm_server rollout engine takes text prompts only; set rollout.engine: hf")
         if self.pending is not None:
@@ -223,7 +240,7 @@ class VLLMServerEngine:
         self.next_server = (self.next_server + len(bodies)) % len(self.urls)
         for k in picks:
             self.sent[k] += 1
-        out = asyncio.run(self._complete_all(bodies, [self.urls[k] for k in picks]))
+        out = asyncio.run(self._complete_all(bodies, [self.urls[k] for k in picks], on_finished))
         return rollout_from_tokens(query_ids, query_mask, [t for t, _ in out], [lp for _, lp in out],
                                    list(sampling.eos_ids), self.pad_token_id)
 

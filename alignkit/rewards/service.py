@@ -1,9 +1,12 @@
-"""The one object a training loop scores with: submit chunks as they are ready, collect a batch.
+"""The one object a training loop scores with: submit responses as they are ready, collect a batch.
 
-Scoring runs on a background event loop (``BackgroundScorer``), so a chunk submitted right
-after its rollout is scored while the loop samples the next chunk and runs its forward
-passes. ``collect`` waits for the chunks, applies the failure policy and returns plain lists;
-the loop never knows whether a rule, a reward model or an HTTP judge produced them.
+Scoring runs on a background event loop (``BackgroundScorer``), so a response submitted as soon
+as it is finished is scored while the engine samples the rest and the loop runs its forward
+passes. ``unit`` says what one submission holds: a sample (rules, pointwise judges), a group
+(listwise and pairwise judges compare a prompt's responses) or a chunk (a reward model's batched
+forward, a judge that packs several samples per request). ``collect`` waits for them, puts the
+scores back in batch order, applies the failure policy and returns plain lists; the loop never
+knows whether a rule, a reward model or an HTTP judge produced them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 from alignkit.rewards.base import Score, ScoreMeta
 from alignkit.rewards.factory import HealthCheck, build_reward
@@ -21,6 +25,8 @@ from alignkit.rewards.text import decode_for_reward, joint_responses
 from alignkit.rewards.wrappers import CountFailures
 
 logger = logging.getLogger(__name__)
+
+ScoringUnit = Literal["sample", "group", "chunk"]
 
 
 @dataclass
@@ -47,7 +53,9 @@ class RewardService:
         health_check: HealthCheck | None = None,
         keep_tokens: tuple[str, ...] = (),
         unstripped_think: tuple[str, ...] = (),
+        unit: ScoringUnit = "chunk",
     ) -> None:
+        self.unit = unit  # what one submission holds (module doc)
         self.include_special_tokens = include_special_tokens  # how the trainer decodes responses
         self.keep_tokens = keep_tokens  # special tokens kept in the response text anyway (think tags)
         self._watch = unstripped_think  # think tags that reach the judge (strip_think off): warn once if seen
@@ -101,13 +109,21 @@ class RewardService:
         source's counters, so the next ``collect`` reports them with the step that follows."""
         return self._scorer.run(self._source.inner.score(prompts, responses, meta))
 
-    def collect(self, futures: list[concurrent.futures.Future[list[Score]]]) -> ScoredBatch:
-        """Wait for the chunks, concatenate them in order and apply the failure policy.
+    def collect(self, futures: list[concurrent.futures.Future[list[Score]]],
+                rows: list[list[int]] | None = None) -> ScoredBatch:
+        """Wait for the submissions, put their scores in batch order (``rows[i]``: the batch rows of
+        ``futures[i]``; None: the futures are in order) and apply the failure policy to the batch.
 
         Raises ``RewardFailureError`` past ``max_failure_rate`` or on any failure under
         ``on_failure: fail``.
         """
-        scores = [s for f in futures for s in f.result()]
+        if rows is None:
+            scores = [s for f in futures for s in f.result()]
+        else:
+            placed: dict[int, Score] = {}
+            for f, rr in zip(futures, rows, strict=True):
+                placed.update(zip(rr, f.result(), strict=True))
+            scores = [placed[i] for i in range(len(placed))]
         metrics = self._source.metrics()
         values, valid, n_failed = self._policy.apply(scores)
         return ScoredBatch(values, valid, n_failed, metrics, [None if s.ok else s.reason or "unknown" for s in scores])
@@ -128,4 +144,20 @@ def build_reward_service(spec: RewardSpec, context: RewardContext, policy_model=
     policy = FailurePolicy(spec.on_failure, spec.max_failure_rate)
     keep = tuple(spec.think_tags) if spec.strip_think else ()
     watch = () if spec.strip_think else tuple(spec.think_tags)
-    return RewardService(built.source, policy, spec.include_special_tokens, built.health_check, keep, watch)
+    return RewardService(built.source, policy, spec.include_special_tokens, built.health_check, keep, watch,
+                         scoring_unit(spec))
+
+
+def scoring_unit(spec: RewardSpec) -> ScoringUnit:
+    """What one submission should hold for ``spec``'s source to score as it would a whole chunk:
+    a rule or a one-sample-per-request judge scores each response alone; listwise and pairwise
+    judges need a prompt's whole group; a reward model batches its forward passes and a judge with
+    ``batch_size > 1`` packs samples per request, so they keep the chunk."""
+    if spec.reward_model_type == "rule":
+        return "sample"
+    if spec.reward_model_type == "api":
+        api = spec.api_settings()
+        if getattr(api, "judge_mode", "pointwise") != "pointwise":
+            return "group"
+        return "sample" if api.batch_size == 1 else "chunk"
+    return "chunk"

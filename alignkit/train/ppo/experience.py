@@ -19,9 +19,10 @@ from alignkit.algos import kl_penalty, logprobs_from_logits
 from alignkit.data.collators import pad_left
 from alignkit.data.vision import PixelRows, VisionProcessor
 from alignkit.generation import Rollout, RolloutEngine, SamplingParams, SyncCheck
+from alignkit.generation.sampling import OnFinished
 from alignkit.models.actor_critic import ActorCritic
-from alignkit.rewards.base import ScoreMeta
 from alignkit.rewards.service import RewardService, ScoredBatch
+from alignkit.train.ppo.scoring import BatchScoring
 
 
 @dataclass(frozen=True)
@@ -164,22 +165,13 @@ def response_rows(roll: Rollout) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(resp, roll.response_mask, strict=True)]
 
 
-def score_meta(prompts: PromptSet, ids: list[int], resp_ids: list[list[int]], settings: RolloutSettings) -> ScoreMeta:
-    """Labels, the templated prompts and full responses that full-text presets (llamafactory,
-    openrlhf) send as those trainers do, and each prompt's image paths (so a judge sees what was asked)."""
-    return ScoreMeta(
-        labels=[prompts.labels[i] for i in ids],
-        templated_prompts=None if prompts.templated is None else [prompts.templated[i] for i in ids],
-        full_responses=None if settings.decode_full is None else settings.decode_full(
-            [prompts.queries[i] for i in ids], resp_ids),
-        images=None if prompts.images is None else [tuple(prompts.images[i]) for i in ids],
-    )
-
-
 def generate(engine: RolloutEngine, q_ids: torch.Tensor, q_mask: torch.Tensor, sampling: SamplingParams,
-             pixels: PixelRows | None) -> Rollout:
-    """One chunk from the engine, with its rows' images when it has any."""
+             pixels: PixelRows | None, on_finished: OnFinished | None = None) -> Rollout:
+    """One chunk from the engine, with its rows' images when it has any; ``on_finished`` goes to
+    engines that report finished rows (``RolloutEngine.reports_finished``)."""
     rows = pixels.select(range(q_ids.shape[0])) if pixels is not None else None
+    if on_finished is not None and getattr(engine, "reports_finished", False):
+        return engine.generate(q_ids, q_mask, sampling, pixels=rows, on_finished=on_finished)
     return engine.generate(q_ids, q_mask, sampling, pixels=rows)
 
 
@@ -187,9 +179,10 @@ def generate(engine: RolloutEngine, q_ids: torch.Tensor, q_mask: torch.Tensor, s
 class PendingExperience:
     """A sampled batch whose scores are still on their way (``finish_experience`` waits for them)."""
 
-    futures: list  # one scoring future per chunk, in order
+    futures: list  # scoring futures, one per submission (a sample, a group or a chunk)
     build: Callable[[ScoredBatch, float], Experience]  # (scores, seconds waited) -> the Experience
     policy_version: int
+    rows: list[list[int]] | None = None  # the batch rows of each future (None: in order)
 
 
 def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
@@ -200,16 +193,16 @@ def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServi
 
 def finish_experience(service: RewardService, pending: PendingExperience) -> Experience:
     t0 = time.perf_counter()
-    scored = service.collect(pending.futures)
+    scored = service.collect(pending.futures, pending.rows)
     return pending.build(scored, time.perf_counter() - t0)
 
 
 def begin_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
                      prompts: PromptSet, idx: list[int], policy_version: int = 0) -> PendingExperience:
-    """Sample ``num_generations`` responses to each prompt of ``idx`` chunk by chunk, scoring each
-    chunk in the background while the next one samples and the forward passes run; the scores
-    are collected later (``finish_experience``). A prompt's group never spans two ranks: each
-    rank expands its own prompts."""
+    """Sample ``num_generations`` responses to each prompt of ``idx`` chunk by chunk, each response
+    submitted for scoring as soon as it is finished (``BatchScoring``) and scored in the background
+    while the rest samples and the forward passes run; the scores are collected later
+    (``finish_experience``). A prompt's group never spans two ranks: each rank expands its own prompts."""
     device = next(ac.parameters()).device
     idx = [i for i in idx for _ in range(settings.num_generations)]  # (B,) each group contiguous
     rows = settings.chunk_size * settings.num_generations
@@ -218,19 +211,15 @@ def begin_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServ
     t0 = time.perf_counter()
     pixels = prompts.pixel_rows(idx, device)  # (B) rows' image inputs; None for a text batch
     chunk_pixels = [None if pixels is None else pixels.slice(c, c + rows) for c in range(0, len(idx), rows)]
-    rolls, futures, texts = [], [], []
+    rolls, scoring = [], BatchScoring(service, settings, prompts, idx)
     with settings.gather():
         for c in range(0, len(idx), rows):
             with ac.adapter_lock:  # a LoRA reward model on the same base switches adapters on its thread
                 roll = generate(engine, q_ids[c : c + rows], q_mask[c : c + rows], settings.sampling,
-                                chunk_pixels[c // rows])
-            resp_ids = response_rows(roll)
-            chunk_texts = settings.decode(resp_ids)
-            ids = idx[c : c + rows]
-            futures.append(service.submit([prompts.texts[i] for i in ids], chunk_texts,
-                                          score_meta(prompts, ids, resp_ids, settings)))
+                                chunk_pixels[c // rows], scoring.on_finished(c))
+            scoring.end_chunk(c, response_rows(roll))
             rolls.append(roll)
-            texts += chunk_texts
+    texts = [scoring.texts[r] for r in range(len(idx))]
     t_gen = time.perf_counter() - t0
     with ac.adapter_lock:
         stats = [response_stats(ac, roll, settings, p) for roll, p in zip(rolls, chunk_pixels, strict=True)]
@@ -241,7 +230,7 @@ def begin_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServ
     logprobs, values, ref_logprobs, kl = (torch.cat([pad_right(s[i], R) for s in stats]) for i in range(4))
     sync = engine.check_sync(rolls, [s[0] for s in stats], settings.sampling)
     behaviour = None if any(r.logprobs is None for r in rolls) else torch.cat([pad_right(r.logprobs, R) for r in rolls])
-    return PendingExperience(futures, lambda scored, t_wait: Experience(
+    return PendingExperience(scoring.futures, lambda scored, t_wait: Experience(
         input_ids=torch.cat([pad_right(r.input_ids, q + R, settings.pad_token_id) for r in rolls]),
         attention_mask=torch.cat([pad_right(r.attention_mask, q + R) for r in rolls]),
         query_len=q,
@@ -255,7 +244,7 @@ def begin_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServ
         texts=texts, pixels=pixels, policy_version=policy_version, behaviour_logprobs=behaviour,
         stats=RolloutStats({"time/generate": t_gen, "time/rollout": t_rollout, "time/score_wait": t_wait},
                            scored.n_failed, scored.reasons, scored.metrics, sync, n_samples=len(idx)),
-    ), policy_version)
+    ), policy_version, scoring.rows)
 
 
 def _pad_query(t: torch.Tensor, q: int, q_new: int, value: float) -> torch.Tensor:
