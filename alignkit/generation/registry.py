@@ -31,6 +31,10 @@ class EngineSettings(BaseModel):
 
 class HFSettings(EngineSettings):
     engine: Literal["hf"] = "hf"
+    worker: Literal["none", "process"] = Field(
+        "none", description="process: sample in a rollout worker process with its own copy of the policy (text "
+        "prompts), sent the weights after each update; with async_level >= 1 rollout then overlaps the update."
+    )
 
 
 class VLLMSettings(EngineSettings):
@@ -98,6 +102,10 @@ def build_engine(settings: EngineSettings, policy: torch.nn.Module, ctx: EngineC
 
 
 def _build_hf(settings: HFSettings, policy: torch.nn.Module, ctx: EngineContext) -> RolloutEngine:
+    if settings.worker == "process":
+        from alignkit.generation.worker import HFWorkerEngine  # a process and its queues: only when asked for
+
+        return HFWorkerEngine(policy, ctx.pad_token_id, sync_tolerance=settings.sync_tolerance)
     return HFEngine(policy.lm, ctx.pad_token_id, sync_tolerance=settings.sync_tolerance)
 
 

@@ -35,6 +35,9 @@ class Rollout:
     # (softmax of logits / temperature, renormalised over top-k/top-p); 0 off the response mask.
     # For the sync check only: losses always use the trainer's own forward pass. None: not computed.
     logprobs: torch.Tensor | None = None
+    # The engine's own count of the weight syncs it had applied when it sampled (a worker process
+    # sampling ahead; its sync check skips a stale batch). None: the engine samples the live weights.
+    policy_version: int | None = None
 
 
 def first_eos_mask(response: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,8 @@ finished. ``concat`` and ``Experience.select`` re-batch experiences (dynamic sam
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -206,6 +208,8 @@ class BatchScoring:
     texts: dict[int, str] = field(default_factory=dict)  # batch row -> response text as scored
     _ids: dict[int, list[int]] = field(default_factory=dict)  # batch row -> response ids, once finished
     _sent: dict[tuple, int] = field(default_factory=dict)  # a sample already submitted -> its future
+    # A worker engine reports finished rows on its dispatcher thread while the trainer ends a chunk.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_finished(self, offset: int) -> OnFinished | None:
         """The callback for the chunk whose first batch row is ``offset`` (None: per-chunk scoring)."""
@@ -235,6 +239,10 @@ class BatchScoring:
             self._submit(rest)
 
     def _submit(self, rows: list[int]) -> None:
+        with self._lock:
+            self._submit_locked(rows)
+
+    def _submit_locked(self, rows: list[int]) -> None:
         resp = [self._ids[r] for r in rows]
         texts = self.settings.decode(resp)
         self.texts.update(zip(rows, texts, strict=True))
@@ -291,35 +299,89 @@ def finish_experience(service: RewardService, pending: PendingExperience) -> Exp
     return pending.build(scored, time.perf_counter() - t0)
 
 
-def begin_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
-                     prompts: PromptSet, idx: list[int], policy_version: int = 0) -> PendingExperience:
-    """Sample ``num_generations`` responses to each prompt of ``idx`` chunk by chunk, each response
-    submitted for scoring as soon as it is finished (``BatchScoring``) and scored in the background
-    while the rest samples and the forward passes run; the scores are collected later
-    (``finish_experience``). A prompt's group never spans two ranks: each rank expands its own prompts."""
+@dataclass
+class Requested:
+    """A batch whose chunks an engine that runs ahead (a rollout worker) is sampling meanwhile."""
+
+    idx: list[int]  # (B,) each batch row's dataset row
+    scoring: BatchScoring  # hears of each response as the worker finishes it
+    tickets: list[int]  # one per chunk, in order
+    policy_version: int  # the trainer's updates when requested: the worker samples with those weights
+
+
+def batch_queries(ac: ActorCritic, settings: RolloutSettings, prompts: PromptSet, idx: list[int]
+                  ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(B,) rows, each prompt repeated ``num_generations`` times (a group contiguous), and the
+    (B, Q) left-padded queries on the model's device."""
     device = next(ac.parameters()).device
-    idx = [i for i in idx for _ in range(settings.num_generations)]  # (B,) each group contiguous
-    rows = settings.chunk_size * settings.num_generations
+    idx = [i for i in idx for _ in range(settings.num_generations)]
     q_ids, q_mask = pad_left([prompts.queries[i] for i in idx], settings.pad_token_id)
-    q_ids, q_mask = q_ids.to(device), q_mask.to(device)
-    t0 = time.perf_counter()
-    pixels = prompts.pixel_rows(idx, device)  # (B) rows' image inputs; None for a text batch
-    chunk_pixels = [None if pixels is None else pixels.slice(c, c + rows) for c in range(0, len(idx), rows)]
-    rolls, scoring = [], BatchScoring(service, settings, prompts, idx)
+    return idx, q_ids.to(device), q_mask.to(device)
+
+
+def request_rollouts(ac: ActorCritic, engine, service: RewardService, settings: RolloutSettings,
+                     prompts: PromptSet, idx: list[int], policy_version: int) -> Requested:
+    """Ask an engine that runs ahead (``HFWorkerEngine``) for the chunks of a batch and return at
+    once; ``begin_experience(requested=...)`` takes the rollouts when the learner needs them."""
+    idx, q_ids, q_mask = batch_queries(ac, settings, prompts, idx)
+    rows, scoring = settings.chunk_size * settings.num_generations, BatchScoring(service, settings, prompts, idx)
+    tickets = [engine.request(q_ids[c : c + rows], q_mask[c : c + rows], settings.sampling, scoring.on_finished(c))
+               for c in range(0, len(idx), rows)]
+    return Requested(idx, scoring, tickets, policy_version)
+
+
+def sample_chunks(ac: ActorCritic, engine: RolloutEngine, settings: RolloutSettings, q_ids: torch.Tensor,
+                  q_mask: torch.Tensor, chunk_pixels: list, scoring: BatchScoring) -> list[Rollout]:
+    """Sample the batch chunk by chunk, each response handed to ``scoring`` as it is finished."""
+    rows, rolls = settings.chunk_size * settings.num_generations, []
     with settings.gather():
-        for c in range(0, len(idx), rows):
+        for c in range(0, q_ids.shape[0], rows):
             with ac.adapter_lock:  # a LoRA reward model on the same base switches adapters on its thread
                 roll = generate(engine, q_ids[c : c + rows], q_mask[c : c + rows], settings.sampling,
                                 chunk_pixels[c // rows], scoring.on_finished(c))
             scoring.end_chunk(c, response_rows(roll))
             rolls.append(roll)
+    return rolls
+
+
+def begin_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
+                     prompts: PromptSet, idx: list[int], policy_version: int = 0,
+                     requested: Requested | None = None) -> PendingExperience:
+    """Sample ``num_generations`` responses to each prompt of ``idx`` chunk by chunk (or take the
+    ``requested`` ones from a worker), each response submitted for scoring as soon as it is finished
+    (``BatchScoring``) and scored in the background while the rest samples and the forward passes
+    run; the scores are collected later (``finish_experience``). A prompt's group never spans two
+    ranks: each rank expands its own prompts."""
+    device, t0 = next(ac.parameters()).device, time.perf_counter()
+    if requested is None:
+        idx, q_ids, q_mask = batch_queries(ac, settings, prompts, idx)
+        rows = settings.chunk_size * settings.num_generations
+        pixels = prompts.pixel_rows(idx, device)  # (B) rows' image inputs; None for a text batch
+        chunk_pixels = [None if pixels is None else pixels.slice(c, c + rows) for c in range(0, len(idx), rows)]
+        scoring = BatchScoring(service, settings, prompts, idx)
+        rolls = sample_chunks(ac, engine, settings, q_ids, q_mask, chunk_pixels, scoring)
+    else:
+        idx, scoring, policy_version, pixels = requested.idx, requested.scoring, requested.policy_version, None
+        rolls = [engine.result(t, device) for t in requested.tickets]
+        chunk_pixels = [None] * len(rolls)
+        offsets = itertools.accumulate([0] + [r.input_ids.shape[0] for r in rolls[:-1]])
+        for c, roll in zip(offsets, rolls, strict=True):
+            scoring.end_chunk(c, response_rows(roll))
     texts = [scoring.texts[r] for r in range(len(idx))]
     t_gen = time.perf_counter() - t0
     with ac.adapter_lock:
         stats = [response_stats(ac, roll, settings, p) for roll, p in zip(rolls, chunk_pixels, strict=True)]
     t_rollout = time.perf_counter() - t0
+    return _pending(ac, engine, settings, rolls, stats, scoring, idx, texts, pixels, policy_version,
+                    (t_gen, t_rollout))
 
-    # Gather chunks into (B, R) tensors, each padded to the longest response of the batch.
+
+def _pending(ac: ActorCritic, engine: RolloutEngine, settings: RolloutSettings, rolls: list[Rollout], stats: list,
+             scoring: BatchScoring, idx: list[int], texts: list[str], pixels: PixelRows | None, policy_version: int,
+             times: tuple[float, float]) -> PendingExperience:
+    """The chunks gathered into (B, R) tensors, each padded to the longest response of the batch;
+    the Experience is built once its scores are in."""
+    device = rolls[0].input_ids.device
     q, R = rolls[0].query_len, max(r.response_mask.shape[1] for r in rolls)
     logprobs, values, ref_logprobs, kl = (torch.cat([pad_right(s[i], R) for s in stats]) for i in range(4))
     sync = engine.check_sync(rolls, [s[0] for s in stats], settings.sampling)
@@ -336,7 +398,7 @@ def begin_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServ
         scores=torch.tensor(scored.values, device=device, dtype=torch.float32),
         valid=torch.tensor(scored.valid, device=device, dtype=torch.float32),
         texts=texts, pixels=pixels, policy_version=policy_version, behaviour_logprobs=behaviour,
-        stats=RolloutStats({"time/generate": t_gen, "time/rollout": t_rollout, "time/score_wait": t_wait},
+        stats=RolloutStats({"time/generate": times[0], "time/rollout": times[1], "time/score_wait": t_wait},
                            scored.n_failed, scored.reasons, scored.metrics, sync, n_samples=len(idx)),
     ), policy_version, scoring.rows)
 

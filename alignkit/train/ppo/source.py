@@ -22,11 +22,13 @@ from alignkit.train.ppo.experience import (
     Experience,
     PendingExperience,
     PromptSet,
+    Requested,
     RolloutSettings,
     begin_experience,
     concat,
     finish_experience,
     make_experience,
+    request_rollouts,
     select,
 )
 
@@ -63,24 +65,33 @@ class PipelinedSource(ExperienceSource):
     and whose scores have arrived during the k rollouts and updates since. Judge latency leaves the
     critical path; the learner corrects for the lag with importance weights (``algos.correction``).
 
-    Sampling and updating never overlap in time (one thread), so no engine can sample from weights
-    that are half updated. Batches in flight at a checkpoint are not saved: a resumed run starts
-    them again from the checkpoint's policy (docs/algorithms.md)."""
+    With an in-process engine, sampling and updating never overlap in time (one thread), so no
+    engine can sample from weights that are half updated. An engine that runs ahead (the hf rollout
+    worker, ``rollout.worker: process``) is only asked for batch t + k here and samples it while
+    the learner updates; it takes new weights between two rollouts only, and the batch is taken
+    (forward passes, scores) when the learner reaches it. Batches in flight at a checkpoint are
+    not saved: a resumed run starts them again from the checkpoint's policy (docs/algorithms.md)."""
 
     async_level: int = 1
     num_steps: int = 0  # the run's last step: nothing is sampled past it
-    queue: deque[PendingExperience] = field(default_factory=deque)
+    queue: deque[PendingExperience | Requested] = field(default_factory=deque)
     next_step: int | None = None
 
     def experience(self, step: int, policy_version: int) -> Experience:
         if self.next_step is None:  # the first step of this process (a resumed run starts empty)
             self.next_step = step
+        ahead = getattr(self.engine, "runs_ahead", False)
+        start = request_rollouts if ahead else begin_experience
         while self.next_step < min(step + self.async_level + 1, self.num_steps):
-            self.queue.append(begin_experience(self.ac, self.engine, self.service, self.settings, self.prompts,
-                                               self.batch_indices(self.next_step, 0), policy_version))
+            self.queue.append(start(self.ac, self.engine, self.service, self.settings, self.prompts,
+                                    self.batch_indices(self.next_step, 0), policy_version))
             self.next_step += 1
         t0 = time.perf_counter()
-        exp = finish_experience(self.service, self.queue.popleft())
+        pending = self.queue.popleft()
+        if ahead:
+            pending = begin_experience(self.ac, self.engine, self.service, self.settings, self.prompts, [],
+                                       requested=pending)
+        exp = finish_experience(self.service, pending)
         exp.stats.timing["async/learner_wait_s"] = time.perf_counter() - t0
         return exp
 
