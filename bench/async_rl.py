@@ -7,6 +7,12 @@ project's judge server on 127.0.0.1 (rule count_good) over HTTP, one request per
 no cache (every step pays its judge calls).
 
     .venv/bin/python bench/async_rl.py [--latencies 0,1,3] [--levels 0,1,2] [--steps 8] [--warmup 3]
+                                       [--worker none|process|both] [--engine hf|vllm_server]
+
+``--worker process`` runs the async levels with the hf engine in a rollout worker process
+(``rollout.worker: process``: rollout overlaps the update), ``both`` prints in-process and worker
+side by side; sync stays in-process. ``--engine vllm_server`` samples every level from a vLLM
+OpenAI server that alignkit starts (.venv-vllm; one per run, stopped after it).
 
 For each latency it prints each level's s/step over ``--steps`` steps after ``--warmup`` (the
 mean: a pipeline's steps alternate between waiting for the judge and finding scores ready, so its
@@ -34,12 +40,14 @@ GRPO = dict(advantage_estimator="grpo", num_generations=4, beta=0, per_device_tr
             ppo_buffer_size=1, ppo_epochs=1)
 
 
-def run_level(model: Path, url: str, level: int, steps: int, warmup: int, concurrency: int) -> dict[str, float]:
-    """Median per-step figures of one run at ``async_level: level``."""
+def run_level(model: Path, url: str, level: int, steps: int, warmup: int, concurrency: int,
+              rollout: dict[str, str]) -> dict[str, float]:
+    """Median per-step figures of one run at ``async_level: level`` with the ``rollout`` engine keys."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = reference_config(model, Path(tmp) / "run", steps + warmup, url, **GRPO, async_level=level,
                                **{"reward_api.health_check": False, "reward_api.cache": "null",
-                                  "reward_api.max_concurrency": concurrency, "reward_api.max_retries": 0})
+                                  "reward_api.max_concurrency": concurrency, "reward_api.max_retries": 0},
+                               **{f"rollout.{k}": v for k, v in rollout.items()})
         rows = read_metrics(ppo.run(cfg))[warmup:]
     keys = ("time/step", "time/rollout", "time/update", "time/score_wait", "async/learner_wait_s",
             "env/reward_mean", "is/ratio_mean")
@@ -57,28 +65,34 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=64, help="judge requests in flight at most")
+    ap.add_argument("--worker", choices=("none", "process", "both"), default="none",
+                    help="hf engine for the async levels: in-process, in a rollout worker process, or both")
+    ap.add_argument("--engine", choices=("hf", "vllm_server"), default="hf", help="rollout engine of every level")
     args = ap.parse_args()
+    engine = {"engine": args.engine}
+    variants = [("", engine)] if args.engine != "hf" or args.worker == "none" else \
+        [("", engine)] * (args.worker == "both") + [(" worker", {**engine, "worker": "process"})]
     levels = sorted({0, *(int(x) for x in args.levels.split(","))})
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread; GRPO 4x4, 32 new tokens; {args.steps} steps after {args.warmup} "
-          f"warm-up; judge concurrency {args.concurrency}")
+          f"warm-up; judge concurrency {args.concurrency}; rollout engine {args.engine}")
     with tempfile.TemporaryDirectory() as tmp:
         model = build_reference_model(Path(tmp))
         for latency in (float(x) for x in args.latencies.split(",")):
             with start_judge_server(rule="count_good", latency_ms=latency * 1000) as judge:
                 url = judge.url_for("alignkit")
-                sync = run_level(model, url, 0, args.steps, args.warmup, args.concurrency)
+                sync = run_level(model, url, 0, args.steps, args.warmup, args.concurrency, engine)
                 compute = sync["time/rollout"] + sync["time/update"]
                 base = sync["time/step_mean"]
                 print(f"judge +{latency:g} s: sync {base:.3f} s/step (median {sync['time/step']:.3f}; rollout "
                       f"{sync['time/rollout']:.3f}, "
                       f"score wait {sync['time/score_wait']:.3f}, update {sync['time/update']:.3f}; compute "
                       f"{compute:.3f})")
-                for k in levels[1:]:
-                    m = run_level(model, url, k, args.steps, args.warmup, args.concurrency)
+                for k, (name, rollout) in ((k, v) for k in levels[1:] for v in variants):
+                    m = run_level(model, url, k, args.steps, args.warmup, args.concurrency, rollout)
                     step = m["time/step_mean"]
                     bound = max(compute, base / (k + 1))
-                    print(f"  async_level {k}: {step:.3f} s/step = {step / base:.2f}x sync (median step "
+                    print(f"  async_level {k}{name}: {step:.3f} s/step = {step / base:.2f}x sync (median step "
                           f"{m['time/step']:.3f}) | pipelined bound {bound:.3f} s ({bound / base:.2f}x), "
                           f"{step / bound:.2f}x the bound | learner wait "
                           f"{m.get('async/learner_wait_s', float('nan')):.3f} s | IS ratio mean "
