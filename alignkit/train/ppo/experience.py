@@ -110,6 +110,9 @@ class Experience:
     stats: RolloutStats = field(default_factory=RolloutStats)
     policy_version: int = 0  # optimizer updates the sampling policy had seen (the learner's step count)
     behaviour_logprobs: torch.Tensor | None = None  # (B, R) the engine's own log-probs of its samples, if any
+    # The policy version of ``logprobs`` when it is not ``policy_version``: a rollout worker's batch
+    # gets the learner's pass when the learner takes it, already the current (proximal) policy's.
+    logprobs_version: int | None = None
     keep: torch.Tensor | None = None  # (B,) float: 0 drops a valid sample from the loss only (filters)
     # Off-policy correction set by the learner (algos.correction): (B, R) weights of each token's loss
     # term and (B, R) 0/1 tokens kept (MIS); None: on-policy, a weight of exactly 1.

@@ -209,7 +209,8 @@ def correct_off_policy(r: PPORun, exp: Experience, policy_version: int) -> dict[
     if cfg.is_correction == "none" or not (stale or exp.behaviour_logprobs is not None):
         return {}
     behaviour = exp.behaviour_logprobs if exp.behaviour_logprobs is not None else exp.logprobs
-    if stale:  # the sampling policy's log-probs stay the behaviour; the current policy's are the ratio's base
+    if stale and exp.logprobs_version != policy_version:
+        # The sampling policy's log-probs stay the behaviour; the current policy's are the ratio's base.
         with r.ac.adapter_lock:
             exp.logprobs = policy_logprobs(r.learner, exp, cfg.temperature, cfg.per_device_eval_batch_size)
     exp.is_weights, exp.is_mask, stats = importance_weights(exp.logprobs, behaviour, exp.response_mask,

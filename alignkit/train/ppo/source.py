@@ -92,6 +92,8 @@ class PipelinedSource(ExperienceSource):
             pending = begin_experience(self.ac, self.engine, self.service, self.settings, self.prompts, [],
                                        requested=pending)
         exp = finish_experience(self.service, pending)
+        if ahead:  # its no-grad passes ran just now, with the learner's current weights
+            exp.logprobs_version = policy_version
         exp.stats.timing["async/learner_wait_s"] = time.perf_counter() - t0
         return exp
 
