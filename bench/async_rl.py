@@ -11,8 +11,9 @@ no cache (every step pays its judge calls).
 
 ``--worker process`` runs the async levels with the hf engine in a rollout worker process
 (``rollout.worker: process``: rollout overlaps the update), ``both`` prints in-process and worker
-side by side; sync stays in-process. ``--engine vllm_server`` samples every level from a vLLM
-OpenAI server that alignkit starts (.venv-vllm; one per run, stopped after it).
+side by side; sync stays in-process. ``--engine vllm_server`` samples every level from one vLLM
+OpenAI server (.venv-vllm) started once by alignkit's launcher, as a run would start it, and
+stopped at the end (``rollout.urls``: each run pushes its own LoRA versions to it).
 
 For each latency it prints each level's s/step over ``--steps`` steps after ``--warmup`` (the
 mean: a pipeline's steps alternate between waiting for the judge and finding scores ready, so its
@@ -25,8 +26,10 @@ less than the compute of one step (sync's rollout + update, no judge wait), so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -58,6 +61,26 @@ def run_level(model: Path, url: str, level: int, steps: int, warmup: int, concur
     return out
 
 
+@contextlib.contextmanager
+def vllm_server(model: Path, work: Path) -> Iterator[str]:
+    """One vLLM OpenAI server on ``model`` with alignkit's server arguments (LoRA on); its URL."""
+    from torch import nn
+
+    from alignkit.generation import EngineContext, engine_settings
+    from alignkit.generation.server_engine import server_args
+    from alignkit.generation.server_process import ServerProcess, vllm_python
+
+    settings = engine_settings({"engine": "vllm_server"})
+    # No peft model here: the LoRA rank slot defaults to the one for rank 8 (the bench's lora_rank).
+    args = server_args(settings, nn.Module(), EngineContext(str(model), 0, "float32", 512, 0))
+    proc = ServerProcess(vllm_python(settings.python), model, args, work / "server.log")
+    try:
+        proc.wait_healthy(settings.startup_timeout_s)
+        yield proc.url
+    finally:
+        proc.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latencies", default="0,1,3", help="seconds added to every judge request, comma list")
@@ -69,15 +92,17 @@ def main() -> None:
                     help="hf engine for the async levels: in-process, in a rollout worker process, or both")
     ap.add_argument("--engine", choices=("hf", "vllm_server"), default="hf", help="rollout engine of every level")
     args = ap.parse_args()
-    engine = {"engine": args.engine}
+    engine: dict[str, str] = {"engine": args.engine}
     variants = [("", engine)] if args.engine != "hf" or args.worker == "none" else \
         [("", engine)] * (args.worker == "both") + [(" worker", {**engine, "worker": "process"})]
     levels = sorted({0, *(int(x) for x in args.levels.split(","))})
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread; GRPO 4x4, 32 new tokens; {args.steps} steps after {args.warmup} "
           f"warm-up; judge concurrency {args.concurrency}; rollout engine {args.engine}")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model = build_reference_model(Path(tmp))
+        if args.engine == "vllm_server":
+            engine["urls"] = f"[{stack.enter_context(vllm_server(model, Path(tmp)))}]"
         for latency in (float(x) for x in args.latencies.split(",")):
             with start_judge_server(rule="count_good", latency_ms=latency * 1000) as judge:
                 url = judge.url_for("alignkit")
