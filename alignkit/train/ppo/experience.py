@@ -364,27 +364,26 @@ def begin_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardServ
         scoring = BatchScoring(service, settings, prompts, idx)
         rolls = sample_chunks(ac, engine, settings, q_ids, q_mask, chunk_pixels, scoring)
     else:
-        idx, scoring, policy_version, pixels = requested.idx, requested.scoring, requested.policy_version, None
+        scoring, policy_version, pixels = requested.scoring, requested.policy_version, None
         rolls = [engine.result(t, device) for t in requested.tickets]
-        chunk_pixels = [None] * len(rolls)
         offsets = itertools.accumulate([0] + [r.input_ids.shape[0] for r in rolls[:-1]])
         for c, roll in zip(offsets, rolls, strict=True):
             scoring.end_chunk(c, response_rows(roll))
+    return _pending(ac, engine, settings, rolls, scoring, pixels, policy_version, t0)
+
+
+def _pending(ac: ActorCritic, engine: RolloutEngine, settings: RolloutSettings, rolls: list[Rollout],
+             scoring: BatchScoring, pixels: PixelRows | None, policy_version: int, t0: float) -> PendingExperience:
+    """The no-grad passes over the sampled chunks, gathered into (B, R) tensors (each padded to the
+    longest response of the batch); the Experience is built once its scores are in."""
+    idx, t_gen, device = scoring.idx, time.perf_counter() - t0, rolls[0].input_ids.device
     texts = [scoring.texts[r] for r in range(len(idx))]
-    t_gen = time.perf_counter() - t0
+    offsets = itertools.accumulate([0] + [r.input_ids.shape[0] for r in rolls[:-1]])
+    chunk_pixels = [None if pixels is None else pixels.slice(c, c + r.input_ids.shape[0])
+                    for c, r in zip(offsets, rolls, strict=True)]
     with ac.adapter_lock:
         stats = [response_stats(ac, roll, settings, p) for roll, p in zip(rolls, chunk_pixels, strict=True)]
-    t_rollout = time.perf_counter() - t0
-    return _pending(ac, engine, settings, rolls, stats, scoring, idx, texts, pixels, policy_version,
-                    (t_gen, t_rollout))
-
-
-def _pending(ac: ActorCritic, engine: RolloutEngine, settings: RolloutSettings, rolls: list[Rollout], stats: list,
-             scoring: BatchScoring, idx: list[int], texts: list[str], pixels: PixelRows | None, policy_version: int,
-             times: tuple[float, float]) -> PendingExperience:
-    """The chunks gathered into (B, R) tensors, each padded to the longest response of the batch;
-    the Experience is built once its scores are in."""
-    device = rolls[0].input_ids.device
+    times = (t_gen, time.perf_counter() - t0)
     q, R = rolls[0].query_len, max(r.response_mask.shape[1] for r in rolls)
     logprobs, values, ref_logprobs, kl = (torch.cat([pad_right(s[i], R) for s in stats]) for i in range(4))
     sync = engine.check_sync(rolls, [s[0] for s in stats], settings.sampling)

@@ -303,6 +303,11 @@ def prepare(cfg: PPOConfig, accelerator: Accelerator, out: Path, prompts: Prompt
     num_steps = total_steps(cfg, len(prompts.queries) // global_bs)
     sharding.check_supported(accelerator, lora_reward=cfg.reward_model_type == "lora",
                              vllm=spec is not None and spec.needs_whole_weights)
+    if getattr(cfg.rollout, "worker", "none") == "process" and sharding.backend(accelerator) in ("zero3", "fsdp"):
+        raise NotImplementedError(
+            f"rollout.worker: process copies the policy into its own process and sends its weights after each "
+            f"update, but a {sharding.backend(accelerator)} sharded policy is whole on no rank; use rollout.worker: "
+            "none (alignkit gathers the policy once per rollout) or train under ZeRO-2 or DDP.")
     sharding.shard(accelerator, ac)  # FSDP: before the optimizer, which must hold the shards
     params = ac.trainable_parameters()
     optimizer, scheduler = build_optimizer(cfg, params, num_steps)
