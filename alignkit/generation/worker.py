@@ -94,7 +94,8 @@ class HFWorkerEngine:
         self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
         self.sync_tolerance, self.version = sync_tolerance, 0
         self.pending: dict[int, _Pending] = {}
-        self.error: str | None = None
+        self.error: str | None = None  # what stopped the worker
+        self.hand_on_error: str | None = None  # what stopped the dispatcher in a callback
         self.cond, self.tickets = threading.Condition(), itertools.count()
         # The worker's own copy: cloned so that moving it to shared memory leaves the trainer's alone.
         worker_lm = copy.deepcopy(lm).requires_grad_(False)
@@ -128,7 +129,13 @@ class HFWorkerEngine:
                     p.version, p.rollout = msg[2], msg[3]
                     self.cond.notify_all()
             if msg[0] == "finished" and p.on_finished is not None:
-                p.on_finished(msg[2], msg[3])
+                try:
+                    p.on_finished(msg[2], msg[3])
+                except BaseException:  # noqa: BLE001 - the trainer waiting in result() stops with it
+                    with self.cond:
+                        self.hand_on_error = traceback.format_exc()
+                        self.cond.notify_all()
+                    return
 
     def request(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams,
                 on_finished: OnFinished | None = None) -> int:
@@ -183,6 +190,8 @@ class HFWorkerEngine:
         return engine_sync_check(self.sync_tolerance, rollouts, trainer_logprobs, sampling)
 
     def _raise_if_dead(self) -> None:
+        if self.hand_on_error is not None:  # the worker is fine; handing a response to the scorer failed
+            raise RuntimeError(f"handing a finished response to the scorer failed:\n{self.hand_on_error}")
         if self.error is not None or not self.process.is_alive():
             raise WorkerDied(
                 f"the rollout worker process (rollout.worker: process, pid {self.process.pid}) stopped"
