@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 
@@ -145,11 +146,17 @@ class CountFailures(SourceWrapper):
     """``reward/failures`` since the last read, failures per kind of reason over the whole run,
     and a warning naming the reasons whenever a call has failures."""
 
+    # Responses are scored one by one as they finish, so a flaky judge would log a line per failed
+    # response: after the first, failures are summed into one line at most every WARN_EVERY_S seconds.
+    WARN_EVERY_S = 30.0
+
     def __init__(self, inner: RewardSource) -> None:
         super().__init__(inner)
         self._lock = threading.Lock()
         self._failures = 0
         self._summary: Counter[str] = Counter()
+        self._unwarned = [0, 0]  # failed, scored since the last warning
+        self._warned_at: float | None = None
 
     async def score(
         self, prompts: Sequence[str], responses: Sequence[str], meta: ScoreMeta | None = None
@@ -160,8 +167,14 @@ class CountFailures(SourceWrapper):
             self._failures += len(failed)
             # A reason starts with its kind ("HTTP 500: ...", "rule error: ..."); see docs/reward_api.md.
             self._summary.update(reason.split(":", 1)[0] for reason in failed)
-        if failed:
-            logger.warning("reward: %d of %d scores failed; last: %s", len(failed), len(scores), "; ".join(failed[-3:]))
+            self._unwarned[0] += len(failed)
+            self._unwarned[1] += len(scores)
+            now, n_failed, n = time.monotonic(), *self._unwarned
+            due = failed and (self._warned_at is None or now - self._warned_at >= self.WARN_EVERY_S)
+            if due:
+                self._warned_at, self._unwarned = now, [0, 0]
+        if due:
+            logger.warning("reward: %d of %d scores failed; last: %s", n_failed, n, "; ".join(failed[-3:]))
         return scores
 
     def metrics(self) -> dict[str, float]:
