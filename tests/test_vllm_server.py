@@ -197,6 +197,42 @@ def test_a_skipped_sync_is_caught_by_the_sync_check(server, tiny_model_dir, sft_
         ppo.run(cfg)
 
 
+def test_server_engine_reports_each_response_as_its_request_returns(server, tiny_model_dir, tmp_path):
+    """Against a real vLLM server: a response is handed on as soon as its own request returns (before
+    later requests do), with exactly the tokens the Rollout holds, through its stop token."""
+    from alignkit.data.collators import pad_left
+    from alignkit.generation import SamplingParams, stop_token_ids
+    from alignkit.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    eos = tuple(stop_token_ids(tokenizer, None, None))
+    q_ids, q_mask = pad_left([tokenizer.encode(f"The story of item {i} is") for i in range(8)], tokenizer.pad_token_id)
+    engine = VLLMServerEngine([server.url], tokenizer.pad_token_id, tmp_path)
+    events: list[tuple[str, int]] = []
+    real = engine._complete
+
+    async def complete(client, url, body):  # records each request's return, in order
+        out = await real(client, url, body)
+        events.append(("returned", len(events)))
+        return out
+
+    engine._complete = complete
+    reported = {}
+
+    def finished(row, ids):
+        events.append(("finished", row))
+        reported[row] = ids
+
+    roll = engine.generate(q_ids, q_mask, SamplingParams(24, eos, temperature=1.0), on_finished=finished)
+    engine.close()
+    with_eos = [i for i in range(8) if not roll.no_eos[i]]
+    assert with_eos and sorted(reported) == with_eos  # every finished response once; cut ones are not reported
+    for row, ids in reported.items():
+        assert ids == roll.input_ids[row, roll.query_len:][roll.response_mask[row].bool()].tolist()
+    kinds = [k for k, _ in events]
+    assert kinds.index("finished") < len(kinds) - 1 - kinds[::-1].index("returned")  # before the last request returned
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [pytest.param("deepspeed_zero3", marks=requires_deepspeed), "fsdp"])
 def test_two_sharded_ranks_sample_from_the_server_in_sync(config, server, tiny_model_dir, sft_adapter,
