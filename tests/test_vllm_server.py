@@ -27,7 +27,7 @@ from alignkit.generation.server_process import ServerProcess
 from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
 from tests.conftest import EXAMPLES, ROOT, ppo_config
-from tests.launch import launch, requires_deepspeed
+from tests.launch import launch, launch_nodes, requires_deepspeed
 from tests.test_distributed import ppo_overrides, prompts_dir  # noqa: F401 (a fixture)
 
 VLLM_PYTHON = os.environ.get("ALIGNKIT_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
@@ -211,6 +211,27 @@ def test_two_sharded_ranks_sample_from_the_server_in_sync(config, server, tiny_m
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert max(r["rollout/engine_logprob_diff"] for r in rows) < SYNC_TOLERANCE, rows
+
+
+@pytest.mark.slow
+def test_two_nodes_run_grpo_against_one_server(server, prompts_dir, tmp_path):  # noqa: F811
+    """``torchrun --nnodes 2`` twice on 127.0.0.1 (node_rank 0 and 1, one rank each: the commands of
+    docs/distributed.md), GRPO with LoRA against one server: both "nodes" dispatch their own prompts
+    under their own adapter versions, and the sync check holds for every step."""
+    proxy = Recorder(server.url, owner=True)
+    out = tmp_path / "run"
+    try:
+        launch_nodes(EXAMPLES / "grpo_tiny.yaml", ppo_overrides(
+            server.base, prompts_dir, out, "num_generations=2", "rollout.engine=vllm_server",
+            f"rollout.urls=[{proxy.url}]", f"rollout.sync_tolerance={SYNC_TOLERANCE}"))
+    finally:
+        proxy.shutdown()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert max(r["rollout/engine_logprob_diff"] for r in rows) < SYNC_TOLERANCE, rows
+    # policy-v{N}-{tag}-r{rank}: each rank sent its 2 prompts x 2 responses per step, at versions 1 and 2.
+    by_rank = {rank: sorted(m.split("-")[1] for m in proxy.models if m.endswith(f"-r{rank}")) for rank in (0, 1)}
+    assert by_rank == {0: ["v1"] * 4 + ["v2"] * 4, 1: ["v1"] * 4 + ["v2"] * 4}, proxy.models
 
 
 def port_open(port: int) -> bool:
