@@ -266,7 +266,6 @@ class VLLMServerEngine:
 
         stats = push_full(policy_lm(policy), self.full_sync_mb, load, self.work_dir, reset)
         self.version, self.pending = self.version + 1, None
-        self.full_stats = stats  # for tests and the bench: what a rank held at most
         self.last_sync = {"seconds": stats.seconds, "version": float(self.version), "bytes": float(stats.total_bytes),
                           "buckets": float(stats.buckets), "max_bucket_bytes": float(stats.max_held)}
 
