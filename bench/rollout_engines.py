@@ -1,7 +1,9 @@
 """Rollout tokens/s of the ``hf`` engine vs ``vllm`` (colocated) vs ``vllm_server`` (a vLLM OpenAI
 server in its own process) on the same model, prompts, lengths and sampling settings, and what a
-weight sync costs: colocated LoRA-layers and full syncs, and the server's LoRA hot-swap (adapter
-saved, loaded under a new name, previous one unloaded). Prints figures; not a test. Needs vLLM:
+weight sync costs: colocated LoRA-layers and full syncs, the server's LoRA hot-swap (adapter
+saved, loaded under a new name, previous one unloaded) and the server's full sync through the
+sharded path (``full_sync``: buckets of whole layers written and reloaded in place by the server;
+here from one process, so the gathers are no-ops and the figure is the write + reload + RPC cost). Prints figures; not a test. Needs vLLM:
 
     ./scripts/setup_vllm.sh && .venv-vllm/bin/python bench/rollout_engines.py [--repeats 3] [--setups tiny,50m]
 
@@ -39,7 +41,7 @@ from transformers import AutoModelForCausalLM
 from alignkit.data.collators import pad_left
 from alignkit.generation import EngineContext, HFEngine, SamplingParams, engine_settings
 from alignkit.generation.server_engine import VLLMServerEngine, server_args
-from alignkit.generation.server_process import ServerProcess, vllm_python
+from alignkit.generation.server_process import FULL_SYNC_EXTENSION, ServerProcess, full_sync_env, vllm_python
 from alignkit.generation.vllm_engine import VLLMEngine
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.tiny import build_tiny, corpus_lines
@@ -98,7 +100,8 @@ def server_rates(model_dir: Path, policy, tok, ids, mask, sampling, max_len: int
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
         settings = engine_settings({"engine": "vllm_server", "gpu_memory_utilization": 0.5})
-        proc = ServerProcess(vllm_python(None), model_dir, server_args(settings, policy, ctx), Path(work) / "log")
+        proc = ServerProcess(vllm_python(None), model_dir, [*server_args(settings, policy, ctx), "--worker-extension-cls",
+                                                            FULL_SYNC_EXTENSION], Path(work) / "log", env=full_sync_env())
         try:
             proc.wait_healthy(900)
             startup = time.perf_counter() - t0
@@ -110,11 +113,27 @@ def server_rates(model_dir: Path, policy, tok, ids, mask, sampling, max_len: int
                 fake_update(policy)
                 engine.push_adapter(policy)
                 swaps.append(dict(engine.last_sync))
-            engine.close()
+            full = {mb: full_sync_cost(proc.url, model_dir, tok.pad_token_id, Path(work), mb, args)
+                    for mb in (256.0, 1e-6)}  # the default bucket, and one layer per bucket
+            engine.close()  # stops the server
         finally:
             proc.stop()
     return {"rate": rate, "startup": startup, "swap_s": statistics.median(r["seconds"] for r in swaps),
-            "swap_mb": statistics.median(r["bytes"] for r in swaps) / 1e6}
+            "swap_mb": statistics.median(r["bytes"] for r in swaps) / 1e6, "full": full}
+
+
+def full_sync_cost(url: str, model_dir: Path, pad: int, work: Path, bucket_mb: float, args) -> dict[str, float]:
+    """Median seconds, MB and buckets of the server's full sync of a plain (full fine-tuning) model."""
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    engine = VLLMServerEngine([url], pad, work, full_sync_mb=bucket_mb)
+    rows = []
+    for _ in range(args.repeats):
+        with torch.no_grad():
+            for p in plain.parameters():
+                p.add_(torch.randn_like(p) * 1e-4)
+        engine.push_full(plain)
+        rows.append(dict(engine.last_sync))
+    return {k: statistics.median(r[k] for r in rows) for k in ("seconds", "bytes", "buckets", "max_bucket_bytes")}
 
 
 def run_setup(name: str, model_dir: Path, n_prompts: int, new_tokens: int, args) -> None:
@@ -150,6 +169,10 @@ def run_setup(name: str, model_dir: Path, n_prompts: int, new_tokens: int, args)
           f"({sync['lora_mb']:.1f} MB), full sync {sync['full_s'] * 1e3:.0f} ms ({sync['full_mb']:.1f} MB)")
     print(f"  vllm_server startup {server['startup']:.1f} s; LoRA hot-swap (save, load as a new name, unload the "
           f"old) {server['swap_s'] * 1e3:.0f} ms ({server['swap_mb']:.2f} MB adapter)")
+    for mb, f in server["full"].items():
+        print(f"  vllm_server full sync, sync_bucket_mb {mb:g}: {f['seconds'] * 1e3:.0f} ms ({f['bytes'] / 1e6:.1f} MB "
+              f"in {f['buckets']:.0f} buckets, largest {f['max_bucket_bytes'] / 1e6:.2f} MB)  "
+              f"x{f['seconds'] / server['swap_s']:.1f} the LoRA hot-swap")
 
 
 def main() -> None:

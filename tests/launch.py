@@ -50,3 +50,28 @@ def launch(config: Path, overrides: list[str], env: dict[str, str] | None = None
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-TAIL:]}"
     return proc
+
+
+def launch_nodes(config: Path, overrides: list[str], nodes: int = 2, timeout: float = 300) -> list[str]:
+    """``torchrun --nnodes N --node_rank i --nproc_per_node 1`` once per "node", all on 127.0.0.1 (one
+    rendezvous at ``--master_addr 127.0.0.1 --master_port P``), each ``-m alignkit.cli train CONFIG ...``,
+    as on N machines; returns each launcher's output (stdout and stderr together)."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(i),
+         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "alignkit.cli", "train", str(config), *overrides],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(nodes)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:  # one launcher failed or timed out: do not leave the other waiting at the rendezvous
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"node {i} exit {p.returncode}\n{out[-TAIL:]}"
+    return outputs

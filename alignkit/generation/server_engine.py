@@ -15,7 +15,10 @@ that never imports vllm, so a trainer without vLLM drives servers that own their
   as ``policy-v{N}-<tag>`` (``/v1/load_lora_adapter``) and unloads the previous one. Requests name
   that version. The base is never resent. The push is lazy so that a resumed run's restored
   adapter (loaded after the engine is built) is the one pushed first.
-- Full fine-tuning is refused for now (it needs vLLM's weight-update path: docs/vllm.md).
+- **Weight sync (full fine-tuning).** ``full_sync``: after each update the policy is gathered one
+  bucket of whole layers at a time (ZeRO-3, FSDP2: never the whole model on one rank) and rank 0 has
+  every server load each bucket in place (dev-mode ``/collective_rpc`` into alignkit's vLLM worker
+  extension); requests keep naming the base. The first push (the run's start or resume) is lazy too.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from alignkit.generation.engine import SamplingParams, engine_sync_check
+from alignkit.generation.full_sync import push_full
 from alignkit.generation.registry import EngineContext, EngineSettings, register_engine
 from alignkit.generation.sampling import (
     OnFinished,
@@ -45,7 +49,14 @@ from alignkit.generation.sampling import (
     request_seeds,
     rollout_from_tokens,
 )
-from alignkit.generation.server_process import ServerProcess, log_tail, lora_rank_slot, vllm_python
+from alignkit.generation.server_process import (
+    FULL_SYNC_EXTENSION,
+    ServerProcess,
+    full_sync_env,
+    log_tail,
+    lora_rank_slot,
+    vllm_python,
+)
 from alignkit.generation.weights import POLICY_ADAPTER, SyncCheck, plain_model, policy_lm
 
 logger = logging.getLogger(__name__)
@@ -75,6 +86,8 @@ class ServerSettings(EngineSettings):
     work_dir: str | None = Field(None, description="Where the merged base and the adapters are written (must be "
                                  "visible to the servers); default <output_dir>/vllm_server.")
     extra_args: list[str] = Field(default_factory=list, description="More api_server arguments for started servers.")
+    sync_bucket_mb: float = Field(256.0, gt=0.0, description="Full fine-tuning: MiB of whole layers gathered and "
+                                  "pushed at a time (a layer larger than this goes alone).")
 
     @model_validator(mode="after")
     def _urls_or_started(self):
@@ -154,7 +167,8 @@ class VLLMServerEngine:
     reports_finished = True  # generate(on_finished=...): each response as its request returns
 
     def __init__(self, urls: list[str], pad_token_id: int, work_dir: Path, *, sync_tolerance: float = 0.05,
-                 processes: list[ServerProcess] | None = None, request_timeout_s: float = 600.0):
+                 processes: list[ServerProcess] | None = None, request_timeout_s: float = 600.0,
+                 full_sync_mb: float | None = None):
         self.urls = [u.rstrip("/") for u in urls]
         self.pad_token_id = pad_token_id
         self.work_dir = Path(work_dir)
@@ -172,6 +186,9 @@ class VLLMServerEngine:
         self.pending: nn.Module | None = None
         self.sent: list[int] = [0] * len(self.urls)  # requests per server (for logs and tests)
         self.last_sync: dict[str, float] = {}
+        self.full_sync_mb = full_sync_mb  # None: LoRA (adapters); else full sync in buckets of this many MiB
+        if full_sync_mb is not None and rank == 0:
+            self._check_full_sync()
 
     # -- HTTP -------------------------------------------------------------------------------------
     def _fail(self, url: str, detail: str) -> ServerDown:
@@ -186,13 +203,14 @@ class VLLMServerEngine:
             raise self._fail(url, f"GET {path}: HTTP {r.status_code} {r.text[:300]}")
         return r.json()
 
-    def _post(self, url: str, path: str, body: dict) -> None:
+    def _post(self, url: str, path: str, body: dict) -> httpx.Response:
         try:
             r = httpx.post(url + path, json=body, timeout=self.timeout)
         except httpx.TransportError as e:
             raise self._fail(url, f"POST {path}: {e!r}") from None
         if r.status_code != 200:
             raise self._fail(url, f"POST {path} {body}: HTTP {r.status_code} {r.text[:300]}")
+        return r
 
     async def _complete(self, client: httpx.AsyncClient, url: str, body: dict) -> tuple[list[int], list[float]]:
         try:
@@ -245,12 +263,47 @@ class VLLMServerEngine:
                                    list(sampling.eos_ids), self.pad_token_id)
 
     def sync_weights(self, policy: nn.Module) -> None:
-        """The next ``generate`` samples from ``policy``'s current adapter (pushed then, see the module doc)."""
-        self.pending = policy
+        """The next ``generate`` samples from ``policy``'s current weights: LoRA, its adapter pushed
+        then (see the module doc); full fine-tuning after the first push, pushed now, bucket by bucket,
+        outside the rollout's gather (every rank calls this after the update)."""
+        if self.full_sync_mb is not None and self.version > 0:
+            self.push_full(policy)
+        else:
+            self.pending = policy
+
+    def push_full(self, policy: nn.Module) -> None:
+        """Every server's weights replaced by ``policy``'s (``full_sync.push_full``); requests keep the base's name."""
+        def load(path: Path) -> None:
+            for url in self.urls:
+                self._post(url, "/collective_rpc", {"method": "alignkit_load_weights_file", "args": [str(path)]})
+
+        def reset() -> None:
+            for url in self.urls:
+                self._post(url, "/reset_prefix_cache", {})
+
+        stats = push_full(policy_lm(policy), self.full_sync_mb, load, self.work_dir, reset)
+        self.version, self.pending = self.version + 1, None
+        self.last_sync = {"seconds": stats.seconds, "version": float(self.version), "bytes": float(stats.total_bytes),
+                          "buckets": float(stats.buckets), "max_bucket_bytes": float(stats.max_held)}
+
+    def _check_full_sync(self) -> None:
+        for url in self.urls:
+            try:
+                r = httpx.post(url + "/collective_rpc", json={"method": "alignkit_packed_modules"}, timeout=60)
+            except httpx.TransportError as e:
+                raise self._fail(url, f"POST /collective_rpc: {e!r}") from None
+            if r.status_code != 200:
+                raise ValueError(
+                    f"the vLLM server {url} cannot take full-fine-tuning weight syncs (POST /collective_rpc: HTTP "
+                    f"{r.status_code} {r.text[:200]}): start it with VLLM_SERVER_DEV_MODE=1, PYTHONPATH naming "
+                    f"alignkit's source and --worker-extension-cls {FULL_SYNC_EXTENSION} (docs/vllm.md), or "
+                    "use finetuning_type: lora")
 
     def push_adapter(self, policy: nn.Module) -> None:
         """Save the policy adapter, load it on every server under a new version name, unload the
-        previous one (``generate`` calls it when a sync is pending)."""
+        previous one (``generate`` calls it when a sync is pending; full fine-tuning: ``push_full``)."""
+        if self.full_sync_mb is not None:
+            return self.push_full(policy)
         t0 = time.perf_counter()
         lm = policy_lm(policy)
         name = f"policy-v{self.version + 1}-{self.tag}"
@@ -299,6 +352,8 @@ def server_args(settings: ServerSettings, policy: nn.Module, ctx: EngineContext)
             "--logprobs-mode", "processed_logprobs", "--served-model-name", "base"]
     if settings.enable_expert_parallel:
         args.append("--enable-expert-parallel")
+    if peft_cfg is None:  # full fine-tuning: weights are pushed through alignkit's worker extension
+        args += ["--worker-extension-cls", FULL_SYNC_EXTENSION]
     if not torch.cuda.is_available():  # torch.compile on CPU recompiles at every start (minutes)
         args.append("--enforce-eager")
     return args + list(settings.extra_args)
@@ -311,8 +366,10 @@ def start_servers(settings: ServerSettings, policy: nn.Module, ctx: EngineContex
     base = write_base(lm, ctx.model_name_or_path, work_dir / "base", ctx.adapters) if ctx.adapters \
         else Path(ctx.model_name_or_path)
     python, args = vllm_python(settings.python), server_args(settings, policy, ctx)
+    env = full_sync_env() if FULL_SYNC_EXTENSION in args else None
     procs = [ServerProcess(python, base, args, work_dir / f"server-{i}.log",
-                           settings.devices[i] if settings.devices else None) for i in range(settings.num_servers)]
+                           settings.devices[i] if settings.devices else None, env=env)
+             for i in range(settings.num_servers)]
     try:
         for p in procs:
             p.wait_healthy(settings.startup_timeout_s)
@@ -326,9 +383,7 @@ def start_servers(settings: ServerSettings, policy: nn.Module, ctx: EngineContex
 def build_server_engine(settings: ServerSettings, policy: nn.Module, ctx: EngineContext) -> VLLMServerEngine:
     from peft import PeftModel
 
-    if not isinstance(policy_lm(policy), PeftModel):
-        raise ValueError("rollout.engine: vllm_server syncs LoRA adapters only for now (finetuning_type: lora); "
-                         "for full fine-tuning use rollout.engine: vllm on one node (docs/vllm.md)")
+    full = not isinstance(policy_lm(policy), PeftModel)
     if settings.urls is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("rollout.num_servers starts servers from one process only; with several training ranks "
                          "start the servers yourself and list them in rollout.urls (docs/distributed.md)")
@@ -338,7 +393,8 @@ def build_server_engine(settings: ServerSettings, policy: nn.Module, ctx: Engine
     try:
         engine = VLLMServerEngine(settings.urls or [p.url for p in procs], ctx.pad_token_id, work_dir,
                                   sync_tolerance=settings.sync_tolerance, processes=procs,
-                                  request_timeout_s=settings.request_timeout_s)
+                                  request_timeout_s=settings.request_timeout_s,
+                                  full_sync_mb=settings.sync_bucket_mb if full else None)
     except BaseException:
         for p in procs:
             p.stop()

@@ -23,6 +23,18 @@ import httpx
 CPU_KVCACHE_GB = "1"
 # vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The worker extension a full-fine-tuning sync calls through /collective_rpc (alignkit.generation.full_sync).
+FULL_SYNC_EXTENSION = "alignkit.generation.vllm_engine.WeightSyncExtension"
+
+
+def full_sync_env() -> dict[str, str]:
+    """What a server needs for full-fine-tuning syncs: the dev-mode endpoints (``/collective_rpc``,
+    ``/reset_prefix_cache``) and alignkit importable by its workers (they load ``FULL_SYNC_EXTENSION``)."""
+    import alignkit
+
+    source = str(Path(alignkit.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
+    return {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": path}
 
 
 def vllm_python(setting: str | None) -> str:
@@ -62,11 +74,11 @@ class ServerProcess:
     """One vLLM OpenAI server on 127.0.0.1, started with ``args`` after the model, logging to ``log``."""
 
     def __init__(self, python: str, model_dir: str | Path, args: list[str], log: Path,
-                 devices: str | None = None, port: int | None = None):
+                 devices: str | None = None, port: int | None = None, env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", **(env or {}))
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GB)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
         if devices is not None:
