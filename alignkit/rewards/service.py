@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from alignkit.rewards.base import Score, ScoreMeta
 from alignkit.rewards.factory import HealthCheck, build_reward
@@ -34,6 +34,8 @@ class ScoredBatch:
     # reward/latency_p50/p95, reward/extra/*, rollout/think_truncated_frac (with strip_think).
     metrics: dict[str, float]
     reasons: list[str | None]  # per sample: why its score failed (secrets scrubbed), None when it did not
+    # per sample: its rubric's per-criterion scores (judge criteria), None for other sources or failures
+    details: list[dict[str, float] | None] = field(default_factory=list)
 
 
 class RewardService:
@@ -110,7 +112,8 @@ class RewardService:
         scores = [s for f in futures for s in f.result()]
         metrics = self._source.metrics()
         values, valid, n_failed = self._policy.apply(scores)
-        return ScoredBatch(values, valid, n_failed, metrics, [None if s.ok else s.reason or "unknown" for s in scores])
+        return ScoredBatch(values, valid, n_failed, metrics, [None if s.ok else s.reason or "unknown" for s in scores],
+                           [s.details if s.ok else None for s in scores])
 
     def failure_summary(self) -> dict[str, int]:
         """Failures over the whole run, per kind of reason."""

@@ -54,7 +54,7 @@ def sample_rows(step: int, exp: Experience, shaped: Shaped, prompts: list[str], 
             "failure": None if ok else exp.stats.failure_reasons[i],
             "shaped_score": float(shaped.scores[i]) if ok else None, "kl": round(float(kl[i]), 4),
             "length": int(lengths[i]), "no_eos": bool(exp.no_eos[i]),
-        })
+        } | ({"criteria": details[i]} if (details := exp.stats.score_details) and details[i] else {}))
     return rows
 
 
@@ -64,9 +64,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| pick | score | KL | length | prompt | response |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['pick']} | {cell(r['score'] if r['failure'] is None else 'failed')} | {r['kl']} | {r['length']} "
+    lines += [f"| {r['pick']} | {cell(score_text(r))} | {r['kl']} | {r['length']} "
               f"| {cell(r['prompt'])} | {cell(r['response'])} |" for r in rows]
     return "\n".join(lines)
+
+
+def score_text(row: dict[str, Any]) -> str:
+    """A sample's score as a table shows it: ``failed``, or the score with its criteria's (``7.5 (accuracy 8, ...)``)."""
+    if row.get("failure") is not None or row.get("score") is None:
+        return "failed"
+    criteria = row.get("criteria") or {}
+    inner = ", ".join(f"{k} {v:.3g}" for k, v in criteria.items())
+    return f"{row['score']:.3g}" + (f" ({inner})" if inner else "")
 
 
 class RewardProbe:
