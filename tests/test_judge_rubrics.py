@@ -198,3 +198,18 @@ def test_per_criterion_scores_reach_samples_and_the_report(tiny_model_dir, tmp_p
     assert read_metrics(out)[0]["judge/criterion/cites"] == 10
     html = write_report(out).read_text()
     assert "<th>criteria</th>" in html and "cites&nbsp;10" in html
+
+
+def test_criterion_scores_follow_their_samples_through_merges_and_selection():
+    from alignkit.train.ppo.experience import RolloutStats
+    from alignkit.train.ppo.samples import score_text
+
+    a = RolloutStats(failure_reasons=[None, "HTTP 500"], score_details=[{"accuracy": 8.0}, None])
+    b = RolloutStats(failure_reasons=[None])  # a round scored by a source without criteria
+    merged = a.merge(b)
+    assert merged.score_details == [{"accuracy": 8.0}, None, None]
+    assert merged.rows([2, 0]).score_details == [None, {"accuracy": 8.0}]
+    assert RolloutStats(failure_reasons=[None]).merge(b).score_details == []
+    assert score_text({"score": 7.0, "failure": None, "criteria": {"accuracy": 8.0, "brevity": 4.0}}) == \
+        "7 (accuracy 8, brevity 4)"
+    assert score_text({"score": None, "failure": "HTTP 500"}) == "failed"
