@@ -213,3 +213,12 @@ def test_criterion_scores_follow_their_samples_through_merges_and_selection():
     assert score_text({"score": 7.0, "failure": None, "criteria": {"accuracy": 8.0, "brevity": 4.0}}) == \
         "7 (accuracy 8, brevity 4)"
     assert score_text({"score": None, "failure": "HTTP 500"}) == "failed"
+
+
+def test_tied_scores_pick_each_sample_once():
+    import torch
+
+    from alignkit.train.ppo.samples import pick_samples
+
+    picks = pick_samples(torch.full((8,), 10.0), torch.ones(8), 8)  # a judge that gave every answer 10
+    assert sorted(i for i, _ in picks) == list(range(8))

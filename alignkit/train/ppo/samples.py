@@ -37,6 +37,7 @@ def pick_samples(scores: torch.Tensor, valid: torch.Tensor, n: int) -> list[tupl
         masked = scores.masked_fill(~ok, float("nan"))
         picks = [(int(torch.nan_to_num(masked, nan=-float("inf")).argmax()), "best"),
                  (int(torch.nan_to_num(masked, nan=float("inf")).argmin()), "worst")]
+        picks = picks[:1] if picks[0][0] == picks[1][0] else picks  # all scores tied: one row, not two copies
     taken = {i for i, _ in picks}
     spread = [i for i in torch.linspace(0, len(scores) - 1, max(n, 1)).round().long().tolist() if i not in taken]
     return (picks + [(i, "spread") for i in dict.fromkeys(spread)])[:n]
