@@ -53,6 +53,10 @@ def path_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     dataset = raw.get("dataset")
     if isinstance(dataset, str | list) and dataset:
         out += [("dataset", f"key 'dataset': {p}") for p in dataset_problems(dataset, raw.get("dataset_dir", "data"))]
+    if isinstance(raw.get("reward_api"), dict) and raw["reward_api"].get("criteria_column"):
+        from alignkit.rewards.api.row_criteria import column_problems  # reads the rows' rubric cells
+
+        out += column_problems(raw)
     output_dir = raw.get("output_dir")
     if isinstance(output_dir, str) and (problem := output_dir_problem(output_dir)):
         out.append(("output_dir", problem))

@@ -93,6 +93,7 @@ class Example:
     kto_tag: bool | None = None  # kind "kto", unpaired rows: the last assistant turn is desirable (True) or not
     source: str = ""
     images: list[str] = field(default_factory=list)  # absolute paths, in the order of the <image> placeholders
+    columns: dict[str, Any] = field(default_factory=dict)  # raw cells of the columns a caller asked to keep
 
     def last_user_text(self) -> str:
         """The latest user turn: the prompt a reward source (rule, model, judge) is shown.
@@ -129,11 +130,13 @@ def load_examples(
     kind: Kind,
     max_samples: int | None = None,
     skip_bad_rows: bool = False,
+    keep_columns: tuple[str, ...] = (),
 ) -> list[Example]:
     """Load and normalise every dataset in ``dataset`` (a list or a comma-separated string).
 
     ``max_samples`` caps each dataset (the first valid rows are kept). A malformed row raises
     ``DataError``; with ``skip_bad_rows`` it is skipped and the count is logged as a warning.
+    ``keep_columns``: raw cells each example keeps in ``columns`` (a reward's per-row inputs).
     """
     if kind not in ("sft", "pairwise", "prompt", "kto"):
         raise ValueError(f"kind must be 'sft', 'pairwise', 'prompt' or 'kto', got {kind!r}")
@@ -148,7 +151,7 @@ def load_examples(
         rows: list[Example] = []
         for spec in specs:
             spec.media_dir = Path(dataset_dir) if dataset_dir else None
-            rows.extend(_load_file(spec, kind, None if num_samples else max_samples, skip_bad_rows))
+            rows.extend(_load_file(spec, kind, None if num_samples else max_samples, skip_bad_rows, keep_columns))
         if num_samples is not None:  # LLaMA-Factory's order: sample num_samples, then cut to max_samples
             logger.info("dataset %r: num_samples=%d rows drawn from its %d", name, num_samples, len(rows))
             rows = sample_rows(rows, num_samples)[:max_samples]
@@ -328,7 +331,8 @@ def _detect(spec: DatasetSpec, first: Any) -> DatasetSpec:
     return DatasetSpec(spec.path, "alpaca", columns, {}, ranking)
 
 
-def _load_file(spec: DatasetSpec, kind: Kind, max_samples: int | None, skip_bad_rows: bool) -> list[Example]:
+def _load_file(spec: DatasetSpec, kind: Kind, max_samples: int | None, skip_bad_rows: bool,
+               keep_columns: tuple[str, ...] = ()) -> list[Example]:
     rows = _read_rows(spec.path)
     if not rows:
         return []
@@ -360,6 +364,7 @@ def _load_file(spec: DatasetSpec, kind: Kind, max_samples: int | None, skip_bad_
             bad, first_error = bad + 1, first_error or msg
             continue
         ex.source = f"{spec.path}:{i}"
+        ex.columns = {c: row.get(c) for c in keep_columns}
         out.append(ex)
     if bad:
         logger.warning(

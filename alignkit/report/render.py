@@ -95,7 +95,7 @@ table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #e
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:14px}
 figure{margin:0;border:1px solid #d0d7de;border-radius:6px;padding:8px}figure img{width:100%}
 figcaption{font-size:.88em;color:#424a53}pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:.85em}
-.muted{color:#6e7781}td.resp{font-family:ui-monospace,monospace;font-size:.85em;max-width:520px}
+.muted{color:#6e7781}td.resp{font-family:ui-monospace,monospace;font-size:.85em;max-width:520px}td.crit{font-size:.85em;white-space:nowrap}
 """
 
 
@@ -248,16 +248,26 @@ def _score_cell(score: float | None) -> str:
     return "failed" if score is None else f"{score:.3g}"
 
 
+def _criteria_cell(row: dict) -> str:
+    """Each criterion's score, one per line (``accuracy 8``)."""
+    criteria = row.get("criteria") or {}
+    lines = "<br>".join(f"{html.escape(str(k))}&nbsp;{v:.3g}" for k, v in criteria.items() if isinstance(v, int | float))
+    return f'<td class="crit">{lines}</td>'
+
+
 def _samples_html(samples: list[dict]) -> str:
     e = html.escape
     if not samples:
         return '<p class="muted">no samples.jsonl (PPO runs write it; see log_samples_every)</p>'
-    head = "".join(f"<th>{c}</th>" for c in SAMPLE_COLUMNS)
+    # A judge with a rubric (reward_api.criteria) scored each criterion: one compact cell beside the score.
+    rubric = any(r.get("criteria") for r in samples)
+    columns = (*SAMPLE_COLUMNS[:3], "criteria", *SAMPLE_COLUMNS[3:]) if rubric else SAMPLE_COLUMNS
+    head = "".join(f"<th>{c}</th>" for c in columns)
     parts = []
     for title, rows in sample_sections(samples):
         body = "".join(
             f"<tr><td>{r['step']}</td><td>{e(str(r.get('pick', '')))}</td>"
-            f"<td>{_score_cell(r.get('score'))}</td><td>{r.get('kl', 0):.3g}</td>"
+            f"<td>{_score_cell(r.get('score'))}</td>{_criteria_cell(r) if rubric else ''}<td>{r.get('kl', 0):.3g}</td>"
             f"<td>{r.get('length', '')}</td><td>{e(str(r.get('prompt', '')))}</td>"
             f"<td class=\"resp\">{e(str(r.get('response', '')))}</td></tr>" for r in rows)
         parts.append(f"<h3>{e(title)}</h3><table><tr>{head}</tr>{body}</table>")

@@ -23,6 +23,8 @@ class Score:
     reason: str | None = None
     cached: bool = False
     latency_s: float | None = None
+    # The rubric's per-criterion scores behind ``value`` (judge criteria; ``None`` for other sources).
+    details: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -48,6 +50,9 @@ class ScoreMeta:
     # Each prompt's images (absolute paths, in placeholder order; empty for a text prompt): what a
     # judge needs to see to know what was asked. ``None`` when no prompt has an image.
     images: Sequence[tuple[str, ...]] | None = None
+    # Each row's own rubric (``reward_api.criteria_column``), as canonical JSON of its criteria;
+    # ``None`` where the row has none. ``None`` when no row has one.
+    criteria: Sequence[str | None] | None = None
 
     def select(self, indices: Sequence[int]) -> ScoreMeta:
         """The meta of the samples at ``indices`` (a wrapper passes only some samples on)."""
@@ -56,7 +61,7 @@ class ScoreMeta:
             return None if values is None else [values[i] for i in indices]
 
         return ScoreMeta(pick(self.labels), self.extra, pick(self.templated_prompts), pick(self.full_responses),
-                         pick(self.images))
+                         pick(self.images), pick(self.criteria))
 
 
 def images_for(meta: ScoreMeta | None, n: int) -> list[tuple[str, ...]]:
@@ -65,6 +70,14 @@ def images_for(meta: ScoreMeta | None, n: int) -> list[tuple[str, ...]]:
     if len(images) != n:
         raise ValueError(f"score(): {n} responses but {len(images)} image lists")
     return [tuple(i) for i in images]
+
+
+def criteria_for(meta: ScoreMeta | None, n: int) -> list[str | None]:
+    """Each sample's row rubric (canonical JSON, ``None`` where the row has none); checks the count."""
+    rubrics = list(meta.criteria) if meta is not None and meta.criteria is not None else [None] * n
+    if len(rubrics) != n:
+        raise ValueError(f"score(): {n} responses but {len(rubrics)} row rubrics")
+    return rubrics
 
 
 def labels_for(meta: ScoreMeta | None, n: int) -> list[str | None]:

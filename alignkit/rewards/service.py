@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from alignkit.rewards.base import Score, ScoreMeta
@@ -40,6 +40,8 @@ class ScoredBatch:
     # reward/latency_p50/p95, reward/extra/*, rollout/think_truncated_frac (with strip_think).
     metrics: dict[str, float]
     reasons: list[str | None]  # per sample: why its score failed (secrets scrubbed), None when it did not
+    # per sample: its rubric's per-criterion scores (judge criteria), None for other sources or failures
+    details: list[dict[str, float] | None] = field(default_factory=list)
 
 
 class RewardService:
@@ -126,7 +128,8 @@ class RewardService:
             scores = [placed[i] for i in range(len(placed))]
         metrics = self._source.metrics()
         values, valid, n_failed = self._policy.apply(scores)
-        return ScoredBatch(values, valid, n_failed, metrics, [None if s.ok else s.reason or "unknown" for s in scores])
+        return ScoredBatch(values, valid, n_failed, metrics, [None if s.ok else s.reason or "unknown" for s in scores],
+                           [s.details if s.ok else None for s in scores])
 
     def failure_summary(self) -> dict[str, int]:
         """Failures over the whole run, per kind of reason."""

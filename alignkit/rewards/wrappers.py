@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from alignkit.rewards.base import RewardSource, Score, ScoreMeta, images_for, labels_for
+from alignkit.rewards.base import RewardSource, Score, ScoreMeta, criteria_for, images_for, labels_for
 from alignkit.rewards.cache import ScoreCache, cache_key
 from alignkit.rewards.text import ThinkFilter
 
@@ -119,6 +119,9 @@ class CacheScores(SourceWrapper):
         # A prompt's images are part of what was asked: the same text with another image is another sample.
         shown = [p + "".join(f"\x00{i}" for i in imgs) for p, imgs in zip(shown, images_for(meta, len(responses)),
                                                                            strict=True)]
+        # A row's own rubric (criteria_column) is part of what the score means.
+        shown = [p if c is None else f"{p}\x00criteria:{c}" for p, c in zip(shown, criteria_for(meta, len(responses)),
+                                                                             strict=True)]
         keys = [cache_key(self.identity, p, r, lb) for p, r, lb in zip(shown, responses, labels, strict=True)]
         hits = self.cache.get_many(list(dict.fromkeys(keys)))
         results: list[Score | None] = [Score(hits[k], cached=True) if k in hits else None for k in keys]

@@ -44,7 +44,10 @@ def preflight(cfg: StageConfig, kind: Kind) -> list[Example]:
                            "a peft adapter directory (a full model goes in model_name_or_path)")
     _check_writable(cfg.output_dir)
     resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)  # raises if the checkpoint is missing
-    return load_examples(cfg.dataset, cfg.dataset_dir, kind, cfg.max_samples, cfg.skip_bad_rows)
+    api = getattr(cfg, "reward_api", None)
+    column = getattr(api, "criteria_column", None) if getattr(cfg, "reward_model_type", None) == "api" else None
+    return load_examples(cfg.dataset, cfg.dataset_dir, kind, cfg.max_samples, cfg.skip_bad_rows,
+                         keep_columns=(column,) if column else ())
 
 
 def _check_model_files(path: str, key: str, marker: str, what: str) -> None:

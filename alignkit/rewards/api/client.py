@@ -9,6 +9,7 @@ the score cache and failure counts are wrappers every source gets (``rewards/wra
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,12 +25,14 @@ from typing import Any
 import aiohttp
 
 from alignkit.rewards.api.config import ApiSettings
+from alignkit.rewards.api.criteria import CRITERION_LOG
 from alignkit.rewards.api.headers import redact_headers, resolve_headers, scrub
 from alignkit.rewards.api.limits import TokenBudget, estimate_tokens
 from alignkit.rewards.api.pairwise import ordered_pairs, pair_body, parse_pair, win_rates
 from alignkit.rewards.api.presets import UNSUCCESSFUL, Item, ReplyError, make_preset, shape_settings
+from alignkit.rewards.api.row_criteria import encode
 from alignkit.rewards.api.transport import Reply, RequestFailure, open_session, post, retry_after_seconds
-from alignkit.rewards.base import RewardError, Score, ScoreMeta, images_for, labels_for
+from alignkit.rewards.base import RewardError, Score, ScoreMeta, criteria_for, images_for, labels_for
 from alignkit.rewards.cache import identity_of
 
 logger = logging.getLogger(__name__)
@@ -90,7 +93,8 @@ class ApiReward:
         self, prompts: Sequence[str], responses: Sequence[str], meta: ScoreMeta | None = None
     ) -> list[Score]:
         prompts, responses = self._texts(prompts, responses, meta)
-        samples = list(zip(prompts, responses, labels_for(meta, len(responses)), images_for(meta, len(responses)),
+        n = len(responses)
+        samples = list(zip(prompts, responses, labels_for(meta, n), images_for(meta, n), criteria_for(meta, n),
                            strict=True))
         # Identical samples within the call are sent once.
         items, bs = list(dict.fromkeys(samples)), self.cfg.batch_size
@@ -177,6 +181,8 @@ class ApiReward:
     async def _score_batch(self, items: list[Item]) -> list[Score]:
         if self.mode == "pairwise" and len(items) > 1:
             return await self._score_pairs(items)
+        if getattr(self.preset, "per_criterion", False):
+            return [await self._score_per_criterion(item) for item in items]
         if not self.listwise:
             return await self._score_request(items)
         # Shown in an order of their own, so a judge's position bias does not follow the sampler's
@@ -200,6 +206,22 @@ class ApiReward:
                 else Score.failure(f"{failed} (every comparison of this response failed)", latency_s=latency)
                 for r in rates]
 
+    async def _score_per_criterion(self, item: Item) -> Score:
+        """``criteria_mode: per_criterion``: one request per criterion of the item's rubric, each the
+        criteria rubric with that criterion alone; the score is their weighted mean. Any failed
+        criterion fails the sample (a mean over the criteria that came back would be another rubric)."""
+        criteria = self.preset.criteria_of(item)
+        alone = [(*item[:4], encode([c])) for c in criteria]
+        outcomes = await asyncio.gather(*(self._score_request([one]) for one in alone))
+        latency = max((o[0].latency_s or 0.0 for o in outcomes), default=0.0)
+        for c, (o,) in zip(criteria, outcomes, strict=True):
+            if not o.ok:
+                return Score.failure(f"criterion {c.name!r}: {o.reason}", latency_s=latency)
+        total = sum(c.weight for c in criteria)
+        value = sum(c.weight * o[0].value for c, o in zip(criteria, outcomes, strict=True)) / total
+        details = {k: v for (o,) in outcomes for k, v in (o.details or {}).items()}
+        return Score(value, latency_s=latency, details=details)
+
     async def _compare(self, a: Item, b: Item) -> Score:
         cfg = self.cfg
         body = json.dumps(pair_body(cfg.model, cfg.pairwise_rubric, a, b, cfg.temperature), ensure_ascii=False)
@@ -212,15 +234,16 @@ class ApiReward:
 
     async def _score_request(self, items: list[Item]) -> list[Score]:
         body = json.dumps(self.preset.build(items), ensure_ascii=False).encode()
-        outcome, _, latency = await self._send(body, len(items))
+        outcome, _, latency = await self._send(body, len(items), items=items)
         if isinstance(outcome, RequestFailure):
             return [Score.failure(self._redact(outcome.reason), latency_s=latency)] * len(items)
         with self._lock:
             self._latencies.append(latency)
-        return [Score(s.value, s.reason and self._redact(s.reason), latency_s=latency) for s in outcome]
+        return [Score(s.value, s.reason and self._redact(s.reason), latency_s=latency, details=s.details)
+                for s in outcome]
 
     async def _send(
-        self, body: bytes, n: int, probe: bool = False, pair: bool = False
+        self, body: bytes, n: int, probe: bool = False, pair: bool = False, items: list[Item] | None = None
     ) -> tuple[list[Score] | RequestFailure, Reply | None, float]:
         """POST ``body`` (``n`` items) with the retry policy: the last attempt's outcome, its reply
         (``None`` when none came) and the time taken over all attempts, seconds. The start-up
@@ -238,7 +261,7 @@ class ApiReward:
                 self._count("requests")
                 try:
                     reply = await post(state.session, self.url, body, self.cfg.max_body_bytes)
-                    outcome = self._interpret(reply, n, entry, pair)
+                    outcome = self._interpret(reply, n, entry, pair, items)
                 except RequestFailure as f:
                     reply, outcome = None, f
             if not isinstance(outcome, RequestFailure):
@@ -252,7 +275,7 @@ class ApiReward:
         return failure, reply, time.perf_counter() - start
 
     def _interpret(self, reply: Reply, n: int, entry: list[float] | None = None,
-                   pair: bool = False) -> list[Score] | RequestFailure:
+                   pair: bool = False, items: list[Item] | None = None) -> list[Score] | RequestFailure:
         """Turn a reply into ``n`` scores (each validated), or a failure of the whole request."""
         if reply.status >= 300:
             text = _clip(reply.content.decode(errors="replace"), 200)
@@ -272,9 +295,10 @@ class ApiReward:
         try:
             if pair:  # a comparison: what it gave the first response, 0..1, not a score on score_range
                 return [Score(parse_pair(data))]
-            values, logs = self.preset.parse(data, n)
+            values, logs = self.preset.parse_items(data, items) if items else self.preset.parse(data, n)
         except ReplyError as e:
             return RequestFailure(e.kind, e.detail)
+        scores = [self._validate(v) for v in values]
         if logs:
             with self._lock:
                 for name, vals in logs.items():
@@ -282,7 +306,12 @@ class ApiReward:
                         self._counts[name] += int(sum(v for v in vals if _is_number(v)))
                     else:
                         self._extra[name].extend(float(v) for v in vals if _is_number(v))
-        return [self._validate(v) for v in values]
+        # One sample's rubric scores stay with its score (samples.jsonl, the report's sample tables).
+        details = {k.removeprefix(CRITERION_LOG): float(v[0]) for k, v in logs.items()
+                   if k.startswith(CRITERION_LOG) and len(v) == 1 and _is_number(v[0])}
+        if n == 1 and details and scores[0].ok:
+            scores = [dataclasses.replace(scores[0], details=details)]
+        return scores
 
     def _record_usage(self, data: Any, entry: list[float] | None) -> None:
         """Count an OpenAI-style ``usage`` (a reply that fails to parse was still paid for)."""

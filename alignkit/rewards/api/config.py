@@ -159,6 +159,16 @@ class OpenAIJudgeApi(ApiSettings):
         None, description="A rubric of weighted criteria [{name, weight, description}] scored in one call as JSON; "
         "the score is their weighted mean; rubric then defaults to one with a {criteria} list."
     )
+    criteria_column: str | None = Field(
+        None, description="Dataset column holding each row's own criteria (same shape as criteria, or that list as "
+        "JSON text), merged with criteria by name: a row's criterion replaces the global one of its name, new "
+        "names are added. Checked row by row before training."
+    )
+    criteria_mode: Literal["holistic", "per_criterion"] = Field(
+        "holistic", description="holistic: every criterion scored in one JSON reply; per_criterion: one request per "
+        "criterion (N times the calls and prompt tokens), combined with the weights; a failed criterion fails the "
+        "sample."
+    )
     pairwise_rubric: str = Field(
         PAIRWISE_RUBRIC, description="judge_mode: pairwise prompt; {prompt}, {label}, {response_a}, {response_b}."
     )
@@ -180,22 +190,24 @@ class OpenAIJudgeApi(ApiSettings):
                              "not combine with judge_samples > 1 or score_from: logprobs")
         if self.judge_mode == "listwise" and "{responses}" not in self.listwise_rubric:
             raise ValueError("reward_api.listwise_rubric must contain {responses} (where the numbered responses go)")
-        if self.criteria:
+        if self.criteria or self.criteria_column:
             self._check_criteria()
+        elif self.criteria_mode != "holistic":
+            raise ValueError(f"reward_api.criteria_mode: {self.criteria_mode} needs reward_api.criteria or "
+                             "reward_api.criteria_column (the criteria to score one per request)")
         if self.judge_samples > 1 and self.temperature == 0:
             raise ValueError(f"reward_api.judge_samples={self.judge_samples} with temperature 0 asks for the same "
                              "judgement several times; set reward_api.temperature (e.g. 0.7) or judge_samples: 1")
         self._one_per_request("")
         return self
 
-
     def _check_criteria(self) -> None:
         names = [c.name for c in self.criteria or []]
         if len(set(names)) != len(names):
             raise ValueError(f"reward_api.criteria: names must be unique, got {names}")
         if self.judge_mode != "pointwise" or self.judge_samples > 1 or self.score_from != "text":
-            raise ValueError("reward_api.criteria are scored in one JSON reply per sample; they do not combine with "
-                             "judge_mode listwise/pairwise, judge_samples > 1 or score_from: logprobs")
+            raise ValueError("reward_api.criteria (and criteria_column) are scored as JSON replies per sample; they do "
+                             "not combine with judge_mode listwise/pairwise, judge_samples > 1 or score_from: logprobs")
         if "rubric" not in self.model_fields_set:
             self.rubric = CRITERIA_RUBRIC
         elif "{criteria}" not in self.rubric:

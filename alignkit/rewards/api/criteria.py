@@ -28,6 +28,8 @@ CRITERIA_RUBRIC = """You are a strict judge. Rate the response on each criterion
 
 Reply with a JSON object giving each criterion its score, e.g. {example}."""
 
+CRITERION_LOG = "judge/criterion/"  # + a criterion's name: its scores, logged as a mean and kept per sample
+
 
 class Criterion(BaseModel):
     """One line of the rubric."""

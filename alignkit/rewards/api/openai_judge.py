@@ -23,7 +23,14 @@ import re
 from statistics import fmean, median, pstdev
 from typing import Any
 
-from alignkit.rewards.api.criteria import Criterion, criteria_prompt, criteria_schema, weighted_score
+from alignkit.rewards.api.criteria import (
+    CRITERION_LOG,
+    Criterion,
+    criteria_prompt,
+    criteria_schema,
+    weighted_score,
+)
+from alignkit.rewards.api.row_criteria import FALLBACK, decode
 from alignkit.rewards.api.shape import Item, Preset, ReplyError, data_url, fill, images_of, kind_of
 
 # judge_mode: listwise: one request per group. The responses are shuffled by the client and shown
@@ -43,7 +50,8 @@ comparing them with each other.
 Reply with a JSON object giving each response id its score, e.g. {"R1": 7, "R2": 3}."""
 
 CALIBRATION_DEFAULTS: dict[str, Any] = {"score_format": "text", "score_from": "text", "judge_samples": 1,
-                                        "judge_aggregate": "mean", "temperature": 0.0, "judge_mode": "pointwise"}
+                                        "judge_aggregate": "mean", "temperature": 0.0, "judge_mode": "pointwise",
+                                        "criteria_mode": "holistic"}
 TOP_LOGPROBS = 20  # the most OpenAI returns; enough to cover a 0-10 scale
 MIN_SCORE_MASS = 0.05  # below this, a reply without a score token has no score distribution to speak of
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -66,10 +74,14 @@ class OpenAIJudgePreset(Preset):
                  score_from: str = "text", judge_samples: int = 1, judge_aggregate: str = "mean",
                  temperature: float = 0.0, score_range: tuple[float, float] | None = None,
                  judge_mode: str = "pointwise", listwise_rubric: str = LISTWISE_RUBRIC,
-                 criteria: list[Criterion] | None = None) -> None:
+                 criteria: list[Criterion] | None = None, criteria_column: str | None = None,
+                 criteria_mode: str = "holistic") -> None:
         super().__init__("openai_judge", max_batch=None if judge_mode == "listwise" else 1)
         self.listwise, self.listwise_rubric = judge_mode == "listwise", listwise_rubric
         self.criteria = criteria or []
+        # Scored on criteria: the global ones, each row's own (criteria_column), or both.
+        self.uses_criteria = bool(criteria) or bool(criteria_column)
+        self.per_criterion = self.uses_criteria and criteria_mode == "per_criterion"
         self.model, self.rubric, self.pattern = model, rubric, re.compile(score_regex)
         self.score_format, self.score_from = score_format, score_from
         self.samples, self.aggregate, self.temperature = judge_samples, judge_aggregate, temperature
@@ -79,7 +91,14 @@ class OpenAIJudgePreset(Preset):
     def from_config(cls, cfg: Any) -> OpenAIJudgePreset:
         return cls(cfg.model or "", cfg.rubric, cfg.score_regex, cfg.score_format, cfg.score_from, cfg.judge_samples,
                    cfg.judge_aggregate, cfg.temperature, cfg.score_range, cfg.judge_mode, cfg.listwise_rubric,
-                   cfg.criteria)
+                   cfg.criteria, cfg.criteria_column, cfg.criteria_mode)
+
+    def criteria_of(self, item: Item) -> list[Criterion]:
+        """The rubric ``item`` is judged on: its row's (merged with the global one when the row was
+        loaded), else the global criteria, else a generic one (probe and canary samples, not dataset rows)."""
+        if len(item) > 4 and item[4]:
+            return decode(item[4])
+        return self.criteria or FALLBACK
 
     def build(self, items: list[Item]) -> dict[str, Any]:
         if self.listwise:
@@ -92,11 +111,12 @@ class OpenAIJudgePreset(Preset):
             "messages": [{"role": "user", "content": [{"type": "text", "text": text}, *images] if images else text}],
             "temperature": self.temperature or 0,
         }
-        if self.criteria:  # the rubric's criteria replace the single score
-            text = criteria_prompt(self.criteria, item, self.rubric)
+        if self.uses_criteria:  # the rubric's criteria replace the single score
+            criteria = self.criteria_of(item)
+            text = criteria_prompt(criteria, item, self.rubric)
             body["messages"][0]["content"] = [{"type": "text", "text": text}, *images] if images else text
             score = score_schema(self.score_range)["json_schema"]["schema"]["properties"]["score"]
-            body["response_format"] = criteria_schema(self.criteria, score)
+            body["response_format"] = criteria_schema(criteria, score)
         elif self.score_format == "json":
             body["response_format"] = score_schema(self.score_range)
         if self.score_from == "logprobs":
@@ -135,16 +155,22 @@ class OpenAIJudgePreset(Preset):
             raise ReplyError("wrong count", f"listwise reply should score {', '.join(ids)}; got {str(text)[-200:]!r}")
         return [obj[i] for i in ids]
 
+    def parse_items(self, data: Any, items: list[Item]) -> tuple[list[Any], dict[str, list[Any]]]:
+        if not self.uses_criteria:
+            return self.parse(data, len(items))
+        (item,) = items
+        try:
+            text = data["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise ReplyError("wrong shape", f"expected choices[0].message.content, got {kind_of(data)}") from None
+        value, per = weighted_score(self.criteria_of(item), str(text), self.score_range)
+        return [value], {f"{CRITERION_LOG}{k}": [v] for k, v in per.items()}
+
     def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
         if self.listwise:
             return self._parse_group(data, n), {}
-        if self.criteria:
-            try:
-                text = data["choices"][0]["message"]["content"]
-            except (KeyError, IndexError, TypeError):
-                raise ReplyError("wrong shape", f"expected choices[0].message.content, got {kind_of(data)}") from None
-            value, per = weighted_score(self.criteria, str(text), self.score_range)
-            return [value], {f"judge/criterion/{k}": [v] for k, v in per.items()}
+        if self.uses_criteria:  # without the item: judged on the global (or generic) rubric
+            return self.parse_items(data, [("", "", None)])
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices:
             raise ReplyError("wrong shape", f"expected choices[0].message.content, got {kind_of(data)}")

@@ -253,6 +253,8 @@ def shape_settings(cfg: Any) -> dict[str, Any]:
         calibration = {k: getattr(cfg, k) for k, default in CALIBRATION_DEFAULTS.items() if getattr(cfg, k) != default}
         if cfg.criteria:
             calibration["criteria"] = [c.model_dump() for c in cfg.criteria]
+        if cfg.criteria_column:  # each row's rubric is in its cache key too (CacheScores)
+            calibration["criteria_column"] = cfg.criteria_column
         if cfg.judge_mode != "pointwise":
             calibration[f"{cfg.judge_mode}_rubric"] = getattr(cfg, f"{cfg.judge_mode}_rubric")
         return {"rubric": cfg.rubric, "score_regex": cfg.score_regex} | calibration

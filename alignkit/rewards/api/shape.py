@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-Item = tuple  # (prompt, response, label) or (prompt, response, label, images: tuple of paths)
+# (prompt, response, label), or (prompt, response, label, images: tuple of paths[, row rubric: JSON text or None])
+Item = tuple
 
 _PLACEHOLDER = re.compile(r"\{(prompt|response|label)\}")
 
@@ -76,3 +77,7 @@ class Preset:
 
     def parse(self, data: Any, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
         raise NotImplementedError
+
+    def parse_items(self, data: Any, items: list[Item]) -> tuple[list[Any], dict[str, list[Any]]]:
+        """``parse`` for a shape whose reading depends on the items sent (a row's own rubric)."""
+        return self.parse(data, len(items))

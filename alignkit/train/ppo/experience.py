@@ -10,6 +10,7 @@ finished. ``concat`` and ``Experience.select`` re-batch experiences (dynamic sam
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import threading
 import time
@@ -38,6 +39,7 @@ class PromptSet:
     labels: list[str | None]
     templated: list[str] | None = None  # the queries decoded with special tokens: what full-text judges read
     images: list[list[str]] | None = None  # per row, its image paths (what the reward is shown); None: text only
+    criteria: list[str | None] | None = None  # per row, its own rubric (reward_api.criteria_column) as JSON text
     vision: VisionProcessor | None = None  # makes the pixel inputs of a batch's image rows (a VL model)
 
     def pixel_rows(self, idx: list[int], device: torch.device) -> PixelRows | None:
@@ -76,6 +78,12 @@ class RolloutStats:
     sync: SyncCheck | None = None  # the engine's log-probs against the trainer's (engines that report them)
     rounds: int = 1  # sampling rounds that made the batch (dynamic sampling)
     n_samples: int = 0  # responses sampled and scored, including any a dynamic sampler left out
+    score_details: list[dict[str, float] | None] = field(default_factory=list)  # per sample: criterion scores
+
+    def rows(self, rows: list[int]) -> RolloutStats:
+        """These stats with the per-sample lists cut to ``rows``."""
+        return dataclasses.replace(self, failure_reasons=[self.failure_reasons[r] for r in rows],
+                                   score_details=[self.score_details[r] for r in rows] if self.score_details else [])
 
     def merge(self, other: RolloutStats) -> RolloutStats:
         """Two rounds' stats: times and counters summed, the worse sync check kept."""
@@ -86,7 +94,14 @@ class RolloutStats:
             {k: self.timing.get(k, 0.0) + other.timing.get(k, 0.0) for k in set(self.timing) | set(other.timing)},
             self.n_failed + other.n_failed, self.failure_reasons + other.failure_reasons, counters,
             max(syncs, key=lambda c: c.logprob_diff) if syncs else None, self.rounds + other.rounds,
-            self.n_samples + other.n_samples)
+            self.n_samples + other.n_samples, _joined(self, other))
+
+
+def _joined(a: RolloutStats, b: RolloutStats) -> list[dict[str, float] | None]:
+    """Two batches' per-sample criterion scores, in order (empty when neither has any)."""
+    if not a.score_details and not b.score_details:
+        return []
+    return (a.score_details or [None] * len(a.failure_reasons)) + (b.score_details or [None] * len(b.failure_reasons))
 
 
 @dataclass
@@ -194,6 +209,7 @@ def score_meta(prompts: PromptSet, ids: list[int], resp_ids: list[list[int]], se
         full_responses=None if settings.decode_full is None else settings.decode_full(
             [prompts.queries[i] for i in ids], resp_ids),
         images=None if prompts.images is None else [tuple(prompts.images[i]) for i in ids],
+        criteria=None if prompts.criteria is None else [prompts.criteria[i] for i in ids],
     )
 
 
@@ -267,7 +283,7 @@ def _sample_key(prompts: list[str], texts: list[str], meta: ScoreMeta) -> tuple:
     """Everything a judge may be sent about one sample."""
     one = lambda values: None if values is None else values[0]  # noqa: E731
     return (prompts[0], texts[0], one(meta.labels), one(meta.images), one(meta.templated_prompts),
-            one(meta.full_responses))
+            one(meta.full_responses), one(meta.criteria))
 
 
 def generate(engine: RolloutEngine, q_ids: torch.Tensor, q_mask: torch.Tensor, sampling: SamplingParams,
@@ -401,7 +417,8 @@ def _pending(ac: ActorCritic, engine: RolloutEngine, settings: RolloutSettings, 
         valid=torch.tensor(scored.valid, device=device, dtype=torch.float32),
         texts=texts, pixels=pixels, policy_version=policy_version, behaviour_logprobs=behaviour,
         stats=RolloutStats({"time/generate": times[0], "time/rollout": times[1], "time/score_wait": t_wait},
-                           scored.n_failed, scored.reasons, scored.metrics, sync, n_samples=len(idx)),
+                           scored.n_failed, scored.reasons, scored.metrics, sync, n_samples=len(idx),
+                           score_details=scored.details),
     ), policy_version, scoring.rows)
 
 
@@ -420,8 +437,7 @@ def select(exp: Experience, rows: list[int]) -> Experience:
         response_mask=exp.response_mask[i], no_eos=exp.no_eos[i], logprobs=exp.logprobs[i],
         ref_logprobs=exp.ref_logprobs[i], values=pick(exp.values), kl=exp.kl[i], scores=exp.scores[i],
         valid=exp.valid[i], group_ids=exp.group_ids[i], texts=[exp.texts[r] for r in rows],
-        stats=RolloutStats(s.timing, s.n_failed, [s.failure_reasons[r] for r in rows], s.reward_metrics, s.sync,
-                           s.rounds, s.n_samples),
+        stats=s.rows(rows),
         policy_version=exp.policy_version, behaviour_logprobs=pick(exp.behaviour_logprobs),
         pixels=None if exp.pixels is None else PixelRows([exp.pixels.pixel_values[r] for r in rows],
                                                          [exp.pixels.image_grid_thw[r] for r in rows]),

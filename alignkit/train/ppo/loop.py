@@ -44,6 +44,7 @@ from alignkit.models.loading import (
     merge_adapters,
     model_dtype,
 )
+from alignkit.rewards.api.row_criteria import examples_criteria
 from alignkit.rewards.service import RewardService, build_reward_service
 from alignkit.train import checkpoint, sharding
 from alignkit.train.checkpoint import resume
@@ -264,6 +265,7 @@ def load_prompts(cfg: PPOConfig, tokenizer, examples: list[Example]) -> PromptSe
         templated=RewardService.full_texts(tokenizer, queries),
         images=[ex.images for ex in examples] if any(ex.images for ex in examples) else None,
         vision=fmt.vision,
+        criteria=examples_criteria(cfg, examples),
     )
 
 

@@ -37,6 +37,7 @@ def pick_samples(scores: torch.Tensor, valid: torch.Tensor, n: int) -> list[tupl
         masked = scores.masked_fill(~ok, float("nan"))
         picks = [(int(torch.nan_to_num(masked, nan=-float("inf")).argmax()), "best"),
                  (int(torch.nan_to_num(masked, nan=float("inf")).argmin()), "worst")]
+        picks = picks[:1] if picks[0][0] == picks[1][0] else picks  # all scores tied: one row, not two copies
     taken = {i for i, _ in picks}
     spread = [i for i in torch.linspace(0, len(scores) - 1, max(n, 1)).round().long().tolist() if i not in taken]
     return (picks + [(i, "spread") for i in dict.fromkeys(spread)])[:n]
@@ -54,7 +55,7 @@ def sample_rows(step: int, exp: Experience, shaped: Shaped, prompts: list[str], 
             "failure": None if ok else exp.stats.failure_reasons[i],
             "shaped_score": float(shaped.scores[i]) if ok else None, "kl": round(float(kl[i]), 4),
             "length": int(lengths[i]), "no_eos": bool(exp.no_eos[i]),
-        })
+        } | ({"criteria": details[i]} if (details := exp.stats.score_details) and details[i] else {}))
     return rows
 
 
@@ -64,9 +65,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| pick | score | KL | length | prompt | response |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['pick']} | {cell(r['score'] if r['failure'] is None else 'failed')} | {r['kl']} | {r['length']} "
+    lines += [f"| {r['pick']} | {cell(score_text(r))} | {r['kl']} | {r['length']} "
               f"| {cell(r['prompt'])} | {cell(r['response'])} |" for r in rows]
     return "\n".join(lines)
+
+
+def score_text(row: dict[str, Any]) -> str:
+    """A sample's score as a table shows it: ``failed``, or the score with its criteria's (``7.5 (accuracy 8, ...)``)."""
+    if row.get("failure") is not None or row.get("score") is None:
+        return "failed"
+    criteria = row.get("criteria") or {}
+    inner = ", ".join(f"{k} {v:.3g}" for k, v in criteria.items())
+    return f"{row['score']:.3g}" + (f" ({inner})" if inner else "")
 
 
 class RewardProbe:

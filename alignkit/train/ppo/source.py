@@ -148,6 +148,8 @@ class DynamicSampling(ExperienceSource):
             stats = stats.merge(e.stats)
         batch.stats = stats
         batch.stats.failure_reasons = [r for p in parts for r in p.stats.failure_reasons]
+        batch.stats.score_details = ([d for p in parts for d in p.stats.score_details or [None] * len(p.texts)]
+                                     if any(p.stats.score_details for p in parts) else [])
         return batch
 
 
