@@ -5,6 +5,12 @@ tied embeddings), LoRA r 8 / alpha 16 on q_proj,v_proj, rollout batch 16, mini-b
 ppo_epochs 4, max_new_tokens 32, top_k 0 / top_p 1.0, reward = count of the word "good".
 
     .venv/bin/python bench/ppo_step.py [--steps 10] [--warmup 2] [--threads 1] [--judge-ms 0]
+    .venv/bin/python bench/ppo_step.py --model real [--steps 3] [--warmup 1] [--threads 2]
+
+``--model real`` (scripts/setup.sh --real) times SmolLM2-135M-Instruct (49k vocabulary) instead, in
+two shapes of 16 rows x 32 new tokens, LoRA r16 on q,k,v,o, one epoch of one mini-batch: PPO with
+a critic (16 prompts, GAE, value head) and GRPO (4 prompts x 4, beta 0.02), the step of issue 23.
+Each has its own floor, timed on the same model and shapes in the same run.
 
 With ``--judge-ms N`` the reward comes from the judge server over HTTP with N ms latency
 (``count_good`` on the server), to measure how much latency the overlap hides.
@@ -55,6 +61,16 @@ def reference_config(model: Path, out: Path, steps: int, judge_url: str | None, 
 def build_reference_model(root: Path) -> Path:
     return build_tiny(root / "tiny", hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                       num_kv_heads=2, vocab_size=512)
+
+
+# The real-model shapes (--model real): what both algorithms share, then each one's keys.
+REAL_COMMON = {"template": "auto", "lora_rank": 16, "lora_alpha": 32, "lora_target": "q_proj,k_proj,v_proj,o_proj",
+               "ppo_buffer_size": 1, "ppo_epochs": 1, "max_new_tokens": 32, "top_k": 0, "top_p": 1.0}
+REAL_ALGOS = {
+    "PPO (critic, GAE)": {"per_device_train_batch_size": 16, "num_generations": 1},
+    "GRPO (4 x 4)": {"advantage_estimator": "grpo", "per_device_train_batch_size": 4, "num_generations": 4,
+                     "beta": 0.02},
+}
 
 
 def run_once(model: Path, steps: int, warmup: int, judge_url: str | None = None, **extra) -> dict[str, float]:
@@ -141,21 +157,45 @@ def report(name: str, m: dict[str, float]) -> None:
           f"peak RSS {m['perf/peak_rss_mb']:.0f} MB")
 
 
+def real_main(steps: int, warmup: int, repeats: int) -> None:
+    """s/step and its ratio to the floor, PPO with a critic and GRPO, on SmolLM2 (module docstring)."""
+    from alignkit.models.gguf import convert_gguf, smollm2_gguf
+
+    model = convert_gguf(smollm2_gguf())
+    ratios = {}
+    for name, keys in REAL_ALGOS.items():
+        extra = {**REAL_COMMON, **keys}
+        measured = run_once(model, steps, warmup, **extra)
+        report(f"SmolLM2 {name}", measured)
+        floor = compute_floor(model, repeats, round(measured["rollout/response_len_max"]), **extra)
+        print(f"  compute floor (median of {repeats}): " + " | ".join(f"{k} {v:.3f} s" for k, v in floor.items()))
+        ratios[name] = measured["time/step"] / floor["total"]
+        print(f"  ratio s/step / compute floor: {ratios[name]:.3f} (target <= 1.15)")
+    print("summary: " + "; ".join(f"{k} {v:.3f}x the floor" for k, v in ratios.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--judge-ms", type=float, default=None, help="also run against a judge with this latency")
+    ap.add_argument("--model", choices=("tiny", "real"), default="tiny",
+                    help="tiny: the reference model; real: SmolLM2-135M-Instruct, PPO and GRPO (module docstring)")
+    ap.add_argument("--floor-repeats", type=int, default=5, help="timed repeats of each floor part (median)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model == "real":
+        print(f"torch {torch.__version__}, {args.threads} thread(s); {args.steps} steps after {args.warmup} warm-up")
+        real_main(args.steps, args.warmup, args.floor_repeats)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model = build_reference_model(Path(tmp))
         print(f"torch {torch.__version__}, {args.threads} thread(s); {args.steps} steps after {args.warmup} warm-up")
         rule = run_once(model, args.steps, args.warmup)
         report("rule reward (count_good)", rule)
-        floor = compute_floor(model, 5, round(rule["rollout/response_len_max"]))
-        print("compute floor (median of 5): " + " | ".join(f"{k} {v:.3f} s" for k, v in floor.items()))
+        floor = compute_floor(model, args.floor_repeats, round(rule["rollout/response_len_max"]))
+        print(f"compute floor (median of {args.floor_repeats}): " + " | ".join(f"{k} {v:.3f} s" for k, v in floor.items()))
         print(f"ratio s/step / compute floor: {rule['time/step'] / floor['total']:.3f} (target <= 1.15)")
         if args.judge_ms is not None:
             from alignkit.judge.process import JudgeProcess
