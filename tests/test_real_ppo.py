@@ -27,6 +27,7 @@ from alignkit.judge.process import JudgeProcess
 from alignkit.models.gguf import convert_gguf, smollm2_gguf
 from alignkit.report import write_report
 from alignkit.report.health import KL_FAIL
+from alignkit.tools.demo_real import JUDGE_RULE, REAL_PPO
 from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
 from tests import real_task
@@ -41,15 +42,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f
                                  reason="recipe not found yet (see the module docstring); ALIGNKIT_REAL_LEARNING=1 runs it")]
 
 STEPS, EDGE = 10, 3
-RECIPE = ["per_device_train_batch_size=8", "ppo_buffer_size=1", "ppo_epochs=2", "max_new_tokens=32",
-          "learning_rate=5e-4", "critic_adapter=true", "ppo_score_norm=true", "adap_kl_ctrl=true", "init_kl_coef=0.5",
-          "ppo_target=0.6", "kl_horizon=1000", "lora_rank=16", "lora_alpha=32",
-          "lora_target=q_proj,k_proj,v_proj,o_proj", f"max_steps={STEPS}", "seed=0"]
+RECIPE = [*REAL_PPO, f"max_steps={STEPS}"]  # alignkit demo --real's recipe
 
 
 def test_ppo_with_a_critic_against_the_http_judge_raises_reward_with_a_healthy_report(tmp_path):
-    rule = "alignkit.rewards.brief:brief_judge"
-    with JudgeProcess(rule=rule, log=tmp_path / "judge.log") as judge:
+    with JudgeProcess(rule=JUDGE_RULE, log=tmp_path / "judge.log") as judge:
         run = ppo.run(load_config(None, [
             "stage=ppo", f"model_name_or_path={convert_gguf(GGUF)}", "template=auto", "dataset=brief",
             f"dataset_dir={real_task.write_dataset(tmp_path / 'data')}", "finetuning_type=lora",

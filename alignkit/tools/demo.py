@@ -164,17 +164,21 @@ def changed_first(examples: list[dict]) -> list[dict]:
     return sorted(examples, key=lambda ex: ex["response_a"] == ex["response_b"])
 
 
-def print_summary(s: dict) -> None:
+def print_summary(s: dict, before: str = "SFT") -> None:
     print()
     print(f"judge reward (mean of the first / last 10 PPO steps): {s['judge_reward_first_steps']:.2f} -> "
           f"{s['judge_reward_last_steps']:.2f}; final KL {s['kl_last']:.2f} nats")
-    print(f"export verified: {s['export_verified']}; compare (PPO vs SFT): {s['compare']}")
-    print(f"repeated 3-gram share of the answers: SFT {s['repeat_share']['sft']:.1%}, PPO {s['repeat_share']['ppo']:.1%}")
+    print(f"export verified: {s['export_verified']}; compare (PPO vs {before}): {s['compare']}")
+    if "vllm" in s:
+        print(f"vLLM check: {s['vllm'].get('status')}, first-token log-prob max |diff| "
+              f"{s['vllm'].get('first_token_logprob_max_abs_diff', 'n/a')}")
+    print(f"repeated 3-gram share of the answers: {before} {s['repeat_share']['sft']:.1%}, "
+          f"PPO {s['repeat_share']['ppo']:.1%}")
     print("report health checks needing attention: "
           f"{s['health'] or 'none'} (details and samples in the report)")
-    print("\nbefore (SFT) / after (PPO) on the first compare prompts where they differ, judge score in brackets:")
+    print(f"\nbefore ({before}) / after (PPO) on the first compare prompts where they differ, judge score in brackets:")
     for ex in s["examples"]:
-        print(f"  {ex['prompt']}\n    SFT [{ex['sft_score']}] {ex['sft']}\n    PPO [{ex['ppo_score']}] {ex['ppo']}")
+        print(f"  {ex['prompt']}\n    {before} [{ex['sft_score']}] {ex['sft']}\n    PPO [{ex['ppo_score']}] {ex['ppo']}")
     for name, path in s["outputs"].items():
         print(f"  {name:15s} {path}")
     print(f"done in {s['seconds']} s")
@@ -184,11 +188,19 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a tiny model against a local judge (minutes, CPU)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="outputs/demo", help="directory for every output (default outputs/demo)")
-    p.add_argument("--steps", type=int, default=120, help="PPO steps (default 120)")
+    p.add_argument("--steps", type=int, default=None, help="PPO steps (default 120; 10 with --real)")
+    p.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny model "
+                   "(scripts/setup.sh --real; ~10 min on 2 cores): alignkit/tools/demo_real.py")
     p.add_argument("--keep-server", action="store_true", help="leave the judge server running at the end")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    print_summary(run_demo(Path(args.output), args.steps, args.keep_server))
+    if args.real:
+        from alignkit.tools.demo_real import run_real_demo
+
+        out = Path(args.output if args.output != "outputs/demo" else "outputs/demo_real")
+        print_summary(run_real_demo(out, args.steps or 10), before="base")
+        return 0
+    print_summary(run_demo(Path(args.output), args.steps or 120, args.keep_server))
     return 0
