@@ -2,13 +2,12 @@
 verifiable brief task, ``alignkit export --vllm-check`` (vLLM and transformers agree on greedy tokens
 and first-token log-probs), then ``alignkit chat`` on the export answers in words.
 
-Runs under .venv-vllm (``./scripts/setup_vllm.sh``) with the GGUF converted (``scripts/setup.sh --real``);
-skipped with that hint otherwise. ~1.5-2 min on 2 cores (a PPO step ~25 s, vLLM's CPU engine ~30-50 s).
+Needs the GGUF (``scripts/setup.sh --real``) and a Python with vLLM (.venv-vllm, ``scripts/setup_vllm.sh``),
+in which the export runs as ``alignkit demo --real`` runs it; skipped with that hint otherwise. ~1.5-2 min on 2 cores (a PPO step ~25 s, vLLM's CPU engine ~30-50 s).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.cli import main as cli_main
 from alignkit.config import load_config
 from alignkit.models.gguf import convert_gguf
+from alignkit.tools.demo_real import export_with_vllm_check
 from alignkit.train import ppo
 from tests import real_task
 from tests.real_judge import smollm2_judge
@@ -37,8 +36,7 @@ def test_ppo_export_of_smollm2_passes_the_vllm_check_and_chats(tmp_path):
         "max_new_tokens=16", "learning_rate=5e-4", "max_steps=2", "save_steps=1000", "seed=0",
         "reward_model_type=rule", "reward_model=tests.real_task:brief_answer"]))
     export = tmp_path / "export"
-    assert cli_main(["export", "--from", str(run), "--export_dir", str(export), "--vllm-check"]) == 0
-    report = json.loads((export / "export_report.json").read_text())
+    report = export_with_vllm_check(run, export)  # `alignkit export --vllm-check` in the vLLM Python
     vllm = report["vllm"]
     print(f"vLLM check: {vllm['status']}, greedy tokens equal {vllm.get('greedy_tokens_equal')}, first-token "
           f"log-prob max |diff| {vllm.get('first_token_logprob_max_abs_diff')}, samples {vllm.get('samples')}")
