@@ -22,6 +22,7 @@ from statistics import mean
 
 import pytest
 import torch
+import yaml
 
 from alignkit.algos import logprobs_from_logits
 from alignkit.cli import main as cli_main
@@ -79,10 +80,14 @@ def test_dpo_on_judge_labelled_pairs_raises_held_out_preference_accuracy(tmp_pat
     pairs_dir = tmp_path / "pairs"
     rule = "alignkit.rewards.brief:brief_answer"
     with JudgeProcess(rule=rule, log=tmp_path / "judge.log") as judge:
-        assert cli_main(["pairs", f"model_name_or_path={model_dir}", "template=auto", "dataset=brief",
-                         f"dataset_dir={real_task.write_dataset(tmp_path / 'data', TOPICS)}", "num_generations=4", "max_new_tokens=24",
-                         "temperature=1.0", "batch_size=10", "min_score_gap=0.2", "seed=0", "reward_model_type=api",
-                         f"reward_model={judge.url}/score", f"output_dir={pairs_dir}"]) == 0
+        config = tmp_path / "pairs.yaml"
+        config.write_text(yaml.safe_dump({
+            "model_name_or_path": str(model_dir), "template": "auto", "dataset": "brief",
+            "dataset_dir": str(real_task.write_dataset(tmp_path / "data", TOPICS)), "num_generations": 4,
+            "max_new_tokens": 24, "temperature": 1.0, "batch_size": 10, "min_score_gap": 0.2, "seed": 0,
+            "reward_model_type": "api", "reward_model": f"{judge.url}/score",
+            "reward_api": {"preset": "alignkit", "url": f"{judge.url}/score"}, "output_dir": str(pairs_dir)}))
+        assert cli_main(["pairs", str(config)]) == 0
         judged = judge.stats()
     summary = json.loads((pairs_dir / "pairs_summary.json").read_text())
     assert summary["failed_scores"] == 0 and summary["prompts"] == len(TOPICS), summary

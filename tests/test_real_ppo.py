@@ -27,7 +27,7 @@ from alignkit.judge.process import JudgeProcess
 from alignkit.models.gguf import convert_gguf, smollm2_gguf
 from alignkit.report import write_report
 from alignkit.report.health import KL_FAIL
-from alignkit.tools.demo_real import JUDGE_RULE, REAL_PPO
+from alignkit.tools.demo_real import JUDGE_RULE, REAL_PPO, judge_settings
 from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
 from tests import real_task
@@ -51,7 +51,7 @@ def test_ppo_with_a_critic_against_the_http_judge_raises_reward_with_a_healthy_r
             "stage=ppo", f"model_name_or_path={convert_gguf(GGUF)}", "template=auto", "dataset=brief",
             f"dataset_dir={real_task.write_dataset(tmp_path / 'data')}", "finetuning_type=lora",
             f"output_dir={tmp_path / 'run'}", "report_to=none", "plot_loss=false", "save_steps=1000",
-            "reward_model_type=api", f"reward_model={judge.url}/score", *RECIPE]))
+            "reward_model_type=api", *RECIPE], **judge_settings(judge.url)))
     metrics = [m for m in read_metrics(run) if "env/reward_mean" in m]
     write_report(run)
     health = json.loads((run / "report" / "health.json").read_text())

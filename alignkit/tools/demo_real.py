@@ -26,6 +26,12 @@ REAL_PPO = ["per_device_train_batch_size=8", "ppo_buffer_size=1", "ppo_epochs=2"
 JUDGE_RULE = "alignkit.rewards.brief:brief_judge"
 
 
+def judge_settings(url: str) -> dict:
+    """The reward keys for the judge server at ``url``: the ``alignkit`` request shape, which sends the
+    prompt and the response apart (the rule needs the prompt's topic)."""
+    return {"reward_model": url + "/score", "reward_api": {"preset": "alignkit", "url": url + "/score"}}
+
+
 def export_with_vllm_check(run: Path, out: Path) -> dict:
     """``alignkit export`` of the PPO run; with ``--vllm-check`` in the vLLM Python (.venv-vllm) when
     there is one, since vLLM is rarely importable next to the trainer. Returns the export report."""
@@ -70,8 +76,8 @@ def run_real_demo(output: Path, steps: int = 10) -> dict:
         ppo_dir = ppo.run(load_config(None, [
             "stage=ppo", f"model_name_or_path={model}", "template=auto", "dataset=brief", f"dataset_dir={data}",
             "finetuning_type=lora", f"output_dir={output / 'ppo'}", "overwrite_output_dir=true", "report_to=none",
-            "save_steps=1000", "reward_model_type=api", f"reward_model={judge.url}/score", f"max_steps={steps}",
-            *REAL_PPO]))
+            "save_steps=1000", "reward_model_type=api", f"max_steps={steps}", *REAL_PPO],
+            **judge_settings(judge.url)))
         print("[4/5] export: merge the PPO adapter into the base, verify it reloads (and in vLLM, if installed)")
         export_dir = output / "exported"
         report = export_with_vllm_check(ppo_dir, export_dir)
@@ -80,7 +86,7 @@ def run_real_demo(output: Path, steps: int = 10) -> dict:
             model_a={"model_name_or_path": str(model), "name": "base", "template": "auto"},
             model_b={"model_name_or_path": str(export_dir), "name": "PPO"},
             dataset="brief", dataset_dir=str(data), max_samples=8, max_new_tokens=32, reward_model_type="api",
-            reward_model=judge.url + "/score", output_dir=str(output / "compare")))
+            output_dir=str(output / "compare"), **judge_settings(judge.url)))
     finally:
         judge.stop()
     outputs = {"model": str(model), "ppo_run": str(ppo_dir), "exported_model": str(export_dir),
