@@ -61,7 +61,7 @@ def run_real_demo(output: Path, steps: int = 10) -> dict:
     from alignkit.models.gguf import convert_gguf, smollm2_gguf
     from alignkit.rewards.brief import write_dataset
     from alignkit.tools.compare import CompareConfig, run_compare
-    from alignkit.tools.demo import summarise
+    from alignkit.tools.demo_summary import summarise
     from alignkit.train import ppo
 
     output.mkdir(parents=True, exist_ok=True)
