@@ -12,12 +12,18 @@ adaptive KL) trains for STEPS steps. Asserted, with the bars fixed before the fi
 - KL per token stays under the report's KL_FAIL (0.2) at every step;
 - no degenerate text: repeated 3-grams of the last steps <= the first steps' (the base model's
   answers: the LoRA starts at zero) + 0.01, distinct-2 >= 0.8x the first steps'.
+
+Measured (seed 0, 1 thread; the run is deterministic, and `alignkit demo --real` with the same recipe
+gave the same figures): reward per step 0.283 0.215 0.233 0.365 0.579 0.329 0.561 0.433 0.315 0.350,
+first 3 -> last 3 0.244 -> 0.366 (1.50x); KL/token max 0.065, last-third median 0.033; repeated 3-grams
+0.010 -> 0.006; distinct-2 0.934 -> 0.938; length 23.5 -> 17.0 tokens; report: every check ok. 5.9 min
+wall (5.6 min CPU) on 2 shared cores: over the ~4 min aimed at, within the real-model tests' ~12 min
+while the GRPO and DPO learning tests stay opt-in.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from statistics import mean
 
 import pytest
@@ -37,9 +43,7 @@ try:
     MISSING = None if GGUF.is_file() else f"{GGUF} is missing"
 except ModuleNotFoundError as e:
     MISSING = str(e)
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f"{MISSING}: run scripts/setup.sh --real"),
-              pytest.mark.skipif(not os.environ.get("ALIGNKIT_REAL_LEARNING"),
-                                 reason="recipe not found yet (see the module docstring); ALIGNKIT_REAL_LEARNING=1 runs it")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f"{MISSING}: run scripts/setup.sh --real")]
 
 STEPS, EDGE = 10, 3
 RECIPE = [*REAL_PPO, f"max_steps={STEPS}"]  # alignkit demo --real's recipe
