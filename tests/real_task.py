@@ -1,52 +1,16 @@
-"""A verifiable instruction task for the real model: "Describe TOPIC in at most ten words."
+"""The brief task the real-model tests train on; it lives in alignkit.rewards.brief (``alignkit demo --real``
+uses it too). Re-exported here so ``reward_model=tests.real_task:brief_answer`` and ``real_task.SCORED`` work."""
 
-``brief_answer`` is the graded reward GRPO trains on; ``success`` the strict check the learning test
-counts. Graded, not cliff-edged: a 20-word answer scores a little less than a 12-word one, so a group
-of four answers almost always has a spread to learn from, whereas a 0/1 reward on SmolLM2 (which
-answers in ~17 words) leaves most groups with none. Every factor is bounded, so padding, repeating a
-word or dropping the topic lower the score: there is nothing to gain from degenerate text.
-
-The rule records what it scored (``SCORED``), so the test reads success rates per step from the
-run itself without a second round of sampling.
-"""
-
-from __future__ import annotations
-
-import re
-
-TOPICS = ["the sea", "a cat", "the moon", "bread", "rain", "a train", "music", "winter", "a garden", "coffee",
-          "a river", "the sun", "a book", "snow", "a dog", "the city"]
-PROMPT = "Describe {} in at most ten words."
-MAX_WORDS, ZERO_AT = 10, 25
-_WORD = re.compile(r"[a-z']+")
-_TOPIC = re.compile(r"Describe (?:the |a )?(\w+) in at most ten words")
-SCORED: list[tuple[str, str, bool]] = []  # (topic, response, success) in scoring order
-
-
-def topic_of(prompt: str) -> str:
-    found = _TOPIC.search(prompt)
-    return found.group(1).lower() if found else ""
-
-
-def repeated_bigram_share(words: list[str]) -> float:
-    bigrams = list(zip(words, words[1:], strict=False))
-    return 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
-
-
-def success(prompt: str, response: str) -> bool:
-    """The instruction, checked: 3-10 words, one line, the topic named, ends like a sentence or phrase."""
-    words = _WORD.findall(response.lower())
-    return (3 <= len(words) <= MAX_WORDS and "\n" not in response.strip() and topic_of(prompt) in words
-            and repeated_bigram_share(words) == 0)
-
-
-def brief_answer(prompt: str, response: str, label: str | None) -> float:
-    """In [0, 1]: length x topic x form x (1 - 2 x repeated bigrams); full marks = ``success``."""
-    SCORED.append((topic_of(prompt), response, success(prompt, response)))
-    words = _WORD.findall(response.lower())
-    if len(words) < 3:
-        return 0.0
-    length = min(1.0, max(0.0, (ZERO_AT - len(words)) / (ZERO_AT - MAX_WORDS)))
-    topic = 1.0 if topic_of(prompt) in words else 0.5
-    form = 1.0 if "\n" not in response.strip() else 0.5
-    return round(length * topic * form * max(0.0, 1 - 2 * repeated_bigram_share(words)), 4)
+from alignkit.rewards.brief import (  # noqa: F401
+    MAX_WORDS,
+    PROMPT,
+    SCORED,
+    TOPICS,
+    ZERO_AT,
+    brief_answer,
+    brief_judge,
+    repeated_bigram_share,
+    success,
+    topic_of,
+    write_dataset,
+)

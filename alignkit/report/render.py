@@ -54,6 +54,7 @@ EXPLAIN: dict[str, str] = {
     "reward/latency_p50": "Median judge latency per request (s). Healthy: flat; growth means the judge is saturated.",
     "reward/latency_p95": "95th-percentile judge latency (s). Spikes here slow every step (see time/score_wait).",
     "time/step": "Wall time of one step (s). Healthy: flat.",
+    "time/step_cpu": "CPU time of one step, all threads (s): its cost on a machine shared with other work.",
     "perf/tokens_per_s": "Response tokens generated and trained on per second. Healthy: flat.",
     # SFT / RM
     "train/loss": "Training loss. Healthy: falls quickly, then slowly; spikes or a rise mean the learning rate is too high.",

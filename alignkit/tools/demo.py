@@ -11,11 +11,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from statistics import fmean
 
 import yaml
 
 from alignkit import __file__ as _pkg_file
+from alignkit.tools.demo_summary import print_summary, summarise
 
 logger = logging.getLogger(__name__)
 EXAMPLES = Path(_pkg_file).resolve().parents[1] / "examples"
@@ -130,65 +130,23 @@ def run_demo(output: Path, steps: int = 120, keep_server: bool = False) -> dict:
     return summary
 
 
-def summarise(ppo_dir: Path, export_report: dict, cmp: dict, outputs: dict[str, str]) -> dict:
-    """The PPO run's report (written here) and the figures the demo prints."""
-    from alignkit.algos.shaping import ngram_repeat_share
-    from alignkit.report import write_report
-    from alignkit.train.tracking import read_metrics
-
-    outputs = {**outputs, "report": str(write_report(ppo_dir))}
-    health = json.loads((ppo_dir / "report" / "health.json").read_text())
-    rows = read_metrics(ppo_dir)
-    rewards = [r["env/reward_mean"] for r in rows]
-    k = min(10, len(rewards) // 2) or 1
-    return {
-        "judge_reward_first_steps": sum(rewards[:k]) / k,
-        "judge_reward_last_steps": sum(rewards[-k:]) / k,
-        "kl_last": rows[-1]["objective/kl"],
-        "export_verified": export_report.get("passed"),
-        "health": {c["name"]: c["verdict"] for c in health["checks"] if c["verdict"] in ("warn", "fail")},
-        "compare": {"mean_reward_sft": cmp["model_a"]["mean_reward"], "mean_reward_ppo": cmp["model_b"]["mean_reward"],
-                    "ppo_vs_sft": cmp["b_vs_a"], "failures": cmp["pairs_with_failure"]},
-        # Repeated word 3-grams of the answers to the compare prompts: PPO must not buy reward with repetition.
-        "repeat_share": {side: fmean(ngram_repeat_share(ex[f"response_{k}"].split()) for ex in cmp["examples"])
-                         for side, k in (("sft", "a"), ("ppo", "b"))},
-        "examples": [{"prompt": ex["prompt"], "sft": ex["response_a"], "sft_score": ex["reward_a"],
-                      "ppo": ex["response_b"], "ppo_score": ex["reward_b"]} for ex in changed_first(cmp["examples"])[:3]],
-        "outputs": outputs,
-    }
-
-
-def changed_first(examples: list[dict]) -> list[dict]:
-    """The compare examples in order, those where PPO answers differently from SFT first: the
-    before/after a reader needs (the win/tie/loss shares say how often that happens)."""
-    return sorted(examples, key=lambda ex: ex["response_a"] == ex["response_b"])
-
-
-def print_summary(s: dict) -> None:
-    print()
-    print(f"judge reward (mean of the first / last 10 PPO steps): {s['judge_reward_first_steps']:.2f} -> "
-          f"{s['judge_reward_last_steps']:.2f}; final KL {s['kl_last']:.2f} nats")
-    print(f"export verified: {s['export_verified']}; compare (PPO vs SFT): {s['compare']}")
-    print(f"repeated 3-gram share of the answers: SFT {s['repeat_share']['sft']:.1%}, PPO {s['repeat_share']['ppo']:.1%}")
-    print("report health checks needing attention: "
-          f"{s['health'] or 'none'} (details and samples in the report)")
-    print("\nbefore (SFT) / after (PPO) on the first compare prompts where they differ, judge score in brackets:")
-    for ex in s["examples"]:
-        print(f"  {ex['prompt']}\n    SFT [{ex['sft_score']}] {ex['sft']}\n    PPO [{ex['ppo_score']}] {ex['ppo']}")
-    for name, path in s["outputs"].items():
-        print(f"  {name:15s} {path}")
-    print(f"done in {s['seconds']} s")
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a tiny model against a local judge (minutes, CPU)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="outputs/demo", help="directory for every output (default outputs/demo)")
-    p.add_argument("--steps", type=int, default=120, help="PPO steps (default 120)")
+    p.add_argument("--steps", type=int, default=None, help="PPO steps (default 120; 10 with --real)")
+    p.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny model "
+                   "(scripts/setup.sh --real; ~10 min on 2 cores): alignkit/tools/demo_real.py")
     p.add_argument("--keep-server", action="store_true", help="leave the judge server running at the end")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    print_summary(run_demo(Path(args.output), args.steps, args.keep_server))
+    if args.real:
+        from alignkit.tools.demo_real import run_real_demo
+
+        out = Path(args.output if args.output != "outputs/demo" else "outputs/demo_real")
+        print_summary(run_real_demo(out, args.steps or 10), before="base")
+        return 0
+    print_summary(run_demo(Path(args.output), args.steps or 120, args.keep_server))
     return 0

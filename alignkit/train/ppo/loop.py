@@ -149,7 +149,7 @@ def train(r: PPORun) -> None:
     window = MetricWindow()  # the steps since the last logged row: counters summed, gauges averaged
     bar = tqdm(total=r.num_steps, initial=start, desc="ppo", disable=not acc.is_main_process, dynamic_ncols=True)
     for step in range(start, r.num_steps):
-        t_step = time.perf_counter()
+        t_step, cpu_step = time.perf_counter(), time.process_time()
         # 2. Producer: this rank's share of the step's prompts, sampled by the policy after `step`
         # updates (zero lag); scoring overlaps sampling and the no-grad forward passes.
         exp = r.source.experience(step, policy_version=step)
@@ -163,6 +163,8 @@ def train(r: PPORun) -> None:
         # 6. Metrics (reduced over ranks), KL controller, progress, checkpoint.
         metrics = reduce_metrics(acc, {**step_metrics(exp, shaped, adv, returns), **stats})
         metrics.update(run_metrics(r, exp, time.perf_counter() - t_step))
+        # CPU seconds of all the process's threads: what the step cost, whatever else shares the machine.
+        metrics["time/step_cpu"] = time.process_time() - cpu_step
         metrics.update(samples(step + 1, exp, shaped, tracker))  # samples.jsonl on schedule, the reward probe
         r.kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size * acc.num_processes * cfg.num_generations)
         window.add(metrics)

@@ -1,0 +1,128 @@
+"""DPO on judge-labelled pairs moves the real model's preferences: SmolLM2-135M-Instruct.
+
+``alignkit pairs`` samples four answers to "Describe TOPIC in at most ten words." for 40 topics; a
+judge server on 127.0.0.1 scores them over HTTP with the brief task's graded rule
+(tests/real_task.py: length, topic, form, repetition); best vs worst become the pairs. The topics are
+split before training: DPO (LoRA) trains on 30 topics' pairs; 10 topics' pairs are held out.
+
+Held-out preference accuracy is the share of held-out pairs whose chosen answer the model gives a
+higher mean per-token log-prob than the rejected one. Per token, not summed: the judge prefers
+short answers and a sum favours short texts whatever the model prefers. Before = the base model
+(DPO's reference), after = base + the DPO adapter. The test asserts it rises by at least one pair
+in ten, and that DPO's own training accuracy ends above a half.
+
+Needs scripts/setup.sh --real. 7.5 min wall (3.4 min CPU) on 2 shared, busy cores.
+
+NOT YET PASSING, so opt-in (ALIGNKIT_REAL_LEARNING=1). Measured (the recipe below, seed 0): 28 train and
+10 held-out pairs, 161 judge requests over HTTP, 0 failures; DPO fits its training pairs (accuracy
+0.00 -> 1.00, loss 0.693 -> 0.218) but held-out preference accuracy stays 0.20 -> 0.20: 28 pairs do not
+generalise to new topics in 3 epochs. Next to try: more pairs (several samples per topic), fewer epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from statistics import mean
+
+import pytest
+import torch
+import yaml
+
+from alignkit.algos import logprobs_from_logits
+from alignkit.cli import main as cli_main
+from alignkit.config import load_config
+from alignkit.judge.process import JudgeProcess
+from alignkit.models.gguf import convert_gguf, smollm2_gguf
+from alignkit.models.loading import load_causal_lm, load_tokenizer
+from alignkit.train import dpo
+from alignkit.train.tracking import read_metrics
+from tests import real_task
+
+try:
+    GGUF = smollm2_gguf()
+    MISSING = None if GGUF.is_file() else f"{GGUF} is missing"
+except ModuleNotFoundError as e:
+    MISSING = str(e)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f"{MISSING}: run scripts/setup.sh --real"),
+              pytest.mark.skipif(not os.environ.get("ALIGNKIT_REAL_LEARNING"),
+                                 reason="recipe not found yet (see the module docstring); ALIGNKIT_REAL_LEARNING=1 runs it")]
+
+MORE_TOPICS = ["a bird", "the forest", "a lamp", "tea", "a mountain", "the wind", "a bridge", "cheese", "a clock",
+               "the ocean", "a horse", "a candle", "the desert", "a painting", "spring", "a market", "a boat",
+               "honey", "a storm", "the stars", "a school", "a tree", "an apple", "the beach"]
+TOPICS = real_task.TOPICS + MORE_TOPICS  # 40, one word each after the article (real_task.topic_of)
+HELD_OUT = {real_task.topic_of(real_task.PROMPT.format(t)) for t in TOPICS[::4]}  # 10 topics
+MIN_RISE = 0.1  # held-out accuracy after >= before + one pair in ten
+
+
+def split_pairs(pairs_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows of pairs.jsonl, by topic; the train rows rewritten as pairs.jsonl."""
+    rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
+    held = [r for r in rows if real_task.topic_of(r["messages"][-1]["content"]) in HELD_OUT]
+    train = [r for r in rows if r not in held]
+    (pairs_dir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (pairs_dir / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))  # kept to inspect
+    return train, held
+
+
+@torch.no_grad()
+def mean_logprob(model, tokenizer, messages: list[dict], response: str) -> float:
+    """Mean per-token log-prob of ``response`` after the chat-templated ``messages``."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    q = tokenizer.encode(prompt, add_special_tokens=False)
+    r = tokenizer.encode(response, add_special_tokens=False)
+    ids = torch.tensor([q + r])  # (1, Q+R)
+    logits = model(input_ids=ids).logits[:, len(q) - 1 : -1]  # (1, R, V): position t predicts token t+1
+    return float(logprobs_from_logits(logits, ids[:, len(q):]).mean())
+
+
+def preference_accuracy(model, tokenizer, rows: list[dict]) -> float:
+    wins = [mean_logprob(model, tokenizer, r["messages"], r["chosen"]["content"])
+            > mean_logprob(model, tokenizer, r["messages"], r["rejected"]["content"]) for r in rows]
+    return mean(wins)
+
+
+def test_dpo_on_judge_labelled_pairs_raises_held_out_preference_accuracy(tmp_path):
+    model_dir = convert_gguf(GGUF)
+    pairs_dir = tmp_path / "pairs"
+    rule = "alignkit.rewards.brief:brief_answer"
+    with JudgeProcess(rule=rule, log=tmp_path / "judge.log") as judge:
+        config = tmp_path / "pairs.yaml"
+        config.write_text(yaml.safe_dump({
+            "model_name_or_path": str(model_dir), "template": "auto", "dataset": "brief",
+            "dataset_dir": str(real_task.write_dataset(tmp_path / "data", TOPICS)), "num_generations": 4,
+            "max_new_tokens": 24, "temperature": 1.0, "batch_size": 10, "min_score_gap": 0.2, "seed": 0,
+            "reward_model_type": "api", "reward_model": f"{judge.url}/score",
+            "reward_api": {"preset": "alignkit", "url": f"{judge.url}/score"}, "output_dir": str(pairs_dir)}))
+        assert cli_main(["pairs", str(config)]) == 0
+        judged = judge.stats()
+    summary = json.loads((pairs_dir / "pairs_summary.json").read_text())
+    assert summary["failed_scores"] == 0 and summary["prompts"] == len(TOPICS), summary
+    train, held = split_pairs(pairs_dir)
+    print(f"pairs: {len(train)} train, {len(held)} held out; judge stats {judged}")
+    assert len(train) >= 20 and len(held) >= 7, summary
+    assert all(r["chosen_score"] >= r["rejected_score"] + 0.2 for r in train + held)
+
+    tokenizer = load_tokenizer(str(model_dir))
+    base = load_causal_lm(str(model_dir)).eval()
+    before = preference_accuracy(base, tokenizer, held)
+    del base
+
+    run = dpo.run(load_config(None, [
+        "stage=dpo", f"model_name_or_path={model_dir}", "template=auto", "dataset=pairs", f"dataset_dir={pairs_dir}",
+        "finetuning_type=lora", "lora_rank=16", "lora_alpha=32", "lora_target=q_proj,k_proj,v_proj,o_proj",
+        "pref_beta=0.1", "learning_rate=5e-4", "lr_scheduler_type=constant", "per_device_train_batch_size=8",
+        "num_train_epochs=3", "cutoff_len=96", "logging_steps=1", "save_steps=1000", "report_to=none",
+        "plot_loss=false", f"output_dir={tmp_path / 'dpo'}", "seed=0"]))
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(load_causal_lm(str(model_dir)), str(run)).eval()
+    after = preference_accuracy(tuned, tokenizer, held)
+    rows = [m for m in read_metrics(run) if "train/rewards/accuracies" in m]
+    print(f"held-out preference accuracy (mean per-token log-prob, {len(held)} pairs): {before:.3f} -> {after:.3f}; "
+          f"DPO train accuracy {rows[0]['train/rewards/accuracies']:.2f} -> {rows[-1]['train/rewards/accuracies']:.2f}, "
+          f"loss {rows[0]['train/loss']:.3f} -> {rows[-1]['train/loss']:.3f}")
+    assert after >= before + MIN_RISE, (before, after)
+    assert rows[-1]["train/rewards/accuracies"] > 0.5
