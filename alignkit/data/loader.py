@@ -569,3 +569,16 @@ def _parse_sharegpt(row: dict, spec: DatasetSpec, kind: Kind) -> Example:
             continue
         messages.append({"role": roles[role], "content": content})
     return _finish(messages, system, row, spec, kind)
+
+
+def column_cells(dataset: str | list[str], dataset_dir: str | None, column: str) -> list[tuple[str, Any]]:
+    """(``"<file>: row <i>"``, the row's ``column`` cell) for every row of the datasets, read without
+    parsing the rows (what config validation can afford; the loader checks the rest later)."""
+    names = [n.strip() for n in (dataset.split(",") if isinstance(dataset, str) else dataset) if str(n).strip()]
+    registry = _read_registry(dataset_dir)
+    cells = []
+    for name in names:
+        for spec in _resolve(name, dataset_dir, registry):
+            cells += [(f"{spec.path}: row {i}", row.get(column) if isinstance(row, dict) else None)
+                      for i, row in enumerate(_read_rows(spec.path))]
+    return cells

@@ -89,24 +89,9 @@ def row_rubrics(cells: list[tuple[str, Any]], base: list[Criterion], column: str
     return out, problems
 
 
-def dataset_cells(dataset: str | list[str], dataset_dir: str | None, column: str) -> list[tuple[str, Any]]:
-    """(``"<file>: row <i>"``, the row's ``column`` cell) for every row of the datasets, read without
-    parsing the rows (what config validation can afford; the loader checks the rest later)."""
-    from alignkit.data.loader import _read_registry, _read_rows, _resolve  # the loader's file reading, as is
-
-    names = [n.strip() for n in (dataset.split(",") if isinstance(dataset, str) else dataset) if str(n).strip()]
-    registry = _read_registry(dataset_dir)
-    cells = []
-    for name in names:
-        for spec in _resolve(name, dataset_dir, registry):
-            cells += [(f"{spec.path}: row {i}", row.get(column) if isinstance(row, dict) else None)
-                      for i, row in enumerate(_read_rows(spec.path))]
-    return cells
-
-
 def column_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     """Config validation: every bad rubric cell of ``reward_api.criteria_column`` in the run's datasets."""
-    from alignkit.data.loader import DataError
+    from alignkit.data.loader import DataError, column_cells
 
     api = raw.get("reward_api")
     column = api.get("criteria_column") if isinstance(api, dict) else None
@@ -118,7 +103,7 @@ def column_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     except ValidationError:
         return []  # reported as a key problem already
     try:
-        cells = dataset_cells(dataset, raw.get("dataset_dir", "data"), column)
+        cells = column_cells(dataset, raw.get("dataset_dir", "data"), column)
     except DataError:
         return []  # the dataset itself is reported by path_problems
     _, problems = row_rubrics(cells, base, column)
