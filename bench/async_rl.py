@@ -44,10 +44,10 @@ GRPO = dict(advantage_estimator="grpo", num_generations=4, beta=0, per_device_tr
 
 
 def run_level(model: Path, url: str, level: int, steps: int, warmup: int, concurrency: int,
-              rollout: dict[str, str]) -> dict[str, float]:
+              rollout: dict[str, str], bf16: bool = False) -> dict[str, float]:
     """Median per-step figures of one run at ``async_level: level`` with the ``rollout`` engine keys."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = reference_config(model, Path(tmp) / "run", steps + warmup, url, **GRPO, async_level=level,
+        cfg = reference_config(model, Path(tmp) / "run", steps + warmup, url, **GRPO, async_level=level, bf16=bf16,
                                **{"reward_api.health_check": False, "reward_api.cache": "null",
                                   "reward_api.max_concurrency": concurrency, "reward_api.max_retries": 0},
                                **{f"rollout.{k}": v for k, v in rollout.items()})
@@ -62,7 +62,8 @@ def run_level(model: Path, url: str, level: int, steps: int, warmup: int, concur
 
 
 @contextlib.contextmanager
-def vllm_server(model: Path, work: Path) -> Iterator[str]:
+def vllm_server(model: Path, work: Path, dtype: str = "float32", gpu_memory_utilization: float | None = None
+                ) -> Iterator[str]:
     """One vLLM OpenAI server on ``model`` with alignkit's server arguments (LoRA on); its URL."""
     from torch import nn
 
@@ -70,9 +71,12 @@ def vllm_server(model: Path, work: Path) -> Iterator[str]:
     from alignkit.generation.server_engine import server_args
     from alignkit.generation.server_process import ServerProcess, vllm_python
 
-    settings = engine_settings({"engine": "vllm_server"})
+    block = {"engine": "vllm_server"}
+    if gpu_memory_utilization is not None:  # a GPU shared with the trainer
+        block["gpu_memory_utilization"] = gpu_memory_utilization
+    settings = engine_settings(block)
     # No peft model here: the LoRA rank slot defaults to the one for rank 8 (the bench's lora_rank).
-    args = server_args(settings, nn.Module(), EngineContext(str(model), 0, "float32", 512, 0))
+    args = server_args(settings, nn.Module(), EngineContext(str(model), 0, dtype, 512, 0))
     proc = ServerProcess(vllm_python(settings.python), model, args, work / "server.log")
     try:
         proc.wait_healthy(settings.startup_timeout_s)
@@ -90,7 +94,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64, help="judge requests in flight at most")
     ap.add_argument("--worker", choices=("none", "process", "both"), default="none",
                     help="hf engine for the async levels: in-process, in a rollout worker process, or both")
-    ap.add_argument("--engine", choices=("hf", "vllm_server"), default="hf", help="rollout engine of every level")
+    ap.add_argument("--engine", choices=("hf", "vllm", "vllm_server"), default="hf",
+                    help="rollout engine of every level (vllm: colocated, run the bench with the vLLM env's python)")
+    ap.add_argument("--model", type=Path, help="model directory (default: the reference tiny model, built here)")
+    ap.add_argument("--bf16", action="store_true", help="train in bf16 and serve in bfloat16 (a GPU)")
+    ap.add_argument("--gpu-memory-utilization", type=float, help="the bench's vLLM server's share of the GPU")
     args = ap.parse_args()
     engine: dict[str, str] = {"engine": args.engine}
     variants = [("", engine)] if args.engine != "hf" or args.worker == "none" else \
@@ -100,13 +108,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread; GRPO 4x4, 32 new tokens; {args.steps} steps after {args.warmup} "
           f"warm-up; judge concurrency {args.concurrency}; rollout engine {args.engine}")
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        model = build_reference_model(Path(tmp))
+        model = args.model or build_reference_model(Path(tmp))
         if args.engine == "vllm_server":
-            engine["urls"] = f"[{stack.enter_context(vllm_server(model, Path(tmp)))}]"
+            server = vllm_server(model, Path(tmp), "bfloat16" if args.bf16 else "float32", args.gpu_memory_utilization)
+            engine["urls"] = f"[{stack.enter_context(server)}]"
         for latency in (float(x) for x in args.latencies.split(",")):
             with start_judge_server(rule="count_good", latency_ms=latency * 1000) as judge:
                 url = judge.url_for("alignkit")
-                sync = run_level(model, url, 0, args.steps, args.warmup, args.concurrency, engine)
+                sync = run_level(model, url, 0, args.steps, args.warmup, args.concurrency, engine, args.bf16)
                 compute = sync["time/rollout"] + sync["time/update"]
                 base = sync["time/step_mean"]
                 print(f"judge +{latency:g} s: sync {base:.3f} s/step (median {sync['time/step']:.3f}; rollout "
@@ -114,7 +123,7 @@ def main() -> None:
                       f"score wait {sync['time/score_wait']:.3f}, update {sync['time/update']:.3f}; compute "
                       f"{compute:.3f})")
                 for k, (name, rollout) in ((k, v) for k in levels[1:] for v in variants):
-                    m = run_level(model, url, k, args.steps, args.warmup, args.concurrency, rollout)
+                    m = run_level(model, url, k, args.steps, args.warmup, args.concurrency, rollout, args.bf16)
                     step = m["time/step_mean"]
                     bound = max(compute, base / (k + 1))
                     print(f"  async_level {k}{name}: {step:.3f} s/step = {step / base:.2f}x sync (median step "

@@ -47,6 +47,8 @@ def test_staleness_never_exceeds_async_level(tiny_model_dir, sft_adapter, friend
     assert seen[-1][2] == 0  # nothing sampled past the last step
     rows = read_metrics(out)
     assert max(r.get("async/staleness_max", 0) for r in rows) == 2
+    # The producer waits while the learner updates (one thread): timed from the second step on.
+    assert "async/producer_wait_s" not in rows[0] and all(r["async/producer_wait_s"] > 0 for r in rows[1:])
     assert all(0.5 < r["is/ratio_mean"] < 2 for r in rows[1:])
 
 

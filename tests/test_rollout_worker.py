@@ -43,6 +43,7 @@ def test_worker_runs_ahead_within_the_bound_on_whole_weight_versions(tiny_model_
     assert seen[0][2] is not None and seen[0][2].logprob_diff < TOLERANCE
     rows = read_metrics(out)
     assert [r["async/staleness"] for r in rows] == [0.0, 1.0, 1.0]
+    assert all(r["async/producer_wait_s"] >= 0 for r in rows)  # the worker's own idle time, every batch
     # The behaviour log-probs are the worker's, one version old: weights near 1, not exactly 1.
     assert all(0.9 < r["is/ratio_mean"] < 1.1 for r in rows)
     assert any(r["is/ratio_mean"] != 1.0 for r in rows[1:])

@@ -38,6 +38,9 @@ class Rollout:
     # The engine's own count of the weight syncs it had applied when it sampled (a worker process
     # sampling ahead; its sync check skips a stale batch). None: the engine samples the live weights.
     policy_version: int | None = None
+    # A worker process's idle seconds before it started this rollout: waiting for the learner to ask
+    # for it (``async/producer_wait_s``). None: an in-process engine, which the loop itself times.
+    producer_wait_s: float | None = None
 
 
 def first_eos_mask(response: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ import copy
 import itertools
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ def _worker_main(lm: nn.Module, pad_token_id: int, threads: int, inbox, outbox) 
 
     torch.set_num_threads(threads)
     version, suppress = 0, placeholder_token_ids(lm)
+    idle_since = time.perf_counter()  # when the worker last had nothing to do
     try:
         while (msg := inbox.get()) is not None:
             if msg[0] == "weights":
@@ -61,13 +63,17 @@ def _worker_main(lm: nn.Module, pad_token_id: int, threads: int, inbox, outbox) 
                     set_peft_model_state_dict(lm, state, adapter_name=POLICY_ADAPTER)
                 else:
                     lm.load_state_dict(state)
+                idle_since = time.perf_counter()  # loading weights is work, not waiting
                 continue
+            waited = time.perf_counter() - idle_since
             _, ticket, q_ids, q_mask, s, seed = msg
             torch.manual_seed(seed)
             roll = sample(lm, pad_token_id, q_ids, q_mask, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
                           list(s.eos_ids), None, suppress, True,
                           lambda row, ids, t=ticket: outbox.put(("finished", t, row, ids)))
+            roll.producer_wait_s = waited
             outbox.put(("rollout", ticket, version, roll))
+            idle_since = time.perf_counter()
     except BaseException:  # noqa: BLE001 - reported to the trainer, which stops with it
         outbox.put(("error", traceback.format_exc()))
 
@@ -161,7 +167,7 @@ class HFWorkerEngine:
         if device is not None:
             r = Rollout(r.input_ids.to(device), r.attention_mask.to(device), r.response_mask.to(device),
                         r.no_eos.to(device), r.query_len, r.logprobs.to(device))
-        r.policy_version = p.version
+        r.policy_version, r.producer_wait_s = p.version, p.rollout.producer_wait_s
         return r
 
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams,

@@ -304,6 +304,7 @@ class PendingExperience:
     build: Callable[[ScoredBatch, float], Experience]  # (scores, seconds waited) -> the Experience
     policy_version: int
     rows: list[list[int]] | None = None  # the batch rows of each future (None: in order)
+    producer_wait_s: float | None = None  # a worker process's idle time before sampling it (None: in-process)
 
 
 def make_experience(ac: ActorCritic, engine: RolloutEngine, service: RewardService, settings: RolloutSettings,
@@ -419,7 +420,13 @@ def _pending(ac: ActorCritic, engine: RolloutEngine, settings: RolloutSettings, 
         stats=RolloutStats({"time/generate": times[0], "time/rollout": times[1], "time/score_wait": t_wait},
                            scored.n_failed, scored.reasons, scored.metrics, sync, n_samples=len(idx),
                            score_details=scored.details),
-    ), policy_version, scoring.rows)
+    ), policy_version, scoring.rows, producer_wait_s=_worker_wait(rolls))
+
+
+def _worker_wait(rolls: list[Rollout]) -> float | None:
+    """Seconds a worker process sat idle before sampling these chunks (None: an in-process engine)."""
+    waits = [r.producer_wait_s for r in rolls if r.producer_wait_s is not None]
+    return sum(waits) if waits else None
 
 
 def _pad_query(t: torch.Tensor, q: int, q_new: int, value: float) -> torch.Tensor:

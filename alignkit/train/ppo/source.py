@@ -76,10 +76,14 @@ class PipelinedSource(ExperienceSource):
     num_steps: int = 0  # the run's last step: nothing is sampled past it
     queue: deque[PendingExperience | Requested] = field(default_factory=deque)
     next_step: int | None = None
+    handed_at: float | None = None  # when the last batch went to the learner
 
     def experience(self, step: int, policy_version: int) -> Experience:
         if self.next_step is None:  # the first step of this process (a resumed run starts empty)
             self.next_step = step
+        # In process, the producer cannot sample while the learner updates: it waited since the
+        # last hand-over. A worker process times its own idle spells (PendingExperience).
+        producer_wait = None if self.handed_at is None else time.perf_counter() - self.handed_at
         ahead = getattr(self.engine, "runs_ahead", False)
         start = request_rollouts if ahead else begin_experience
         while self.next_step < min(step + self.async_level + 1, self.num_steps):
@@ -95,6 +99,11 @@ class PipelinedSource(ExperienceSource):
         if ahead:  # its no-grad passes ran just now, with the learner's current weights
             exp.logprobs_version = policy_version
         exp.stats.timing["async/learner_wait_s"] = time.perf_counter() - t0
+        if ahead:
+            producer_wait = pending.producer_wait_s
+        if producer_wait is not None:
+            exp.stats.timing["async/producer_wait_s"] = producer_wait
+        self.handed_at = time.perf_counter()
         return exp
 
 
