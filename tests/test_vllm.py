@@ -138,6 +138,34 @@ def test_same_torch_seed_same_samples(engine, policy, tiny_model_dir):
     assert not torch.equal(b.input_ids, c.input_ids)
 
 
+@needs_vllm
+def test_each_stopped_response_is_reported_as_vllm_finishes_it(engine, policy, tiny_model_dir):
+    """Per-response scoring: ``on_finished`` hears of each response that stops, with exactly the
+    Rollout's tokens through its stop token, some while other requests still decode; the samples
+    are the same as without it (same seed)."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids, mask = prompts(tok)
+    ids, mask = ids.repeat(4, 1), mask.repeat(4, 1)  # more rows: responses of different lengths
+    engine.sync_weights(policy)
+    sampling = SamplingParams(24, tuple(stop_token_ids(tok, None, policy.lm)), temperature=1.0)
+    reported, unfinished = {}, []
+
+    def finished(row, tokens):
+        reported[row] = tokens
+        unfinished.append(engine.llm.llm_engine.get_num_unfinished_requests())
+
+    torch.manual_seed(5)
+    plain = engine.generate(ids, mask, sampling)
+    torch.manual_seed(5)
+    roll = engine.generate(ids, mask, sampling, on_finished=finished)
+    assert torch.equal(plain.input_ids, roll.input_ids) and torch.equal(plain.response_mask, roll.response_mask)
+    stopped = [i for i in range(ids.shape[0]) if not roll.no_eos[i]]
+    assert stopped and sorted(reported) == stopped  # every stopped response once; cut ones are not reported
+    for row, tokens in reported.items():
+        assert tokens == roll.input_ids[row, roll.query_len:][roll.response_mask[row].bool()].tolist()
+    assert max(unfinished) > 0  # some were handed on while others still decoded
+
+
 @pytest.fixture(scope="module")
 def ppo_run(tiny_model_dir, sft_adapter, tmp_path_factory):
     """A PPO run configured with ``rollout_engine: vllm``: the loop builds, syncs and closes its engine."""

@@ -28,7 +28,13 @@ import torch
 from torch import nn
 
 from alignkit.generation.engine import SamplingParams, engine_sync_check
-from alignkit.generation.sampling import Rollout, prompt_token_lists, request_seeds, rollout_from_tokens
+from alignkit.generation.sampling import (
+    OnFinished,
+    Rollout,
+    prompt_token_lists,
+    request_seeds,
+    rollout_from_tokens,
+)
 from alignkit.generation.weights import (
     SyncCheck,
     merged_weights,
@@ -130,6 +136,8 @@ class VLLMEngine:
     KV cache) next to the trainer; on CPU the KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB instead.
     """
 
+    reports_finished = True  # generate(on_finished=...): each response as vLLM finishes it
+
     def __init__(self, model: str | Path, pad_token_id: int, *, dtype: str = "auto", max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1,
                  enable_sleep_mode: bool = False, enforce_eager: bool | None = None, seed: int = 0,
@@ -164,10 +172,11 @@ class VLLMEngine:
         self.last_sync: dict[str, float] = {}  # seconds, bytes, tensors of the latest sync (for logs)
 
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingParams,
-                 pixels: dict[str, torch.Tensor] | None = None) -> Rollout:
+                 pixels: dict[str, torch.Tensor] | None = None, on_finished: OnFinished | None = None) -> Rollout:
         """(B, Q) left-padded prompts -> a ``Rollout`` with ``sample``'s conventions: response
         right-padded to the longest, tokens after the first EOS replaced by pad, mask up to and
-        including the first EOS; plus the engine's log-probs of the sampled tokens."""
+        including the first EOS; plus the engine's log-probs of the sampled tokens. ``on_finished``
+        hears of each response that stops as soon as vLLM finishes it."""
         if pixels is not None:  # registered without accepts_images: the loop refuses image prompts first
             raise ValueError("the vllm rollout engine takes text prompts only; set rollout.engine: hf for image prompts")
         if self.synced_lm is None and not self.warned:
@@ -181,13 +190,37 @@ class VLLMEngine:
             # Exactly these stop tokens (the template's end-of-turn included), as the hf engine.
             stop_token_ids=list(sampling.eos_ids), ignore_eos=True,
             logprobs=0, detokenize=False, seed=seed) for seed in request_seeds(len(prompts))]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if on_finished is None:
+            samples = [o.outputs[0] for o in self.llm.generate(prompts, params, use_tqdm=False)]
+        else:
+            samples = self._step_through(prompts, params, set(sampling.eos_ids), on_finished)
         self._sleep()
-        samples = [o.outputs[0] for o in outputs]
         return rollout_from_tokens(
             query_ids, query_mask, [list(s.token_ids) for s in samples],
             [[lp[t].logprob for t, lp in zip(s.token_ids, s.logprobs, strict=True)] for s in samples],
             list(sampling.eos_ids), self.pad_token_id)
+
+    def _step_through(self, prompts: list[dict], params: list, eos: set[int], on_finished: OnFinished) -> list:
+        """``LLM.generate`` run step by step through vLLM's public engine loop (``enqueue``, then
+        ``llm_engine.step``), so that each response that samples a stop token goes to
+        ``on_finished`` (its tokens through the stop) as soon as it finishes; the rows' outputs."""
+        row_of = {}
+        for row, rid in enumerate(self.llm.enqueue(prompts, params, use_tqdm=False)):
+            # enqueue returns vLLM's internal ids ("<id>-<8 random chars>"); outputs carry "<id>"
+            row_of[rid] = row_of[rid.rsplit("-", 1)[0]] = row
+        done: dict[int, object] = {}
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                row, sample = row_of[out.request_id], out.outputs[0]
+                done[row] = sample
+                tokens = list(sample.token_ids)
+                stop = next((i for i, t in enumerate(tokens) if t in eos), None)
+                if stop is not None:  # scored now, while the rest still decode
+                    on_finished(row, tokens[: stop + 1])
+        return [done[row] for row in range(len(prompts))]
 
     def sync_weights(self, policy: nn.Module) -> None:
         """Push ``policy``'s current weights (an ``ActorCritic`` or a causal LM) into vLLM."""
