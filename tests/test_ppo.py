@@ -78,3 +78,6 @@ def test_ppo_variants_train(tiny_model_dir, sft_adapter, tmp_path, variant):
         assert max(float(v.abs().max()) for k, v in critic.items() if "lora_B" in k) > 0
     if "finetuning_type=full" in variant:
         assert (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()
+        # The policy trained, not only the value head: the base the SFT adapter was merged into is
+        # not left frozen (the frozen reference copy scores exactly the same until it moves).
+        assert rows[1]["objective/kl"] != 0.0

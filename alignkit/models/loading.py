@@ -140,6 +140,8 @@ def build_policy_model(cfg: StageConfig, merge_all: bool = False) -> PreTrainedM
     """
     merged, continued = split_adapters(cfg, merge_all)
     model = load_base(cfg, merged)
+    if cfg.finetuning_type == "full":  # peft leaves the base it merged an adapter into frozen
+        model.requires_grad_(True)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if is_vision_language(model):
