@@ -74,12 +74,7 @@ def main() -> None:
     p.add_argument("--url", help="an OpenAI-compatible chat completions URL already serving (default: start vLLM)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="listwise_grpo_"))
-    data = tmp / "data"
-    data.mkdir()
-    (data / "brief.jsonl").write_text("".join(json.dumps({"prompt": real_task.PROMPT.format(t)}) + "\n"
-                                              for t in real_task.TOPICS))
-    (data / "dataset_info.json").write_text(json.dumps({"brief": {"file_name": "brief.jsonl",
-                                                                  "columns": {"prompt": "prompt"}}}))
+    data = real_task.write_dataset(tmp / "data")
     results = {}
     if args.url:
         judge = SimpleNamespace(url=args.url, name="judge")

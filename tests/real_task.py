@@ -14,3 +14,25 @@ from alignkit.rewards.brief import (  # noqa: F401
     topic_of,
     write_dataset,
 )
+
+
+def smollm2_and_marks(opt_in: bool = False):
+    """(the SmolLM2 GGUF path, the module's pytestmark): slow, skipped without the model
+    (``scripts/setup.sh --real``) and, for ``opt_in`` tests, without ``ALIGNKIT_REAL_LEARNING=1``."""
+    import os
+
+    import pytest
+
+    from alignkit.models.gguf import smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+        missing = None if gguf.is_file() else f"{gguf} is missing"
+    except ModuleNotFoundError as e:
+        gguf, missing = None, str(e)
+    marks = [pytest.mark.slow, pytest.mark.skipif(missing is not None, reason=f"{missing}: run scripts/setup.sh --real")]
+    if opt_in:
+        marks.append(pytest.mark.skipif(not os.environ.get("ALIGNKIT_REAL_LEARNING"),
+                                        reason="recipe not found yet (see the module docstring); "
+                                               "ALIGNKIT_REAL_LEARNING=1 runs it"))
+    return gguf, marks

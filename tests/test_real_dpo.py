@@ -22,11 +22,9 @@ generalise to new topics in 3 epochs. Next to try: more pairs (several samples p
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from statistics import mean
 
-import pytest
 import torch
 import yaml
 
@@ -34,20 +32,13 @@ from alignkit.algos import logprobs_from_logits
 from alignkit.cli import main as cli_main
 from alignkit.config import load_config
 from alignkit.judge.process import JudgeProcess
-from alignkit.models.gguf import convert_gguf, smollm2_gguf
+from alignkit.models.gguf import convert_gguf
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.train import dpo
 from alignkit.train.tracking import read_metrics
 from tests import real_task
 
-try:
-    GGUF = smollm2_gguf()
-    MISSING = None if GGUF.is_file() else f"{GGUF} is missing"
-except ModuleNotFoundError as e:
-    MISSING = str(e)
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f"{MISSING}: run scripts/setup.sh --real"),
-              pytest.mark.skipif(not os.environ.get("ALIGNKIT_REAL_LEARNING"),
-                                 reason="recipe not found yet (see the module docstring); ALIGNKIT_REAL_LEARNING=1 runs it")]
+GGUF, pytestmark = real_task.smollm2_and_marks(opt_in=True)
 
 MORE_TOPICS = ["a bird", "the forest", "a lamp", "tea", "a mountain", "the wind", "a bridge", "cheese", "a clock",
                "the ocean", "a horse", "a candle", "the desert", "a painting", "spring", "a market", "a boat",

@@ -20,26 +20,15 @@ lr 1e-3 beta 0.02 T 0.8: 0.23 -> 0.48, KL 0.71 last; lr 5e-4 beta 0.1: 0.21 -> 0
 
 from __future__ import annotations
 
-import json
-import os
 from statistics import mean
 
-import pytest
-
 from alignkit.config import load_config
-from alignkit.models.gguf import convert_gguf, smollm2_gguf
+from alignkit.models.gguf import convert_gguf
 from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
 from tests import real_task
 
-try:
-    GGUF = smollm2_gguf()
-    MISSING = None if GGUF.is_file() else f"{GGUF} is missing"
-except ModuleNotFoundError as e:
-    MISSING = str(e)
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f"{MISSING}: run scripts/setup.sh --real"),
-              pytest.mark.skipif(not os.environ.get("ALIGNKIT_REAL_LEARNING"),
-                                 reason="recipe not found yet (see the module docstring); ALIGNKIT_REAL_LEARNING=1 runs it")]
+GGUF, pytestmark = real_task.smollm2_and_marks(opt_in=True)
 
 STEPS, PROMPTS, GROUP, EDGE = 14, 4, 4, 3  # EDGE: steps averaged at each end
 RECIPE = [
@@ -50,12 +39,7 @@ RECIPE = [
 
 
 def test_grpo_on_smollm2_doubles_success_with_bounded_kl_and_healthy_text(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "brief.jsonl").write_text("".join(json.dumps({"prompt": real_task.PROMPT.format(t)}) + "\n"
-                                              for t in real_task.TOPICS))
-    (data / "dataset_info.json").write_text(json.dumps({"brief": {"file_name": "brief.jsonl",
-                                                                  "columns": {"prompt": "prompt"}}}))
+    data = real_task.write_dataset(tmp_path / "data")
     real_task.SCORED.clear()
     cfg = load_config(None, [
         "stage=ppo", f"model_name_or_path={convert_gguf(GGUF)}", "template=auto", "dataset=brief",

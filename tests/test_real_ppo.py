@@ -26,11 +26,9 @@ from __future__ import annotations
 import json
 from statistics import mean
 
-import pytest
-
 from alignkit.config import load_config
 from alignkit.judge.process import JudgeProcess
-from alignkit.models.gguf import convert_gguf, smollm2_gguf
+from alignkit.models.gguf import convert_gguf
 from alignkit.report import write_report
 from alignkit.report.health import KL_FAIL
 from alignkit.tools.demo_real import JUDGE_RULE, REAL_PPO, judge_settings
@@ -38,12 +36,7 @@ from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
 from tests import real_task
 
-try:
-    GGUF = smollm2_gguf()
-    MISSING = None if GGUF.is_file() else f"{GGUF} is missing"
-except ModuleNotFoundError as e:
-    MISSING = str(e)
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f"{MISSING}: run scripts/setup.sh --real")]
+GGUF, pytestmark = real_task.smollm2_and_marks(opt_in=False)
 
 STEPS, EDGE = 10, 3
 RECIPE = [*REAL_PPO, f"max_steps={STEPS}"]  # alignkit demo --real's recipe
