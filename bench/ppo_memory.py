@@ -16,12 +16,15 @@ Each stage runs in its own process (peak RSS is per process), 2 steps, same batc
 figures are medians over --repeats processes.
 
 ``--model smollm2`` (scripts/setup.sh --real) runs the GRPO step of issue 23 (4 prompts x 4, 32 new
-tokens, LoRA r16 on q,k,v,o) three times: ``grpo_rowwise`` with the previous log-probs (one float32
+tokens, LoRA r16 on q,k,v,o) four times: ``grpo_rowwise`` with the previous log-probs (one float32
 log_softmax row at a time, every row kept by autograd), ``grpo`` with alignkit's (chunked: nothing
-of size (B, T, V) but the logits and their gradient) and ``grpo_checkpointed`` with
+of size (B, T, V) but the logits and their gradient), ``grpo_checkpointed`` with
 ``gradient_checkpointing: true`` as well (the layers' activations, not the vocabulary, are then what
-is left), and prints each against a floor: the load-only process (every weight touched) + the
-LoRA state (weights, grads, 2 Adam moments) + one chunk.
+is left) and ``grpo_micro``, checkpointed and in micro-batches of one group (4 rows; gradient
+accumulation keeps the optimizer step the same). It prints each against a floor: the load-only
+process (every weight touched) + the LoRA state (weights, grads, 2 Adam moments) + one chunk, and
+against the weights, also above the ``bare`` process (the trainer's imports, no model: ~370 MiB of
+the peak that no trainer setting can lower).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("load", "sft", "ppo")
-REAL_STAGES = ("load", "grpo_rowwise", "grpo", "grpo_checkpointed")
+REAL_STAGES = ("bare", "load", "grpo_rowwise", "grpo", "grpo_checkpointed", "grpo_micro")
 LOGIT_STAGES = ("torch_only", "logprobs_rowwise", "logprobs")  # the update's log-prob math alone
 
 
@@ -102,6 +105,8 @@ def child(stage: str, model: str, out: str, lora_target: str) -> None:
               f"dataset_dir={ROOT / 'examples' / 'data'}", "save_steps=1000"]
     if stage in LOGIT_STAGES:
         logprob_math(stage, json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+    elif stage == "bare":  # what the trainer's imports cost before any model is loaded
+        import alignkit.train.ppo.loop  # noqa: F401
     elif stage == "load":
         lm = load_causal_lm(model, torch.float32, False)
         sum(float(p.sum()) for p in lm.parameters())  # every weight resident, as after a forward pass
@@ -112,8 +117,12 @@ def child(stage: str, model: str, out: str, lora_target: str) -> None:
 
             experience.logprobs_from_logits = update.logprobs_from_logits = rowwise_logprobs
             update.entropy_from_logits = rowwise_entropy
-        checkpointed = [f"gradient_checkpointing={stage == 'grpo_checkpointed'}"]
-        ppo.run(load_config(None, [*common, *grpo_overrides(lora_target), *checkpointed]))
+        checkpointed = [f"gradient_checkpointing={stage in ('grpo_checkpointed', 'grpo_micro')}"]
+        # grpo_micro: the same 16 rows a step and the same optimizer step, in micro-batches of one
+        # group (4 rows: gradient accumulation) and no-grad passes of 4 rows (old/ref log-probs).
+        micro = ["per_device_train_batch_size=1", "gradient_accumulation_steps=4",
+                 "per_device_eval_batch_size=4"] if stage == "grpo_micro" else []
+        ppo.run(load_config(None, [*common, *grpo_overrides(lora_target), *checkpointed, *micro]))
     elif stage == "sft":
         sft.run(load_config(None, ["stage=sft", "dataset=sft_demo", "cutoff_len=64", *common]))
     else:
@@ -198,8 +207,10 @@ def real_model(args: argparse.Namespace) -> None:
             print(f"{stage}: peak RSS {rss[stage]:.0f} MiB (median of {len(runs)}: {', '.join(f'{r:.0f}' for r in runs)})")
     floor = rss["load"] + lora_state_mb + chunk_mb
     print(f"floor (load-only {rss['load']:.0f} + LoRA state {lora_state_mb:.0f} + one chunk {chunk_mb:.0f}): {floor:.0f} MiB")
-    for stage in REAL_STAGES[1:]:
-        print(f"{stage}: {rss[stage] / floor:.2f}x the floor, {rss[stage] / weights_mb:.2f}x the weights, "
+    print(f"bare process (torch, transformers and the trainer imported, no model): {rss['bare']:.0f} MiB")
+    for stage in REAL_STAGES[2:]:
+        print(f"{stage}: {rss[stage] / floor:.2f}x the floor, {rss[stage] / weights_mb:.2f}x the weights; "
+              f"above the bare process {(rss[stage] - rss['bare']) / weights_mb:.2f}x the weights; "
               f"{rss[stage] - rss['load']:.0f} MiB above the load-only process")
 
 

@@ -8,14 +8,23 @@ the success rate of the last steps is at least twice the first steps', KL per to
 and the text does not degenerate (repeated 3-grams and distinct-2 against the first steps, which
 are the base model's answers: the LoRA starts at zero, so step 1 samples the base model).
 
-~20-40 s a step on 2 shared cores; the run is kept to STEPS steps (~6-8 min on 2 busy cores).
+Recipe (found by trying, below): GRPO with groups of 8 on 2 prompts a step (16 answers), 24 new tokens,
+T 0.8, LoRA r16 on q,k,v,o, constant lr 5e-4, KL in the loss (k3) at beta 0.15, and a score penalty on
+repeated token 3-grams (score_repetition_penalty 1.0 from a share of 0). Groups of 8 rather than 4 give
+each prompt's advantages a better baseline, and the constant learning rate keeps learning through the
+last steps where a linear decay stopped it.
 
-NOT YET PASSING, so opt-in (ALIGNKIT_REAL_LEARNING=1): no recipe tried so far meets every bar at once
-(measured, success first 3 -> last 3 steps, KL/token max, repeated 3-grams first -> last):
-lr 3e-4 beta 0.04 T 1.0: 0.06 -> 0.17 (2.7x but +0.10), KL 0.015 last;
-lr 1e-3 beta 0.02 T 0.8: 0.23 -> 0.48, KL 0.71 last; lr 5e-4 beta 0.1: 0.21 -> 0.42, KL max 0.27,
-3-grams 0.007 -> 0.026; lr 5e-4 beta 0.2: 0.21 -> 0.35 (1.7x), KL 0.07; lr 5e-4 beta 0.15, 14 steps
-(below): 0.21 -> 0.42, KL max 0.21, 3-grams 0.009 -> 0.029.
+Measured (seed 0, 1 thread, 8.9 min wall on 2 cores shared with 2 other runs): success per step
+0.12 0.25 0.06 0.31 0.12 0.12 0.25 0.19 0 0.5 0.25 0.19 0.38 0.5, first 3 -> last 3 0.146 -> 0.354
+(2.4x, +0.21); rule reward 0.544 -> 0.743; KL/token max 0.160; repeated 3-grams 0.015 -> 0.001;
+distinct-2 0.863 -> 0.863; length 19.1 -> 15.1 tokens.
+
+Recipes that missed a bar (success first 3 -> last 3, KL/token max, repeated 3-grams first -> last), groups
+of 4 on 4 prompts unless said: lr 3e-4 beta 0.04 T 1.0: 0.06 -> 0.17 (2.7x but +0.10); lr 1e-3 beta 0.02:
+0.23 -> 0.48, KL 0.71; lr 5e-4 beta 0.1: 0.21 -> 0.42, KL 0.27, 3-grams 0.007 -> 0.026; lr 5e-4 beta
+0.2: 0.21 -> 0.35 (1.7x); lr 5e-4 beta 0.15: 0.21 -> 0.42, KL 0.21, 3-grams 0.009 -> 0.029; the same
+with the repetition penalty: 0.21 -> 0.40 (1.9x), 3-grams 0.009 -> 0.020; beta 0.2 with the penalty,
+20 steps: 0.21 -> 0.19.
 """
 
 from __future__ import annotations
@@ -28,13 +37,14 @@ from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
 from tests import real_task
 
-GGUF, pytestmark = real_task.smollm2_and_marks(opt_in=True)
+GGUF, pytestmark = real_task.smollm2_and_marks(opt_in=False)
 
-STEPS, PROMPTS, GROUP, EDGE = 14, 4, 4, 3  # EDGE: steps averaged at each end
+STEPS, PROMPTS, GROUP, EDGE = 14, 2, 8, 3  # EDGE: steps averaged at each end
 RECIPE = [
-    "advantage_estimator=grpo", f"num_generations={GROUP}", "per_device_train_batch_size=2", "ppo_buffer_size=2",
-    "ppo_epochs=1", "max_new_tokens=24", "temperature=0.8", "learning_rate=5e-4", "beta=0.15", "lora_rank=16",
-    "lora_alpha=32", "lora_target=q_proj,k_proj,v_proj,o_proj", f"max_steps={STEPS}", "seed=0",
+    "advantage_estimator=grpo", f"num_generations={GROUP}", "per_device_train_batch_size=1", "ppo_buffer_size=2",
+    "ppo_epochs=1", "max_new_tokens=24", "temperature=0.8", "learning_rate=5e-4", "lr_scheduler_type=constant",
+    "beta=0.15", "score_repetition_penalty=1.0", "score_repetition_threshold=0.0", "lora_rank=16", "lora_alpha=32",
+    "lora_target=q_proj,k_proj,v_proj,o_proj", f"max_steps={STEPS}", "seed=0",
 ]
 
 

@@ -49,6 +49,17 @@ def export_with_vllm_check(run: Path, out: Path) -> dict:
     return report
 
 
+def success_rates(cmp: dict) -> dict[str, float]:
+    """The task's verifiable success rate (``brief.success``: 3-10 words, one line, the topic named, no
+    repeated bigram) of the compare's greedy answers, before (base) and after (PPO), on every prompt."""
+    from statistics import fmean
+
+    from alignkit.rewards.brief import success
+
+    return {side: fmean(success(ex["prompt"], ex[f"response_{k}"]) for ex in cmp["examples"])
+            for side, k in (("base", "a"), ("PPO", "b"))}
+
+
 def _importable(name: str) -> bool:
     import importlib.util
 
@@ -85,13 +96,14 @@ def run_real_demo(output: Path, steps: int = 10) -> dict:
         cmp = run_compare(CompareConfig(
             model_a={"model_name_or_path": str(model), "name": "base", "template": "auto"},
             model_b={"model_name_or_path": str(export_dir), "name": "PPO"},
-            dataset="brief", dataset_dir=str(data), max_samples=8, max_new_tokens=32, reward_model_type="api",
+            dataset="brief", dataset_dir=str(data), max_new_tokens=32, reward_model_type="api",
             output_dir=str(output / "compare"), **judge_settings(judge.url)))
     finally:
         judge.stop()
     outputs = {"model": str(model), "ppo_run": str(ppo_dir), "exported_model": str(export_dir),
                "compare": str(output / "compare"), "judge_log": str(output / "judge.log")}
     summary = {**summarise(ppo_dir, report, cmp, outputs), "vllm": report.get("vllm", {}),
+               "success_rate": success_rates(cmp),
                "seconds": round(time.perf_counter() - t0, 1)}
     (output / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -45,6 +45,10 @@ def print_summary(s: dict, before: str = "SFT") -> None:
     print()
     print(f"judge reward (mean of the first / last 10 PPO steps): {s['judge_reward_first_steps']:.2f} -> "
           f"{s['judge_reward_last_steps']:.2f}; final KL {s['kl_last']:.2f} nats")
+    if "success_rate" in s:
+        rate = s["success_rate"]
+        print(f"success rate of the greedy answers (the task's own check): {before} {rate['base']:.0%} -> "
+              f"PPO {rate['PPO']:.0%}")
     print(f"export verified: {s['export_verified']}; compare (PPO vs {before}): {s['compare']}")
     if "vllm" in s:
         print(f"vLLM check: {s['vllm'].get('status')}, first-token log-prob max |diff| "
