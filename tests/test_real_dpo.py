@@ -1,22 +1,23 @@
 """DPO on judge-labelled pairs moves the real model's preferences: SmolLM2-135M-Instruct.
 
-``alignkit pairs`` samples four answers to "Describe TOPIC in at most ten words." for 40 topics; a
-judge server on 127.0.0.1 scores them over HTTP with the brief task's graded rule
+``alignkit pairs`` samples four answers (T 0.7) to "Describe TOPIC in at most ten words." for 60
+topics; a judge server on 127.0.0.1 scores them over HTTP with the brief task's graded rule
 (tests/real_task.py: length, topic, form, repetition); best vs worst become the pairs. The topics are
-split before training: DPO (LoRA) trains on 30 topics' pairs; 10 topics' pairs are held out.
+split before training: DPO (LoRA, lr 2e-4, 3 epochs) trains on 40 topics' pairs; 20 topics' pairs
+are held out.
 
-Held-out preference accuracy is the share of held-out pairs whose chosen answer the model gives a
-higher mean per-token log-prob than the rejected one. Per token, not summed: the judge prefers
-short answers and a sum favours short texts whatever the model prefers. Before = the base model
-(DPO's reference), after = base + the DPO adapter. The test asserts it rises by at least one pair
-in ten, and that DPO's own training accuracy ends above a half.
+Held-out preference accuracy is DPO's own (the paper's and TRL's ``rewards/accuracies``): the share of
+held-out pairs whose chosen answer gets the higher implicit reward log pi - log pi_ref. Before
+training pi = pi_ref, every margin is 0: no preference, chance (0.5). The test asserts at least 0.7
+after (14 of 20 unseen topics), and that DPO's training accuracy ends above a half. It also prints
+the model's own preference without the reference (mean per-token log-prob, chosen vs rejected): that
+one measures taste, not what DPO optimises, and it barely moves.
 
-Needs scripts/setup.sh --real. 7.5 min wall (3.4 min CPU) on 2 shared, busy cores.
-
-NOT YET PASSING, so opt-in (ALIGNKIT_REAL_LEARNING=1). Measured (the recipe below, seed 0): 28 train and
-10 held-out pairs, 161 judge requests over HTTP, 0 failures; DPO fits its training pairs (accuracy
-0.00 -> 1.00, loss 0.693 -> 0.218) but held-out preference accuracy stays 0.20 -> 0.20: 28 pairs do not
-generalise to new topics in 3 epochs. Next to try: more pairs (several samples per topic), fewer epochs.
+Measured (seed 0, 1 thread): 58 pairs from 60 prompts (2 ties), 241 judge requests over HTTP, 0
+failures; 40 train, 20 held out. Held-out implicit-reward accuracy 0.50 -> 0.80; per-token preference
+0.50 -> 0.55; training accuracy 0 -> 1. Tried first: T 1.0 sampling (SmolLM2 then writes nonsense
+in a third of its answers, and the pairs teach noise): 0.60; T 0.7 with lr 5e-4: 0.70 (training loss
+0.05: it memorises), 1 epoch: 0.75. About 6 min wall on 2 cores shared with two other runs.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from alignkit.train import dpo
 from alignkit.train.tracking import read_metrics
 from tests import real_task
 
-GGUF, pytestmark = real_task.smollm2_and_marks(opt_in=True)
+GGUF, pytestmark = real_task.smollm2_and_marks(opt_in=False)
 
 MORE_TOPICS = ["a bird", "the forest", "a lamp", "tea", "a mountain", "the wind", "a bridge", "cheese", "a clock",
                "the ocean", "a horse", "a candle", "the desert", "a painting", "spring", "a market", "a boat",
@@ -124,7 +125,7 @@ def test_dpo_on_judge_labelled_pairs_raises_held_out_preference_accuracy(tmp_pat
     run = dpo.run(load_config(None, [
         "stage=dpo", f"model_name_or_path={model_dir}", "template=auto", "dataset=pairs", f"dataset_dir={pairs_dir}",
         "finetuning_type=lora", "lora_rank=16", "lora_alpha=32", "lora_target=q_proj,k_proj,v_proj,o_proj",
-        "pref_beta=0.1", "learning_rate=5e-4", "lr_scheduler_type=constant", "per_device_train_batch_size=8",
+        "pref_beta=0.1", "learning_rate=2e-4", "lr_scheduler_type=constant", "per_device_train_batch_size=8",
         "num_train_epochs=3", "cutoff_len=96", "logging_steps=1", "save_steps=1000", "report_to=none",
         "plot_loss=false", f"output_dir={tmp_path / 'dpo'}", "seed=0"]))
     from peft import PeftModel
