@@ -1,6 +1,8 @@
 """The brief task the real-model tests train on; it lives in alignkit.rewards.brief (``alignkit demo --real``
 uses it too). Re-exported here so ``reward_model=tests.real_task:brief_answer`` and ``real_task.SCORED`` work."""
 
+import pytest
+
 from alignkit.rewards.brief import (  # noqa: F401
     MAX_WORDS,
     PROMPT,
@@ -16,13 +18,9 @@ from alignkit.rewards.brief import (  # noqa: F401
 )
 
 
-def smollm2_and_marks(opt_in: bool = False):
-    """(the SmolLM2 GGUF path, the module's pytestmark): slow, skipped without the model
-    (``scripts/setup.sh --real``) and, for ``opt_in`` tests, without ``ALIGNKIT_REAL_LEARNING=1``."""
-    import os
-
-    import pytest
-
+def smollm2_and_marks():
+    """(the SmolLM2 GGUF path, the module's pytestmark): slow, and skipped without the model
+    (``scripts/setup.sh --real``)."""
     from alignkit.models.gguf import smollm2_gguf
 
     try:
@@ -30,9 +28,5 @@ def smollm2_and_marks(opt_in: bool = False):
         missing = None if gguf.is_file() else f"{gguf} is missing"
     except ModuleNotFoundError as e:
         gguf, missing = None, str(e)
-    marks = [pytest.mark.slow, pytest.mark.skipif(missing is not None, reason=f"{missing}: run scripts/setup.sh --real")]
-    if opt_in:
-        marks.append(pytest.mark.skipif(not os.environ.get("ALIGNKIT_REAL_LEARNING"),
-                                        reason="recipe not found yet (see the module docstring); "
-                                               "ALIGNKIT_REAL_LEARNING=1 runs it"))
-    return gguf, marks
+    return gguf, [pytest.mark.slow, pytest.mark.skipif(missing is not None,
+                                                       reason=f"{missing}: run scripts/setup.sh --real")]

@@ -39,7 +39,7 @@ from alignkit.train import dpo
 from alignkit.train.tracking import read_metrics
 from tests import real_task
 
-GGUF, pytestmark = real_task.smollm2_and_marks(opt_in=False)
+GGUF, pytestmark = real_task.smollm2_and_marks()
 
 MORE_TOPICS = ["a bird", "the forest", "a lamp", "tea", "a mountain", "the wind", "a bridge", "cheese", "a clock",
                "the ocean", "a horse", "a candle", "the desert", "a painting", "spring", "a market", "a boat",

@@ -37,7 +37,7 @@ from alignkit.train import ppo
 from alignkit.train.tracking import read_metrics
 from tests import real_task
 
-GGUF, pytestmark = real_task.smollm2_and_marks(opt_in=False)
+GGUF, pytestmark = real_task.smollm2_and_marks()
 
 STEPS, PROMPTS, GROUP, EDGE = 14, 2, 8, 3  # EDGE: steps averaged at each end
 RECIPE = [
