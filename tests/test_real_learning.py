@@ -14,9 +14,10 @@ repeated token 3-grams (score_repetition_penalty 1.0 from a share of 0). Groups 
 each prompt's advantages a better baseline, and the constant learning rate keeps learning through the
 last steps where a linear decay stopped it.
 
-Measured (seed 0, 1 thread, 8.9 min wall on 2 cores shared with 2 other runs): success per step
+Measured (seed 0, 1 thread; the same figures in two runs; 8.9-9.9 min wall on 2 cores shared with 2-3
+other runs): success per step
 0.12 0.25 0.06 0.31 0.12 0.12 0.25 0.19 0 0.5 0.25 0.19 0.38 0.5, first 3 -> last 3 0.146 -> 0.354
-(2.4x, +0.21); rule reward 0.544 -> 0.743; KL/token max 0.160; repeated 3-grams 0.015 -> 0.001;
+(2.4x, +0.21); rule reward 0.543 -> 0.693; KL/token max 0.160; repeated 3-grams 0.015 -> 0.001;
 distinct-2 0.863 -> 0.863; length 19.1 -> 15.1 tokens.
 
 Recipes that missed a bar (success first 3 -> last 3, KL/token max, repeated 3-grams first -> last), groups
