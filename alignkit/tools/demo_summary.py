@@ -19,6 +19,7 @@ def summarise(ppo_dir: Path, export_report: dict, cmp: dict, outputs: dict[str, 
     rewards = [r["env/reward_mean"] for r in rows]
     k = min(10, len(rewards) // 2) or 1
     return {
+        "steps_averaged": k,
         "judge_reward_first_steps": sum(rewards[:k]) / k,
         "judge_reward_last_steps": sum(rewards[-k:]) / k,
         "kl_last": rows[-1]["objective/kl"],
@@ -43,7 +44,7 @@ def changed_first(examples: list[dict]) -> list[dict]:
 
 def print_summary(s: dict, before: str = "SFT") -> None:
     print()
-    print(f"judge reward (mean of the first / last 10 PPO steps): {s['judge_reward_first_steps']:.2f} -> "
+    print(f"judge reward (mean of the first / last {s['steps_averaged']} PPO steps): {s['judge_reward_first_steps']:.2f} -> "
           f"{s['judge_reward_last_steps']:.2f}; final KL {s['kl_last']:.2f} nats")
     if "success_rate" in s:
         rate = s["success_rate"]
