@@ -43,12 +43,12 @@ from tests import real_task
 
 GGUF, pytestmark = real_task.smollm2_and_marks()
 
-MORE_TOPICS = ["a bird", "the forest", "a lamp", "tea", "a mountain", "the wind", "a bridge", "cheese", "a clock",
-               "the ocean", "a horse", "a candle", "the desert", "a painting", "spring", "a market", "a boat",
-               "honey", "a storm", "the stars", "a school", "a tree", "a lemon", "the beach", "a piano", "a kite", "the harbor", "a castle",
-               "a lighthouse", "the library", "a bicycle", "a volcano", "a butterfly", "the island", "a pumpkin",
-               "the valley", "a jacket", "a festival", "the autumn", "a waterfall", "a rainbow", "the village",
-               "a sandwich", "a telescope"]
+MORE_TOPICS = ["a bird", "the forest", "a lamp", "tea", "a mountain", "the wind", "a bridge", "cheese",
+               "a clock", "the ocean", "a horse", "a candle", "the desert", "a painting", "spring", "a market",
+               "a boat", "honey", "a storm", "the stars", "a school", "a tree", "a lemon", "the beach",
+               "a piano", "a kite", "the harbor", "a castle", "a lighthouse", "the library", "a bicycle",
+               "a volcano", "a butterfly", "the island", "a pumpkin", "the valley", "a jacket", "a festival",
+               "the autumn", "a waterfall", "a rainbow", "the village", "a sandwich", "a telescope"]
 TOPICS = real_task.TOPICS + MORE_TOPICS  # 60, one word each after "a"/"the" (real_task.topic_of)
 HELD_OUT = {real_task.topic_of(real_task.PROMPT.format(t)) for t in TOPICS[::3]}  # 20 topics
 CHANCE, MIN_RISE = 0.5, 0.2  # held-out implicit-reward accuracy after >= chance + 0.2
@@ -76,7 +76,7 @@ def response_logprobs(model, tokenizer, messages: list[dict], response: str) -> 
 
 
 def implicit_reward_accuracy(tuned, tokenizer, rows: list[dict]) -> float:
-    """DPO's preference accuracy (Rafailov et al. 2023, sec. 5; TRL's ``rewards/accuracies``): the share
+    """DPO's preference accuracy (the implicit reward of Rafailov et al. 2023; TRL's ``rewards/accuracies``): the share
     of pairs whose chosen answer gets the higher implicit reward log pi(y|x) - log pi_ref(y|x) (summed
     log-probs; the reference is the base, the adapter off). A tie, as at the start where pi = pi_ref,
     counts half: no preference is chance."""
