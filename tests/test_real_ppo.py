@@ -18,7 +18,7 @@ gave the same figures): reward per step 0.283 0.215 0.233 0.365 0.579 0.329 0.56
 first 3 -> last 3 0.244 -> 0.366 (1.50x); KL/token max 0.065, last-third median 0.033; repeated 3-grams
 0.010 -> 0.006; distinct-2 0.934 -> 0.938; length 23.5 -> 17.0 tokens; report: every check ok. 5.9 min
 wall (5.6 min CPU) on 2 shared cores: over the ~4 min aimed at (the three learning tests together take
-~16 min on 2 cores, over the ~12 aimed at).
+14.8 min in CI on 2 cores, over the ~12 aimed at).
 """
 
 from __future__ import annotations
