@@ -21,7 +21,10 @@ log_softmax row at a time, every row kept by autograd), ``grpo`` with alignkit's
 of size (B, T, V) but the logits and their gradient), ``grpo_checkpointed`` with
 ``gradient_checkpointing: true`` as well (the layers' activations, not the vocabulary, are then what
 is left) and ``grpo_micro``, checkpointed and in micro-batches of one group (4 rows; gradient
-accumulation keeps the optimizer step the same). It prints each against a floor: the load-only
+accumulation keeps the optimizer step the same). Every stage runs with the fixed glibc mmap threshold
+that training sets (``alignkit.train.heap``) but ``grpo_micro_dynamic``: ``grpo_micro`` with
+``ALIGNKIT_MALLOC_MMAP_THRESHOLD=off``, glibc's dynamic threshold, as before. It prints each stage's
+CPU seconds (user + system) with its peak, and each against a floor: the load-only
 process (every weight touched) + the LoRA state (weights, grads, 2 Adam moments) + one chunk, and
 against the weights, also above the ``bare`` process (the trainer's imports, no model: ~370 MiB of
 the peak that no trainer setting can lower).
@@ -41,7 +44,7 @@ from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("load", "sft", "ppo")
-REAL_STAGES = ("bare", "load", "grpo_rowwise", "grpo", "grpo_checkpointed", "grpo_micro")
+REAL_STAGES = ("bare", "load", "grpo_rowwise", "grpo", "grpo_checkpointed", "grpo_micro_dynamic", "grpo_micro")
 LOGIT_STAGES = ("torch_only", "logprobs_rowwise", "logprobs")  # the update's log-prob math alone
 
 
@@ -117,25 +120,34 @@ def child(stage: str, model: str, out: str, lora_target: str) -> None:
 
             experience.logprobs_from_logits = update.logprobs_from_logits = rowwise_logprobs
             update.entropy_from_logits = rowwise_entropy
-        checkpointed = [f"gradient_checkpointing={stage in ('grpo_checkpointed', 'grpo_micro')}"]
+        micro_stage = stage.startswith("grpo_micro")
+        checkpointed = [f"gradient_checkpointing={stage == 'grpo_checkpointed' or micro_stage}"]
         # grpo_micro: the same 16 rows a step and the same optimizer step, in micro-batches of one
         # group (4 rows: gradient accumulation) and no-grad passes of 4 rows (old/ref log-probs).
         micro = ["per_device_train_batch_size=1", "gradient_accumulation_steps=4",
-                 "per_device_eval_batch_size=4"] if stage == "grpo_micro" else []
+                 "per_device_eval_batch_size=4"] if micro_stage else []
         ppo.run(load_config(None, [*common, *grpo_overrides(lora_target), *checkpointed, *micro]))
     elif stage == "sft":
         sft.run(load_config(None, ["stage=sft", "dataset=sft_demo", "cutoff_len=64", *common]))
     else:
         ppo.run(load_config(None, ["stage=ppo", "dataset=prompts_demo", "reward_model=count_good",
                                    "ppo_buffer_size=4", "ppo_epochs=1", "max_new_tokens=32", *common]))
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}))
+
+
+def child_run(stage: str, model: Path, out: Path, lora_target: str) -> dict[str, float]:
+    """The stage in its own process: its peak RSS (MiB) and CPU seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if stage == "grpo_micro_dynamic":
+        env["ALIGNKIT_MALLOC_MMAP_THRESHOLD"] = "off"
+    res = subprocess.run([sys.executable, __file__, "--child", stage, "--child-model", str(model), "--out", str(out),
+                          "--lora-target", lora_target], capture_output=True, text=True, env=env, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def peak_rss(stage: str, model: Path, out: Path, lora_target: str) -> float:
-    res = subprocess.run([sys.executable, __file__, "--child", stage, "--child-model", str(model), "--out", str(out),
-                          "--lora-target", lora_target], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return child_run(stage, model, out, lora_target)["peak_rss_mb"]
 
 
 def main() -> None:
@@ -202,9 +214,11 @@ def real_model(args: argparse.Namespace) -> None:
               f"{rss['logprobs_rowwise'] - rss['torch_only']:.0f} MiB, chunked {rss['logprobs'] - rss['torch_only']:.0f} "
               f"MiB (floor: logits + their gradient + one chunk = {2 * logits_mb + chunk_mb:.0f} MiB)")
         for stage in REAL_STAGES:
-            runs = [peak_rss(stage, model, Path(tmp) / f"{stage}{i}", target) for i in range(args.repeats)]
-            rss[stage] = median(runs)
-            print(f"{stage}: peak RSS {rss[stage]:.0f} MiB (median of {len(runs)}: {', '.join(f'{r:.0f}' for r in runs)})")
+            runs = [child_run(stage, model, Path(tmp) / f"{stage}{i}", target) for i in range(args.repeats)]
+            peaks, cpu = [r["peak_rss_mb"] for r in runs], median(r["cpu_s"] for r in runs)
+            rss[stage] = median(peaks)
+            print(f"{stage}: peak RSS {rss[stage]:.0f} MiB (median of {len(runs)}: "
+                  f"{', '.join(f'{r:.0f}' for r in peaks)}), CPU {cpu:.1f} s")
     floor = rss["load"] + lora_state_mb + chunk_mb
     print(f"floor (load-only {rss['load']:.0f} + LoRA state {lora_state_mb:.0f} + one chunk {chunk_mb:.0f}): {floor:.0f} MiB")
     print(f"bare process (torch, transformers and the trainer imported, no model): {rss['bare']:.0f} MiB")

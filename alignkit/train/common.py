@@ -21,6 +21,7 @@ from alignkit.data.loader import Example, Kind, load_examples
 from alignkit.models.gguf import resolve_model_path
 from alignkit.models.loading import check_model_dir
 from alignkit.train.checkpoint import output_dir_error, resolve_resume
+from alignkit.train.heap import fix_mmap_threshold
 from alignkit.train.sharding import FSDP_ENV
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ def _check_writable(output_dir: str) -> None:
 
 
 def setup_run(cfg: StageConfig) -> tuple[Accelerator, Path]:
-    """Accelerator, seeds (a different one per rank) and a checked output_dir with the resolved config."""
+    """Accelerator, seeds (a different one per rank) and a checked output_dir with the resolved config;
+    glibc's mmap threshold fixed (``alignkit.train.heap``: freed activations go back to the OS)."""
+    fix_mmap_threshold()
     accelerator = make_accelerator()
     out = Path(cfg.output_dir)
     # Only rank 0 checks and writes output_dir; the others learn its verdict, so a refusal stops
