@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import platform
+import os
 import subprocess
 import sys
 
 import pytest
 
 from alignkit.train import heap
-
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # In a fresh process: free an 8 MiB block (glibc's dynamic threshold then rises to 8 MiB), then ask for
 # 600 KiB, a micro-batch's hidden states on SmolLM2. Prints whether that block was mmapped (returned to
@@ -35,14 +33,12 @@ libc.free(block)
 
 
 def probe(mode: str, **env: str) -> str:
-    import os
-
     base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", heap.ENV)}
     return subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
                           env={**base, **env}).stdout
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc only")
+@pytest.mark.skipif(not heap.GLIBC, reason="glibc only")
 def test_fixed_threshold_mmaps_sub_mib_blocks_that_the_dynamic_one_puts_on_the_heap():
     assert "mmapped 0" in probe("dynamic")  # glibc's default: the 8 MiB free raised the threshold
     assert probe("fixed") == "set 524288\nmmapped 1\n"
@@ -64,3 +60,14 @@ def test_threshold_from_env(monkeypatch):
         with pytest.raises(ValueError, match=says) as err:
             heap.threshold_from_env()
         assert heap.ENV in str(err.value) and "'off'" in str(err.value)
+
+
+def test_every_stage_sets_it_in_setup_run(tmp_path, monkeypatch):
+    from alignkit.config import load_config
+    from alignkit.train import common
+
+    calls = []
+    monkeypatch.setattr(common, "fix_mmap_threshold", lambda: calls.append(1))
+    common.setup_run(load_config(None, ["stage=sft", "model_name_or_path=unused", "dataset=unused",
+                                       f"output_dir={tmp_path / 'run'}", "report_to=none"]))
+    assert calls == [1]

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 ENV = "ALIGNKIT_MALLOC_MMAP_THRESHOLD"
 DEFAULT_BYTES = 512 * 1024
 M_MMAP_THRESHOLD = -3  # malloc.h
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 _applied: int | None = None
 
 
@@ -54,7 +55,7 @@ def fix_mmap_threshold() -> int | None:
     """Set glibc's mmap threshold once per process; returns the bytes set, or None when left alone."""
     global _applied
     value = threshold_from_env()
-    if value is None or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if value is None or not GLIBC:
         return None
     if _applied == value:
         return value
